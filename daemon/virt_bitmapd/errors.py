@@ -1,0 +1,107 @@
+"""One family of errors.  Each names what it is about and says whether a retry can help."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BaseCannotHoldBitmaps",
+    "ChainError",
+    "ImageCorrupt",
+    "ImageError",
+    "ImageInUse",
+    "ImageMissing",
+    "ImageUnreadable",
+    "OutsideStorageRoots",
+    "ReconcileFailed",
+    "ToolFailed",
+    "VirtBitmapdError",
+    "image_error_from_qemu",
+]
+
+
+class VirtBitmapdError(Exception):
+    """Root of every error virt-bitmapd raises on purpose."""
+
+    #: Whether trying the same thing again later may succeed.
+    retryable: bool = False
+    #: Short machine-readable kind, used in metrics labels and JSON output.
+    kind: str = "error"
+
+
+class ChainError(VirtBitmapdError):
+    """TOP and BASE do not describe a commit in one backing chain."""
+
+    kind = "bad_chain"
+
+
+class BaseCannotHoldBitmaps(VirtBitmapdError):
+    """The commit base is not qcow2, so it cannot carry checkpoint bitmaps."""
+
+    kind = "base_not_qcow2"
+
+    def __init__(self, base: str, image_format: str) -> None:
+        super().__init__(
+            f"{base}: the commit base is {image_format}, not qcow2, and cannot hold bitmaps"
+        )
+        self.base = base
+
+
+class ImageError(VirtBitmapdError):
+    """Something is wrong with one image."""
+
+    def __init__(self, image: str, detail: str) -> None:
+        super().__init__(f"{image}: {detail}")
+        self.image = image
+        self.detail = detail
+
+
+class ImageMissing(ImageError):
+    kind = "image_missing"
+
+
+class ImageCorrupt(ImageError):
+    kind = "image_corrupt"
+
+
+class ImageUnreadable(ImageError):
+    kind = "image_unreadable"
+
+
+class ImageInUse(ImageError):
+    """Another process (usually a running QEMU) holds the image; change it only through that."""
+
+    kind = "image_in_use"
+    retryable = True
+
+
+class OutsideStorageRoots(ImageError):
+    kind = "outside_storage_roots"
+
+
+class ToolFailed(VirtBitmapdError):
+    """A QEMU tool could not be run or did not answer as expected."""
+
+    kind = "tool_failed"
+    retryable = True
+
+
+class ReconcileFailed(VirtBitmapdError):
+    """The transaction was refused; nothing was changed."""
+
+    kind = "reconcile_failed"
+
+    def __init__(self, message: str, *, image: str | None = None, bitmap: str | None = None):
+        super().__init__(message)
+        self.image = image
+        self.bitmap = bitmap
+
+
+def image_error_from_qemu(image: str, message: str) -> ImageError:
+    """Classify what a QEMU tool said when it could not open ``image``."""
+    lowered = message.lower()
+    if "lock" in lowered and ("failed to get" in lowered or "another process" in lowered):
+        return ImageInUse(image, "in use by another process (a running VM?): " + message)
+    if "no such file or directory" in lowered:
+        return ImageMissing(image, message)
+    if "corrupt" in lowered or "invalid" in lowered or "not in qcow2 format" in lowered:
+        return ImageCorrupt(image, message)
+    return ImageUnreadable(image, message)

@@ -1,0 +1,93 @@
+"""Read backing chains of images at rest with ``qemu-img info --backing-chain``.
+
+Without ``force_share``, qemu-img takes QEMU's image locks, so an image another process holds
+open (a running VM, a writer) is refused as ImageInUse: exactly what must be known before
+changing anything.  With it, the chain is read anyway; the in-use flags QEMU leaves on the bitmaps
+of an open image then say nothing about their consistency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+from .errors import ImageCorrupt, ImageUnreadable, ToolFailed, image_error_from_qemu
+from .model import Bitmap, Chain, Image
+
+__all__ = ["parse_chain", "read_chain"]
+
+TOOL = "qemu-img"
+
+
+def read_chain(
+    path: str, *, force_share: bool = False, binary: str = TOOL, timeout: float = 60.0
+) -> Chain:
+    """The backing chain that starts at ``path``, top first, every path absolute and real."""
+    real = os.path.realpath(path)
+    command = [binary, "info", "--backing-chain", "--output=json"]
+    if force_share:
+        command.append("-U")
+    command += ["--", real]
+    try:
+        result = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+    except OSError as error:
+        raise ToolFailed(f"cannot run {binary}: {error}") from error
+    except subprocess.TimeoutExpired as error:
+        raise ToolFailed(f"{binary} info {real} did not finish within {timeout:.0f} s") from error
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()
+        raise image_error_from_qemu(_failed_image(message, real), _without_prefix(message))
+    try:
+        entries = json.loads(result.stdout)
+    except json.JSONDecodeError as error:
+        raise ToolFailed(f"{binary} info {real} printed no JSON: {error}") from error
+    return parse_chain(entries)
+
+
+def parse_chain(entries: list[dict[str, Any]]) -> Chain:
+    """Build a Chain from the JSON list ``qemu-img info --backing-chain`` prints."""
+    return Chain(tuple(_parse_image(entry) for entry in entries))
+
+
+def _parse_image(entry: dict[str, Any]) -> Image:
+    filename = str(entry["filename"])
+    if filename.startswith("json:"):
+        raise ImageUnreadable(filename, "not a plain file (a json: pseudo-filename)")
+    path = os.path.realpath(filename)
+    specific = entry.get("format-specific", {})
+    data = specific.get("data", {}) if specific.get("type") == "qcow2" else {}
+    if data.get("corrupt"):
+        raise ImageCorrupt(path, "qcow2 header is marked corrupt; run 'qemu-img check -r'")
+    bitmaps = tuple(
+        Bitmap(
+            name=str(raw["name"]),
+            granularity=int(raw["granularity"]),
+            recording="auto" in raw.get("flags", []),
+            inconsistent="in-use" in raw.get("flags", []),
+        )
+        for raw in data.get("bitmaps", [])
+    )
+    return Image(
+        path=path,
+        format=str(entry["format"]),
+        virtual_size=int(entry.get("virtual-size", 0)),
+        bitmaps=bitmaps,
+    )
+
+
+def _failed_image(message: str, default: str) -> str:
+    """The innermost image qemu-img names in "Could not open 'X': ..." (a missing backing
+    file is named in the inner part)."""
+    marker = "Could not open '"
+    start = message.rfind(marker)
+    if start < 0:
+        return default
+    start += len(marker)
+    end = message.find("'", start)
+    return message[start:end] if end > start else default
+
+
+def _without_prefix(message: str) -> str:
+    return message.removeprefix("qemu-img: ").replace("\n", " ")

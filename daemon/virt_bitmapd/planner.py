@@ -1,0 +1,110 @@
+"""Turn a backing chain's bitmaps into what a commit base needs.  Pure: no I/O.
+
+How this works (libvirt's semantics, as in its ``qemuBlockBitmapChainIsValid`` and
+``qemuBlockGetBitmapMergeActions``, and its "Committing external snapshots manually" note):
+
+* A bitmap's chain is *valid* when, walking from the commit TOP down to the END of the whole
+  chain (not only down to BASE), the images holding it form one unbroken run starting at TOP and
+  every copy in that run is recording, persistent and consistent.
+* Every bitmap of TOP with a valid chain is a candidate.  Its sources are its copies from TOP down
+  to the image just above BASE, stopping at the first image without it; its granularity is TOP's.
+* If BASE lacks the bitmap it is created there (persistent, recording); then the sources are
+  merged into it.  A merge is a bitwise OR, so BASE's own bits stay and a second application
+  changes nothing.
+* Everything else is left alone and reported, with the reason and the image it was found in.
+"""
+
+from __future__ import annotations
+
+from .errors import BaseCannotHoldBitmaps, ChainError
+from .model import Bitmap, BitmapMerge, Chain, Image, Plan, Skip, SkipReason
+
+__all__ = ["bitmap_chain_problem", "plan"]
+
+
+def _copy_problem(bitmap: Bitmap) -> SkipReason | None:
+    if bitmap.inconsistent:
+        return SkipReason.INCONSISTENT
+    if not bitmap.recording:
+        return SkipReason.DISABLED
+    if not bitmap.persistent:
+        return SkipReason.NOT_PERSISTENT
+    return None
+
+
+def bitmap_chain_problem(images: tuple[Image, ...], name: str) -> tuple[SkipReason, str] | None:
+    """Why bitmap ``name`` has no valid chain over ``images`` (top first), or None if it has one.
+
+    Returns the reason and the image where it was found, walking from the top.  ``images``
+    must not be empty.
+    """
+    if images[0].bitmap(name) is None:
+        return SkipReason.NOT_IN_TOP, images[0].path
+    run_ended = False
+    for image in images:
+        bitmap = image.bitmap(name)
+        if bitmap is None:
+            run_ended = True
+            continue
+        if run_ended:
+            return SkipReason.GAP, image.path
+        problem = _copy_problem(bitmap)
+        if problem is not None:
+            return problem, image.path
+    return None
+
+
+def _locate(chain: Chain, top: str, base: str) -> tuple[int, int]:
+    top_index = chain.index_of(top)
+    if top_index is None:
+        raise ChainError(f"{top}: the commit top is not in the chain of {chain.top.path}")
+    base_index = chain.index_of(base)
+    if base_index is None or base_index <= top_index:
+        raise ChainError(f"{base}: the commit base is not below {top} in its backing chain")
+    return top_index, base_index
+
+
+def plan(chain: Chain, top: str, base: str) -> Plan:
+    """The bitmap changes that BASE needs after TOP .. the image above BASE are committed into it.
+
+    Raises ChainError when BASE is not below TOP in ``chain`` and BaseCannotHoldBitmaps when BASE
+    is not qcow2.
+    """
+    top_index, base_index = _locate(chain, top, base)
+    base_image = chain.images[base_index]
+    if not base_image.can_hold_bitmaps:
+        raise BaseCannotHoldBitmaps(base, base_image.format)
+    from_top = chain.images[top_index:]
+    subchain = chain.images[top_index:base_index]
+
+    merges: list[BitmapMerge] = []
+    skipped: list[Skip] = []
+    for bitmap in from_top[0].bitmaps:
+        problem = bitmap_chain_problem(from_top, bitmap.name)
+        if problem is not None:
+            reason, where = problem
+            skipped.append(Skip(bitmap=bitmap.name, image=where, reason=reason))
+            continue
+        sources: list[str] = []
+        for image in subchain:
+            if image.bitmap(bitmap.name) is None:
+                break
+            sources.append(image.path)
+        merges.append(
+            BitmapMerge(
+                bitmap=bitmap.name,
+                granularity=bitmap.granularity,
+                create_in_base=base_image.bitmap(bitmap.name) is None,
+                sources=tuple(sources),
+            )
+        )
+
+    in_top = {bitmap.name for bitmap in from_top[0].bitmaps}
+    for image in chain.images[top_index + 1 : base_index + 1]:
+        for bitmap in image.bitmaps:
+            if bitmap.name not in in_top:
+                in_top.add(bitmap.name)  # report each such name once, where first seen
+                skipped.append(
+                    Skip(bitmap=bitmap.name, image=image.path, reason=SkipReason.NOT_IN_TOP)
+                )
+    return Plan(top=top, base=base, merges=tuple(merges), skipped=tuple(skipped))

@@ -1,0 +1,75 @@
+"""Reconcile a commit base at rest: read the chain, plan, apply, verify.
+
+This is the imperative shell around the planner for images no process holds open.  The chain is
+read with QEMU's locks taken, so an image in use is refused before anything is planned; after
+the transaction the base is read back and every merged bitmap must be present, recording and
+consistent there, or the run fails.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import images
+from .errors import ReconcileFailed
+from .model import Chain, Outcome, Plan
+from .planner import plan as make_plan
+from .storage_roots import require_inside
+from .transports.storage_daemon import apply_at_rest
+
+__all__ = ["AtRestResult", "Result", "reconcile_at_rest"]
+
+
+class Result(enum.Enum):
+    NOTHING_TO_DO = "nothing to do"
+    PLANNED = "planned"
+    RECONCILED = "reconciled"
+    ALREADY_CONSISTENT = "already consistent"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AtRestResult:
+    chain: Chain
+    plan: Plan
+    result: Result
+    outcome: Outcome | None = None
+
+
+def reconcile_at_rest(
+    top: str,
+    base: str,
+    *,
+    storage_roots: Sequence[str] | None = None,
+    dry_run: bool = False,
+) -> AtRestResult:
+    """Carry TOP's valid checkpoint bitmaps into BASE.  ``storage_roots`` None means unrestricted
+    (an administrator naming the images by hand); otherwise BASE must lie under one of them."""
+    real_base = os.path.realpath(base)
+    if storage_roots is not None:
+        require_inside(real_base, storage_roots)
+    chain = images.read_chain(top)
+    plan = make_plan(chain, chain.top.path, real_base)
+    if plan.is_empty:
+        return AtRestResult(chain=chain, plan=plan, result=Result.NOTHING_TO_DO)
+    if dry_run:
+        return AtRestResult(chain=chain, plan=plan, result=Result.PLANNED)
+    outcome = apply_at_rest(plan)
+    _verify_base(plan)
+    result = Result.RECONCILED if outcome.changed else Result.ALREADY_CONSISTENT
+    return AtRestResult(chain=chain, plan=plan, result=result, outcome=outcome)
+
+
+def _verify_base(plan: Plan) -> None:
+    base = images.read_chain(plan.base).top
+    for merge in plan.merges:
+        bitmap = base.bitmap(merge.bitmap)
+        if bitmap is None or not bitmap.usable:
+            raise ReconcileFailed(
+                f"{plan.base}: bitmap {merge.bitmap!r} is not recording and consistent after the "
+                "transaction; the next backup from it must be full",
+                image=plan.base,
+                bitmap=merge.bitmap,
+            )

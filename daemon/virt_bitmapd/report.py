@@ -1,0 +1,149 @@
+"""Chains, plans and outcomes as JSON-ready dicts and as text for people.  Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import VirtBitmapdError
+from .model import Bitmap, Chain, Image, Outcome, Plan
+from .planner import bitmap_chain_problem
+
+__all__ = [
+    "chain_json",
+    "chain_text",
+    "error_json",
+    "plan_json",
+    "plan_text",
+]
+
+JSON = dict[str, Any]
+
+
+def _bitmap_json(bitmap: Bitmap) -> JSON:
+    return {
+        "name": bitmap.name,
+        "granularity": bitmap.granularity,
+        "recording": bitmap.recording,
+        "persistent": bitmap.persistent,
+        "inconsistent": bitmap.inconsistent,
+    }
+
+
+def _image_json(image: Image) -> JSON:
+    return {
+        "path": image.path,
+        "format": image.format,
+        "virtual_size": image.virtual_size,
+        "bitmaps": [_bitmap_json(bitmap) for bitmap in image.bitmaps],
+    }
+
+
+def chain_validity(chain: Chain) -> dict[str, JSON]:
+    """For every bitmap name in the chain: is its chain valid from the top (libvirt's rule)?"""
+    names: dict[str, None] = {}
+    for image in chain:
+        for bitmap in image.bitmaps:
+            names.setdefault(bitmap.name, None)
+    validity: dict[str, JSON] = {}
+    for name in names:
+        problem = bitmap_chain_problem(chain.images, name)
+        if problem is None:
+            validity[name] = {"valid": True}
+        else:
+            reason, where = problem
+            validity[name] = {"valid": False, "reason": reason.value, "image": where}
+    return validity
+
+
+def chain_json(chain: Chain, *, open_elsewhere: bool = False) -> JSON:
+    return {
+        "top": chain.top.path,
+        "open_elsewhere": open_elsewhere,
+        "images": [_image_json(image) for image in chain],
+        "bitmaps": chain_validity(chain),
+    }
+
+
+def _flags(bitmap: Bitmap) -> str:
+    flags = ["recording" if bitmap.recording else "disabled"]
+    if bitmap.inconsistent:
+        flags.append("inconsistent")
+    if not bitmap.persistent:
+        flags.append("transient")
+    return ", ".join(flags)
+
+
+def chain_text(chain: Chain, *, open_elsewhere: bool = False) -> str:
+    lines = []
+    for depth, image in enumerate(chain):
+        lines.append(f"{'  ' * depth}{image.path} ({image.format}, {image.virtual_size} bytes)")
+        for bitmap in image.bitmaps:
+            lines.append(
+                f"{'  ' * depth}  bitmap {bitmap.name!r}: granularity {bitmap.granularity}, "
+                f"{_flags(bitmap)}"
+            )
+    validity = chain_validity(chain)
+    lines.append("checkpoint bitmaps (validity from the top, libvirt's rule):")
+    if not validity:
+        lines.append("  none")
+    for name, verdict in validity.items():
+        if verdict["valid"]:
+            lines.append(f"  {name!r}: valid")
+        else:
+            lines.append(f"  {name!r}: INVALID, {verdict['reason']} in {verdict['image']}")
+    if open_elsewhere:
+        lines.append(
+            "note: an image of this chain is open in another process; in-use flags are stale"
+        )
+    return "\n".join(lines)
+
+
+def plan_json(plan: Plan, outcome: Outcome | None = None) -> JSON:
+    effects = {merge.bitmap: merge for merge in outcome.merges} if outcome else {}
+    merges = []
+    for merge in plan.merges:
+        entry: JSON = {
+            "bitmap": merge.bitmap,
+            "granularity": merge.granularity,
+            "create_in_base": merge.create_in_base,
+            "sources": list(merge.sources),
+        }
+        effect = effects.get(merge.bitmap)
+        if effect is not None:
+            entry["dirty_bytes_before"] = effect.dirty_bytes_before
+            entry["dirty_bytes_after"] = effect.dirty_bytes_after
+        merges.append(entry)
+    return {
+        "top": plan.top,
+        "base": plan.base,
+        "merges": merges,
+        "skipped": [
+            {"bitmap": skip.bitmap, "image": skip.image, "reason": skip.reason.value}
+            for skip in plan.skipped
+        ],
+    }
+
+
+def plan_text(plan: Plan, outcome: Outcome | None = None) -> str:
+    effects = {merge.bitmap: merge for merge in outcome.merges} if outcome else {}
+    lines = [f"commit {plan.top} -> {plan.base}"]
+    for merge in plan.merges:
+        action = "add + merge" if merge.create_in_base else "merge"
+        line = f"  {action} {merge.bitmap!r} from {len(merge.sources)} layer(s)"
+        effect = effects.get(merge.bitmap)
+        if effect is not None:
+            line += f": {effect.dirty_bytes_before} -> {effect.dirty_bytes_after} dirty bytes"
+        lines.append(line)
+    for skip in plan.skipped:
+        lines.append(f"  skip {skip.bitmap!r}: {skip.reason.value} in {skip.image}")
+    return "\n".join(lines)
+
+
+def error_json(error: VirtBitmapdError) -> JSON:
+    return {
+        "kind": error.kind,
+        "message": str(error),
+        "retryable": error.retryable,
+        "image": getattr(error, "image", None),
+        "bitmap": getattr(error, "bitmap", None),
+    }

@@ -1,0 +1,149 @@
+"""Apply a Plan to images at rest: one qemu-storage-daemon, one QMP transaction.
+
+Order matters for safety.  The sources are opened read-only first, then the base read-write,
+so a source that cannot be opened stops everything before the base is touched.  The base's
+bitmaps are then compared with what the plan assumed (the image may have changed since it was
+read); the transaction runs only if they agree, and it is all or nothing.  Whatever happens, the
+nodes are closed before the daemon quits, which writes the bitmaps back cleanly; an unclean stop
+would leave them flagged in-use, which readers treat as inconsistent (visibly broken, never
+silently incomplete).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping
+
+from ..errors import ReconcileFailed, ToolFailed, image_error_from_qemu
+from ..model import MergeOutcome, Outcome, Plan
+from ..qmp import (
+    NodeBitmaps,
+    blockdev_add_readonly_source,
+    blockdev_add_writable_base,
+    node_bitmaps,
+    transaction,
+)
+from .qmp_stream import QMPError, QMPStream
+
+__all__ = ["apply_at_rest"]
+
+TOOL = "qemu-storage-daemon"
+BASE_NODE = "vbd-base"
+
+
+def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> Outcome:
+    """Apply ``plan`` to images no process holds open.  Raises a VirtBitmapdError on failure,
+    in which case the base's bitmaps are as they were."""
+    if plan.is_empty:
+        return Outcome(plan=plan, merges=())
+    source_nodes = {path: f"vbd-src-{index}" for index, path in enumerate(plan.source_images)}
+    try:
+        process = subprocess.Popen(
+            [binary, "--chardev", "stdio,id=vbd-qmp", "--monitor", "chardev=vbd-qmp"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except OSError as error:
+        raise ToolFailed(f"cannot run {binary}: {error}") from error
+    qmp = QMPStream(process, tool=binary, timeout=timeout)
+    opened: list[str] = []
+    try:
+        qmp.handshake()
+        for path, node in source_nodes.items():
+            _open(qmp, blockdev_add_readonly_source(node, path), path)
+            opened.append(node)
+        _open(qmp, blockdev_add_writable_base(BASE_NODE, plan.base), plan.base)
+        opened.append(BASE_NODE)
+        before = _base_bitmaps(qmp)
+        _check_base_matches_plan(plan, before)
+        try:
+            qmp.execute(transaction(plan, base_node=BASE_NODE, source_nodes=source_nodes))
+        except QMPError as error:
+            raise ReconcileFailed(
+                f"{plan.base}: QEMU refused the bitmap transaction, nothing was changed: "
+                f"{error.description}",
+                image=plan.base,
+            ) from error
+        after = _base_bitmaps(qmp)
+    except BaseException:
+        # The first error is the one worth reporting; closing is best effort then.
+        _close(qmp, process, opened, binary, quiet=True)
+        raise
+    _close(qmp, process, opened, binary, quiet=False)
+    return Outcome(plan=plan, merges=_merge_outcomes(plan, before.dirty_bytes, after.dirty_bytes))
+
+
+def _open(qmp: QMPStream, command: dict[str, object], path: str) -> None:
+    try:
+        qmp.execute(command)
+    except QMPError as error:
+        raise image_error_from_qemu(path, error.description) from error
+
+
+def _base_bitmaps(qmp: QMPStream) -> NodeBitmaps:
+    nodes = qmp.execute({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+    return node_bitmaps(nodes, BASE_NODE)
+
+
+def _check_base_matches_plan(plan: Plan, base: NodeBitmaps) -> None:
+    for merge in plan.merges:
+        present = base.bitmap(merge.bitmap)
+        if merge.create_in_base and present is not None:
+            raise ReconcileFailed(
+                f"{plan.base}: bitmap {merge.bitmap!r} appeared since the chain was read; "
+                "nothing was changed, read the chain again",
+                image=plan.base,
+                bitmap=merge.bitmap,
+            )
+        if not merge.create_in_base and (present is None or not present.usable):
+            state = "is gone" if present is None else "is no longer recording and consistent"
+            raise ReconcileFailed(
+                f"{plan.base}: bitmap {merge.bitmap!r} {state} since the chain was read; "
+                "nothing was changed",
+                image=plan.base,
+                bitmap=merge.bitmap,
+            )
+
+
+def _merge_outcomes(
+    plan: Plan, before: Mapping[str, int], after: Mapping[str, int]
+) -> tuple[MergeOutcome, ...]:
+    return tuple(
+        MergeOutcome(
+            bitmap=merge.bitmap,
+            created=merge.create_in_base,
+            dirty_bytes_before=before.get(merge.bitmap, 0),
+            dirty_bytes_after=after[merge.bitmap],
+        )
+        for merge in plan.merges
+    )
+
+
+def _close(
+    qmp: QMPStream,
+    process: subprocess.Popen[bytes],
+    nodes: list[str],
+    binary: str,
+    *,
+    quiet: bool,
+) -> None:
+    """Close the nodes (the base first, which stores its bitmaps) and stop the daemon."""
+    failure: str | None = None
+    try:
+        for node in reversed(nodes):
+            qmp.execute({"execute": "blockdev-del", "arguments": {"node-name": node}})
+        qmp.execute({"execute": "quit"})
+    except (QMPError, ToolFailed) as error:
+        failure = str(error)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        failure = failure or f"{binary} did not stop"
+    if failure is None and process.returncode != 0:
+        failure = f"{binary} exited with {process.returncode}"
+    if failure is not None and not quiet:
+        detail = stderr.decode(errors="replace").strip()
+        raise ToolFailed(f"{failure}{': ' + detail if detail else ''}")
