@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from . import __version__, images, report
 from .errors import ImageInUse, VirtBitmapdError
-from .reconcile import Result, reconcile_at_rest
+from .model import Result
+from .reconcile import reconcile_at_rest
 
 __all__ = ["main"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BaseCannotHoldBitmaps",
     "ChainError",
+    "CommittedLayersGone",
     "ImageCorrupt",
     "ImageError",
     "ImageInUse",
@@ -105,3 +106,21 @@ def image_error_from_qemu(image: str, message: str) -> ImageError:
     if "corrupt" in lowered or "invalid" in lowered or "not in qcow2 format" in lowered:
         return ImageCorrupt(image, message)
     return ImageUnreadable(image, message)
+
+
+class CommittedLayersGone(VirtBitmapdError):
+    """The committed layers were deleted before their bitmaps reached the base: the base's
+    bitmaps cannot be proven complete, so backups from them must start with a full one."""
+
+    kind = "unrecoverable"
+
+    def __init__(self, base: str, missing: tuple[str, ...], bitmaps: tuple[str, ...]) -> None:
+        names = ", ".join(repr(name) for name in bitmaps) or "none found"
+        super().__init__(
+            f"{base}: committed layer(s) {', '.join(missing)} are gone, so the bits they held "
+            f"cannot be proven to be in the base; bitmaps that cannot be trusted: {names}; "
+            "the next backup of each must be full"
+        )
+        self.image = base
+        self.missing = missing
+        self.bitmaps = bitmaps

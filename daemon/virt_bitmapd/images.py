@@ -16,7 +16,7 @@ from typing import Any
 from .errors import ImageCorrupt, ImageUnreadable, ToolFailed, image_error_from_qemu
 from .model import Bitmap, Chain, Image
 
-__all__ = ["parse_chain", "read_chain"]
+__all__ = ["parse_chain", "read_chain", "read_image"]
 
 TOOL = "qemu-img"
 
@@ -25,8 +25,20 @@ def read_chain(
     path: str, *, force_share: bool = False, binary: str = TOOL, timeout: float = 60.0
 ) -> Chain:
     """The backing chain that starts at ``path``, top first, every path absolute and real."""
+    entries = _info(path, ["--backing-chain"], force_share, binary, timeout)
+    return parse_chain(entries)
+
+
+def read_image(
+    path: str, *, force_share: bool = False, binary: str = TOOL, timeout: float = 60.0
+) -> Image:
+    """One image by itself (its backing file is neither opened nor needed)."""
+    return _parse_image(_info(path, [], force_share, binary, timeout))
+
+
+def _info(path: str, options: list[str], force_share: bool, binary: str, timeout: float) -> Any:
     real = os.path.realpath(path)
-    command = [binary, "info", "--backing-chain", "--output=json"]
+    command = [binary, "info", *options, "--output=json"]
     if force_share:
         command.append("-U")
     command += ["--", real]
@@ -40,10 +52,9 @@ def read_chain(
         message = result.stderr.decode(errors="replace").strip()
         raise image_error_from_qemu(_failed_image(message, real), _without_prefix(message))
     try:
-        entries = json.loads(result.stdout)
+        return json.loads(result.stdout)
     except json.JSONDecodeError as error:
         raise ToolFailed(f"{binary} info {real} printed no JSON: {error}") from error
-    return parse_chain(entries)
 
 
 def parse_chain(entries: list[dict[str, Any]]) -> Chain:

@@ -20,6 +20,7 @@ __all__ = [
     "MergeOutcome",
     "Outcome",
     "Plan",
+    "Result",
     "Skip",
     "SkipReason",
 ]
@@ -215,3 +216,12 @@ class Outcome:
     @property
     def changed(self) -> bool:
         return any(merge.changed for merge in self.merges)
+
+
+class Result(enum.Enum):
+    """How a reconciliation ended without an error; the value is what users read."""
+
+    NOTHING_TO_DO = "nothing to do"
+    PLANNED = "planned"
+    RECONCILED = "reconciled"
+    ALREADY_CONSISTENT = "already consistent"

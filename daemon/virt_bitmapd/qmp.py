@@ -17,7 +17,13 @@ __all__ = [
     "NodeBitmaps",
     "blockdev_add_readonly_source",
     "blockdev_add_writable_base",
+    "blockdev_del",
+    "blockdev_reopen",
+    "find_node",
     "node_bitmaps",
+    "probe_transaction",
+    "query_nodes",
+    "remove_bitmaps",
     "transaction",
 ]
 
@@ -58,6 +64,91 @@ def transaction(plan: Plan, *, base_node: str, source_nodes: Mapping[str, str]) 
             }
         )
     return {"execute": "transaction", "arguments": {"actions": actions}}
+
+
+def probe_transaction(
+    plan: Plan,
+    *,
+    base_node: str,
+    source_nodes: Mapping[str, str],
+    probes: Mapping[str, tuple[str, int]],
+) -> JSON:
+    """Check, without changing the base, whether its bitmaps already hold their sources' bits.
+
+    ``probes`` maps each bitmap to check (one the base already has) to a temporary bitmap name
+    and the base copy's granularity.  Each probe starts as a copy of the base's bitmap and gets
+    the sources merged in; a probe whose dirty count then equals the base bitmap's adds nothing,
+    so the base already holds every source bit.  Probes record like the base bitmap does, so guest
+    writes landing meanwhile count on both sides.  They are not persistent: remove them after.
+    """
+    actions: list[JSON] = []
+    for merge in plan.merges:
+        if merge.bitmap not in probes:
+            continue
+        probe, granularity = probes[merge.bitmap]
+        actions.append(
+            {
+                "type": "block-dirty-bitmap-add",
+                "data": {
+                    "node": base_node,
+                    "name": probe,
+                    "granularity": granularity,
+                    "persistent": False,
+                    "disabled": False,
+                },
+            }
+        )
+        sources = [{"node": base_node, "name": merge.bitmap}]
+        sources += [{"node": source_nodes[path], "name": merge.bitmap} for path in merge.sources]
+        actions.append(
+            {
+                "type": "block-dirty-bitmap-merge",
+                "data": {"node": base_node, "target": probe, "bitmaps": sources},
+            }
+        )
+    return {"execute": "transaction", "arguments": {"actions": actions}}
+
+
+def remove_bitmaps(node: str, names: Sequence[str]) -> JSON:
+    actions = [
+        {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": name}}
+        for name in names
+    ]
+    return {"execute": "transaction", "arguments": {"actions": actions}}
+
+
+def query_nodes() -> JSON:
+    return {"execute": "query-named-block-nodes", "arguments": {"flat": True}}
+
+
+def blockdev_reopen(
+    *, node: str, file_node: str, backing_node: str | None, read_only: bool, current: JSON
+) -> JSON:
+    """Reopen a qcow2 format node read-write or read-only.
+
+    ``blockdev-reopen`` resets every option it is not given, so the node's current cache and
+    zero-detection settings (``current``: its ``query-named-block-nodes`` entry) are passed on.
+    """
+    options: JSON = {
+        "driver": "qcow2",
+        "node-name": node,
+        "read-only": read_only,
+        "file": file_node,
+        "backing": backing_node,
+    }
+    cache = current.get("cache")
+    if isinstance(cache, dict):
+        options["cache"] = {
+            "direct": bool(cache.get("direct")),
+            "no-flush": bool(cache.get("no-flush")),
+        }
+    if current.get("detect_zeroes") in ("on", "unmap"):
+        options["detect-zeroes"] = current["detect_zeroes"]
+    return {"execute": "blockdev-reopen", "arguments": {"options": [options]}}
+
+
+def blockdev_del(node: str) -> JSON:
+    return {"execute": "blockdev-del", "arguments": {"node-name": node}}
 
 
 def blockdev_add_readonly_source(node: str, path: str) -> JSON:
@@ -103,24 +194,29 @@ class NodeBitmaps:
         return None
 
 
-def node_bitmaps(named_block_nodes: Sequence[JSON], node: str) -> NodeBitmaps:
+def find_node(named_block_nodes: Sequence[JSON], node: str) -> JSON:
     """Pick ``node`` out of a ``query-named-block-nodes`` answer.  Raises KeyError if absent."""
     for entry in named_block_nodes:
-        if entry.get("node-name") != node:
-            continue
-        bitmaps = []
-        dirty: dict[str, int] = {}
-        for raw in entry.get("dirty-bitmaps", []):
-            name = raw["name"]
-            bitmaps.append(
-                Bitmap(
-                    name=name,
-                    granularity=int(raw["granularity"]),
-                    recording=bool(raw.get("recording", False)),
-                    persistent=bool(raw.get("persistent", False)),
-                    inconsistent=bool(raw.get("inconsistent", False)),
-                )
-            )
-            dirty[name] = int(raw.get("count", 0))
-        return NodeBitmaps(node=node, bitmaps=tuple(bitmaps), dirty_bytes=dirty)
+        if entry.get("node-name") == node:
+            return entry
     raise KeyError(node)
+
+
+def node_bitmaps(named_block_nodes: Sequence[JSON], node: str) -> NodeBitmaps:
+    """The bitmaps of ``node`` in a ``query-named-block-nodes`` answer.  KeyError if absent."""
+    entry = find_node(named_block_nodes, node)
+    bitmaps = []
+    dirty: dict[str, int] = {}
+    for raw in entry.get("dirty-bitmaps", []):
+        name = raw["name"]
+        bitmaps.append(
+            Bitmap(
+                name=name,
+                granularity=int(raw["granularity"]),
+                recording=bool(raw.get("recording", False)),
+                persistent=bool(raw.get("persistent", False)),
+                inconsistent=bool(raw.get("inconsistent", False)),
+            )
+        )
+        dirty[name] = int(raw.get("count", 0))
+    return NodeBitmaps(node=node, bitmaps=tuple(bitmaps), dirty_bytes=dirty)

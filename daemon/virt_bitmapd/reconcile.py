@@ -8,26 +8,18 @@ consistent there, or the run fails.
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import images
 from .errors import ReconcileFailed
-from .model import Chain, Outcome, Plan
+from .model import Chain, Outcome, Plan, Result
 from .planner import plan as make_plan
 from .storage_roots import require_inside
 from .transports.storage_daemon import apply_at_rest
 
-__all__ = ["AtRestResult", "Result", "reconcile_at_rest"]
-
-
-class Result(enum.Enum):
-    NOTHING_TO_DO = "nothing to do"
-    PLANNED = "planned"
-    RECONCILED = "reconciled"
-    ALREADY_CONSISTENT = "already consistent"
+__all__ = ["AtRestResult", "reconcile_at_rest"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,216 @@
+"""Reconcile a commit base inside a running QEMU, through its QMP monitor.
+
+How this works:
+
+* The chain is assembled from two sources: the committed layers, which QEMU has closed, are read
+  from disk; the base and everything below it come from QEMU's own node data, which is the truth
+  while QEMU holds those images (their on-disk flags are stale).
+* The committed layers the plan reads are attached read-only under node names of our own.
+* Current libvirt merges the bitmaps itself before it reports the commit, so first we *verify*:
+  each bitmap the base already has gets a temporary, non-persistent probe = base bitmap OR its
+  sources; if the probe's dirty count equals the base bitmap's, the base already holds every bit.
+  Only when something is missing is the plan applied, as one transaction, the base reopened
+  read-write around it when it is a read-only backing node (as libvirt does).
+* Probes and attached layers are removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from . import images
+from .domain_xml import Disk
+from .errors import ChainError, CommittedLayersGone, ReconcileFailed
+from .model import Chain, Image, MergeOutcome, Outcome, Plan, Result
+from .planner import plan as make_plan
+from .qmp import (
+    blockdev_add_readonly_source,
+    blockdev_del,
+    blockdev_reopen,
+    find_node,
+    node_bitmaps,
+    probe_transaction,
+    query_nodes,
+    remove_bitmaps,
+    transaction,
+)
+from .storage_roots import require_inside
+from .tracking import Commit
+from .transports.qmp_stream import QMPError
+
+__all__ = ["LiveResult", "Monitor", "reconcile_live"]
+
+JSON = dict[str, Any]
+
+
+class Monitor(Protocol):
+    """Runs one QMP command in a running QEMU; raises QMPError when QEMU answers an error."""
+
+    def execute(self, command: JSON) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveResult:
+    plan: Plan
+    result: Result
+    outcome: Outcome | None = None
+
+
+def reconcile_live(
+    monitor: Monitor,
+    disk: Disk,
+    commit: Commit,
+    *,
+    storage_roots: Sequence[str],
+    read_image: Callable[[str], Image] = lambda path: images.read_image(path, force_share=True),
+) -> LiveResult:
+    """Make ``commit.base`` (a layer of ``disk``, the live chain after the commit) hold every
+    valid bitmap of the committed layers."""
+    nodes = monitor.execute(query_nodes())
+    base_node, live_images = _live_images(disk, commit.base, nodes)
+    missing = tuple(path for path in commit.removed if not os.path.exists(path))
+    if missing:
+        trusted = {bitmap.name for image in live_images for bitmap in image.bitmaps}
+        raise CommittedLayersGone(commit.base, missing, tuple(sorted(trusted)))
+    # keep libvirt's spelling of each path: the plan speaks of the chain as libvirt names it
+    removed = tuple(replace(read_image(path), path=path) for path in commit.removed)
+    chain = Chain(removed + live_images)
+    plan = make_plan(chain, commit.top, commit.base)
+    if plan.is_empty:
+        return LiveResult(plan=plan, result=Result.NOTHING_TO_DO)
+
+    source_nodes = {
+        path: f"vbd-src-{i}-{secrets.token_hex(3)}" for i, path in enumerate(plan.source_images)
+    }
+    attached: list[str] = []
+    try:
+        for path, node in source_nodes.items():
+            monitor.execute(blockdev_add_readonly_source(node, path))
+            attached.append(node)
+        if _already_consistent(monitor, plan, base_node, source_nodes):
+            return LiveResult(plan=plan, result=Result.ALREADY_CONSISTENT)
+        require_inside(commit.base, storage_roots)
+        outcome = _apply(monitor, plan, disk, base_node, source_nodes)
+    finally:
+        for node in reversed(attached):
+            # QEMU closes it with the domain at the latest; nothing of ours depends on it
+            with contextlib.suppress(QMPError):
+                monitor.execute(blockdev_del(node))
+    return LiveResult(plan=plan, result=Result.RECONCILED, outcome=outcome)
+
+
+def _live_images(disk: Disk, base: str, nodes: list[JSON]) -> tuple[str, tuple[Image, ...]]:
+    """The base's format node name, and the images from the base down as QEMU holds them."""
+    layer_index = next((i for i, layer in enumerate(disk.layers) if layer.path == base), None)
+    if layer_index is None:
+        raise ChainError(f"{base}: not in the live chain of disk {disk.target}")
+    result = []
+    for layer in disk.layers[layer_index:]:
+        if layer.format_node is None or layer.storage_node is None:
+            raise ChainError(f"{layer.path}: libvirt gave it no node index (is -blockdev in use?)")
+        try:
+            storage = find_node(nodes, layer.storage_node)
+            entry = find_node(nodes, layer.format_node)
+        except KeyError as error:
+            raise ChainError(f"{layer.path}: QEMU has no node {error.args[0]}") from error
+        if os.path.realpath(str(storage.get("file"))) != os.path.realpath(layer.path):
+            raise ChainError(
+                f"{layer.path}: QEMU node {layer.storage_node} holds {storage.get('file')}"
+            )
+        result.append(
+            Image(
+                path=layer.path,
+                format=str(entry.get("drv")),
+                bitmaps=node_bitmaps(nodes, layer.format_node).bitmaps,
+            )
+        )
+    base_node = disk.layers[layer_index].format_node
+    assert base_node is not None
+    return base_node, tuple(result)
+
+
+def _already_consistent(
+    monitor: Monitor, plan: Plan, base_node: str, source_nodes: dict[str, str]
+) -> bool:
+    if any(merge.create_in_base for merge in plan.merges):
+        return False
+    base = node_bitmaps(monitor.execute(query_nodes()), base_node)
+    probes = {}
+    for merge in plan.merges:
+        copy = base.bitmap(merge.bitmap)
+        if copy is None:
+            return False
+        probes[merge.bitmap] = (f"vbd-probe-{secrets.token_hex(6)}", copy.granularity)
+    monitor.execute(
+        probe_transaction(plan, base_node=base_node, source_nodes=source_nodes, probes=probes)
+    )
+    try:
+        after = node_bitmaps(monitor.execute(query_nodes()), base_node)
+    finally:
+        monitor.execute(remove_bitmaps(base_node, [probe for probe, _ in probes.values()]))
+    return all(
+        after.dirty_bytes[probe] == after.dirty_bytes[bitmap]
+        for bitmap, (probe, _) in probes.items()
+    )
+
+
+def _apply(
+    monitor: Monitor, plan: Plan, disk: Disk, base_node: str, source_nodes: dict[str, str]
+) -> Outcome:
+    nodes = monitor.execute(query_nodes())
+    entry = find_node(nodes, base_node)
+    before = node_bitmaps(nodes, base_node).dirty_bytes
+    base_layer = disk.layer(plan.base)
+    assert base_layer is not None and base_layer.storage_node is not None
+    below = disk.layers[disk.layers.index(base_layer) + 1 :]
+
+    def reopen(read_only: bool) -> None:
+        monitor.execute(
+            blockdev_reopen(
+                node=base_node,
+                file_node=str(base_layer.storage_node),
+                backing_node=below[0].format_node if below else None,
+                read_only=read_only,
+                current=entry,
+            )
+        )
+
+    read_only = bool(entry.get("ro"))
+    if read_only:  # a backing node: its bitmaps cannot be changed until it is writable
+        reopen(read_only=False)
+    try:
+        monitor.execute(transaction(plan, base_node=base_node, source_nodes=source_nodes))
+    except QMPError as error:
+        raise ReconcileFailed(
+            f"{plan.base}: QEMU refused the bitmap transaction, nothing was changed: "
+            f"{error.description}",
+            image=plan.base,
+        ) from error
+    finally:
+        if read_only:
+            reopen(read_only=True)
+    after = node_bitmaps(monitor.execute(query_nodes()), base_node)
+    merges = []
+    for merge in plan.merges:
+        copy = after.bitmap(merge.bitmap)
+        if copy is None or not copy.usable:
+            raise ReconcileFailed(
+                f"{plan.base}: bitmap {merge.bitmap!r} is not recording and consistent after the "
+                "transaction",
+                image=plan.base,
+                bitmap=merge.bitmap,
+            )
+        merges.append(
+            MergeOutcome(
+                bitmap=merge.bitmap,
+                created=merge.create_in_base,
+                dirty_bytes_before=before.get(merge.bitmap, 0),
+                dirty_bytes_after=after.dirty_bytes[merge.bitmap],
+            )
+        )
+    return Outcome(plan=plan, merges=tuple(merges))

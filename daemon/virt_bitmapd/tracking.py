@@ -1,0 +1,50 @@
+"""Which commits turned a known chain into the chain seen now.  Pure.
+
+Events name neither the top nor the base of a commit, and commits done outside libvirt send no
+event at all, so commits are found by comparing a disk's last known chain with its current one:
+layers that went away while the layer below them stayed form a committed subchain, and that
+layer below is its base.  Several commits between two looks show as several such runs.
+Layers that appear (new snapshots) or a chain replaced wholesale commit nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["Commit", "detect_commits"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Commit:
+    """``removed`` (top first) were committed into ``base``; ``top`` is ``removed[0]``."""
+
+    removed: tuple[str, ...]
+    base: str
+
+    def __post_init__(self) -> None:
+        if not self.removed:
+            raise ValueError("a commit removes at least one layer")
+        if self.base in self.removed:
+            raise ValueError(f"{self.base} cannot be both removed and the base")
+
+    @property
+    def top(self) -> str:
+        return self.removed[0]
+
+
+def detect_commits(old: Sequence[str], new: Sequence[str]) -> tuple[Commit, ...]:
+    """Commits that explain going from chain ``old`` to chain ``new`` (both top first)."""
+    kept = set(new)
+    commits = []
+    run: list[str] = []
+    for path in old:
+        if path not in kept:
+            run.append(path)
+            continue
+        if run:
+            commits.append(Commit(removed=tuple(run), base=path))
+            run = []
+    # A run that reaches the end of the old chain has no base left: nothing was committed into
+    # a layer we know (the chain was cut or replaced), so it is not a commit.
+    return tuple(commits)
