@@ -1,0 +1,140 @@
+"""Prometheus metrics, prefixed ``virt_bitmapd_``, in a registry of their own."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import start_http_server
+
+from .. import __version__
+
+__all__ = ["BITMAP_STATES", "RESULTS", "TRIGGERS", "Metrics"]
+
+TRIGGERS = ("event", "rescan", "startup", "manual")
+RESULTS = (
+    "reconciled",
+    "already_consistent",
+    "nothing_to_do",
+    "unrecoverable",
+    "failed",
+    "skipped",
+)
+BITMAP_STATES = ("valid", "disabled", "inconsistent", "broken_chain")
+# Reconciliations take from tens of milliseconds (verification) to minutes (huge bitmaps).
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.build_info = Info("virt_bitmapd_build", "Version of virt-bitmapd", registry=r)
+        self.build_info.info({"version": __version__})
+        self.libvirt_connected = Gauge(
+            "virt_bitmapd_libvirt_connected",
+            "1 while the connection to libvirtd is open, else 0",
+            registry=r,
+        )
+        self.libvirt_reconnects = Counter(
+            "virt_bitmapd_libvirt_reconnects_total",
+            "Connections to libvirtd opened again after one was lost",
+            registry=r,
+        )
+        self.block_job_events = Counter(
+            "virt_bitmapd_block_job_events_total",
+            "libvirt block job events received",
+            ["type", "status"],
+            registry=r,
+        )
+        self.reconciliations = Counter(
+            "virt_bitmapd_reconciliations_total",
+            "Commits handled, by what noticed them and how it ended",
+            ["trigger", "result"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "virt_bitmapd_reconciliation_duration_seconds",
+            "Time to verify or reconcile one commit",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.bitmaps_added = Counter(
+            "virt_bitmapd_bitmaps_added_total", "Bitmaps created in a commit base", registry=r
+        )
+        self.bitmaps_merged = Counter(
+            "virt_bitmapd_bitmaps_merged_total",
+            "Bitmaps merged into a commit base (created ones included)",
+            registry=r,
+        )
+        self.bitmaps = Gauge(
+            "virt_bitmapd_bitmaps",
+            "Checkpoint bitmaps on the host's disks at the last scan, by state",
+            ["state"],
+            registry=r,
+        )
+        self.untrusted = Gauge(
+            "virt_bitmapd_untrusted_bitmaps",
+            "Bitmaps of a domain that cannot be trusted: its next backup must be full",
+            ["domain"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "virt_bitmapd_last_success_timestamp_seconds",
+            "Unix time of the last reconciliation that ended well",
+            registry=r,
+        )
+        for trigger in TRIGGERS:
+            for result in RESULTS:
+                self.reconciliations.labels(trigger, result)
+        for state in BITMAP_STATES:
+            self.bitmaps.labels(state).set(0)
+        self.libvirt_connected.set(0)
+        self._bitmaps_by_disk: dict[tuple[str, str], Mapping[str, int]] = {}
+        self._untrusted_by_disk: dict[tuple[str, str], int] = {}
+
+    def record(
+        self, *, trigger: str, result: str, duration: float, added: int = 0, merged: int = 0
+    ) -> None:
+        self.reconciliations.labels(trigger, result).inc()
+        self.duration.observe(duration)
+        self.bitmaps_added.inc(added)
+        self.bitmaps_merged.inc(merged)
+        if result in ("reconciled", "already_consistent", "nothing_to_do"):
+            self.last_success.set(time.time())
+
+    def set_disk_bitmaps(
+        self, domain: str, disk: str, states: Mapping[str, int], untrusted: int
+    ) -> None:
+        """What the last look at one disk found; totals are kept per host and per domain."""
+        self._bitmaps_by_disk[(domain, disk)] = dict(states)
+        self._untrusted_by_disk[(domain, disk)] = untrusted
+        self._publish(domain)
+
+    def forget_disk(self, domain: str, disk: str) -> None:
+        self._bitmaps_by_disk.pop((domain, disk), None)
+        self._untrusted_by_disk.pop((domain, disk), None)
+        self._publish(domain)
+
+    def forget_domain(self, domain: str) -> None:
+        for key in [key for key in self._bitmaps_by_disk if key[0] == domain]:
+            self._bitmaps_by_disk.pop(key, None)
+            self._untrusted_by_disk.pop(key, None)
+        self._publish(domain)
+
+    def _publish(self, domain: str) -> None:
+        for state in BITMAP_STATES:
+            self.bitmaps.labels(state).set(
+                sum(states.get(state, 0) for states in self._bitmaps_by_disk.values())
+            )
+        per_domain = [n for (d, _), n in self._untrusted_by_disk.items() if d == domain]
+        if per_domain:
+            self.untrusted.labels(domain).set(sum(per_domain))
+        else:
+            with contextlib.suppress(KeyError):  # never published
+                self.untrusted.remove(domain)
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)  # noqa: S104
