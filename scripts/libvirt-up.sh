@@ -35,6 +35,12 @@ fi
 mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/lib/libvirt/images \
   /var/cache/libvirt/qemu /run/libvirt
 
+# A libvirtd that is still shutting down does not answer: let it finish first.
+for _ in $(seq 100); do
+  pgrep -x libvirtd >/dev/null || break
+  virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+  sleep 0.1
+done
 pgrep -x virtlogd >/dev/null || virtlogd -d
 pgrep -x libvirtd >/dev/null || libvirtd -d 2>/dev/null
 for _ in $(seq 100); do

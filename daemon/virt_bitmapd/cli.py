@@ -1,16 +1,20 @@
-"""Command line: ``virt-bitmapd inspect`` and ``virt-bitmapd reconcile``."""
+"""Command line: ``virt-bitmapd run | inspect | reconcile | check-config``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
 
 from . import __version__, images, report
+from .config import DEFAULT_PATH, ConfigError, Settings, load
 from .errors import ImageInUse, VirtBitmapdError
 from .model import Result
+from .observability.logs import configure as configure_logging
 from .reconcile import reconcile_at_rest
+from .service.daemon import Daemon
 
 __all__ = ["main"]
 
@@ -56,7 +60,85 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="refuse unless BASE lies under DIR (repeatable); without it, any path you name",
     )
+    run = commands.add_parser(
+        "run",
+        help="run the daemon: watch libvirt, keep checkpoint bitmaps whole across commits",
+        description="Watch libvirt's block job and lifecycle events and rescan chains, so that "
+        "every commit (by libvirt, or by qemu-img outside it) leaves its base with every valid "
+        "checkpoint bitmap. Settings come from the config file; flags override it.",
+    )
+    run.add_argument("--config", default=DEFAULT_PATH, help=f"config file (default {DEFAULT_PATH})")
+    run.add_argument("--uri", help="libvirt URI (default qemu:///system)")
+    run.add_argument(
+        "--state-dir", help="where known chains are kept (default /var/lib/virt-bitmapd)"
+    )
+    run.add_argument(
+        "--storage-root",
+        action="append",
+        metavar="DIR",
+        help="the only places whose images may be changed; repeatable "
+        "(default /var/lib/libvirt/images)",
+    )
+    run.add_argument(
+        "--rescan-interval", type=float, metavar="SECONDS", help="full rescan period (default 300)"
+    )
+    run.add_argument("--concurrency", type=int, help="disks handled at once (default 4)")
+    run.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="Prometheus endpoint (default 127.0.0.1:9411; empty string: off)",
+    )
+    run.add_argument(
+        "--log-format", help="auto (journald under systemd, else json), journal, json, console"
+    )
+    run.add_argument("--log-level", help="debug, info, warning, error (default info)")
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file without starting",
+        description="Validate the config file; print each problem as FILE:KEY: reason.",
+    )
+    check.add_argument("path", nargs="?", default=DEFAULT_PATH, metavar="PATH")
     return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load(
+        args.config,
+        {
+            "uri": args.uri,
+            "state_dir": args.state_dir,
+            "storage_roots": tuple(args.storage_root) if args.storage_root else None,
+            "rescan_interval": args.rescan_interval,
+            "concurrency": args.concurrency,
+            "metrics_listen": args.metrics_listen,
+            "log_format": args.log_format,
+            "log_level": args.log_level,
+        },
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings.log_format, settings.log_level)
+    return asyncio.run(Daemon(settings).run())
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = load(args.path)
+    print(f"{args.path}: ok")
+    for name in (
+        "uri",
+        "storage_roots",
+        "state_dir",
+        "rescan_interval",
+        "concurrency",
+        "metrics_listen",
+        "log_format",
+        "log_level",
+    ):
+        print(f"  {name} = {getattr(settings, name)!r}")
+    return EXIT_OK
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -93,9 +175,18 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"inspect": _inspect, "reconcile": _reconcile}[args.command]
+    handler = {
+        "inspect": _inspect,
+        "reconcile": _reconcile,
+        "run": _run,
+        "check-config": _check_config,
+    }[args.command]
     try:
         return handler(args)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
     except VirtBitmapdError as error:
         if getattr(args, "json", False):
             print(json.dumps({"result": "failed", "error": report.error_json(error)}, indent=2))

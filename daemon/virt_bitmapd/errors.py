@@ -11,6 +11,7 @@ __all__ = [
     "ImageInUse",
     "ImageMissing",
     "ImageUnreadable",
+    "LibvirtFailed",
     "OutsideStorageRoots",
     "ReconcileFailed",
     "ToolFailed",
@@ -124,3 +125,10 @@ class CommittedLayersGone(VirtBitmapdError):
         self.image = base
         self.missing = missing
         self.bitmaps = bitmaps
+
+
+class LibvirtFailed(VirtBitmapdError):
+    """libvirtd refused a call or went away; the next look may succeed."""
+
+    kind = "libvirt_failed"
+    retryable = True

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from . import images
 from .domain_xml import Disk
-from .errors import ChainError, CommittedLayersGone, ReconcileFailed
+from .errors import ChainError, CommittedLayersGone, ReconcileFailed, image_error_from_qemu
 from .model import Chain, Image, MergeOutcome, Outcome, Plan, Result
 from .planner import plan as make_plan
 from .qmp import (
@@ -90,7 +90,10 @@ def reconcile_live(
     attached: list[str] = []
     try:
         for path, node in source_nodes.items():
-            monitor.execute(blockdev_add_readonly_source(node, path))
+            try:
+                monitor.execute(blockdev_add_readonly_source(node, path))
+            except QMPError as error:
+                raise image_error_from_qemu(path, error.description) from error
             attached.append(node)
         if _already_consistent(monitor, plan, base_node, source_nodes):
             return LiveResult(plan=plan, result=Result.ALREADY_CONSISTENT)

@@ -1,7 +1,8 @@
 """Each disk's last known chain, kept in the state directory so it survives restarts.
 
 One JSON file per domain (named by its UUID), replaced atomically (write, fsync, rename), so a
-crash leaves either the old file or the new one, never half of one.
+crash leaves either the old file or the new one, never half of one.  Disks of one domain are
+looked at in parallel threads, so changes go through a read-modify-write under a lock.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +25,14 @@ class DomainState:
     name: str
     #: disk target -> chain paths, top first
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: disk target -> bitmaps whose bits could not be proven complete after a commit
+    untrusted: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class StateStore:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory) / "domains"
+        self._lock = threading.Lock()
 
     def _path(self, uuid: str) -> Path:
         if not uuid or "/" in uuid or uuid.startswith("."):
@@ -35,25 +40,52 @@ class StateStore:
         return self.directory / f"{uuid}.json"
 
     def load(self, uuid: str) -> DomainState | None:
+        path = self._path(uuid)
         try:
-            raw = json.loads(self._path(uuid).read_text())
+            raw = json.loads(path.read_text())
         except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            # Writes are atomic, so only outside hands do this; keep the file for them to see.
+            path.replace(path.with_suffix(".json.corrupt"))
             return None
         return DomainState(
             uuid=uuid,
             name=str(raw["name"]),
             chains={disk: tuple(chain) for disk, chain in raw["chains"].items()},
+            untrusted={disk: tuple(names) for disk, names in raw.get("untrusted", {}).items()},
         )
 
-    def save(self, state: DomainState) -> None:
+    def put_disk(
+        self, uuid: str, name: str, disk: str, chain: tuple[str, ...], untrusted: tuple[str, ...]
+    ) -> None:
+        with self._lock:
+            state = self.load(uuid) or DomainState(uuid=uuid, name=name)
+            state.name = name
+            state.chains[disk] = chain
+            state.untrusted[disk] = untrusted
+            self._save(state)
+
+    def drop_disk(self, uuid: str, disk: str) -> None:
+        with self._lock:
+            state = self.load(uuid)
+            if state is not None and disk in state.chains:
+                del state.chains[disk]
+                state.untrusted.pop(disk, None)
+                self._save(state)
+
+    def _save(self, state: DomainState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         document = {
             "version": FORMAT_VERSION,
             "name": state.name,
             "chains": {disk: list(chain) for disk, chain in sorted(state.chains.items())},
+            "untrusted": {
+                disk: list(names) for disk, names in sorted(state.untrusted.items()) if names
+            },
         }
         target = self._path(state.uuid)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         try:
             with os.fdopen(handle, "w") as stream:
                 json.dump(document, stream, indent=2)
@@ -70,9 +102,12 @@ class StateStore:
             os.close(directory)
 
     def forget(self, uuid: str) -> None:
-        self._path(uuid).unlink(missing_ok=True)
+        with self._lock:
+            self._path(uuid).unlink(missing_ok=True)
 
     def known(self) -> list[str]:
         if not self.directory.is_dir():
             return []
-        return sorted(path.stem for path in self.directory.glob("*.json"))
+        return sorted(
+            path.stem for path in self.directory.glob("*.json") if not path.name.startswith(".")
+        )

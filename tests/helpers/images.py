@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 1 << 20
@@ -140,3 +141,39 @@ def state(path: Path) -> dict[str, object]:
         extents = None if "in-use" in flags else dirty_extents(path, str(b["name"]))  # type: ignore[operator]
         result[str(b["name"])] = (b["granularity"], sorted(flags), extents)  # type: ignore[call-overload]
     return result
+
+
+@dataclass
+class ChainBuilder:
+    """A chain under construction that remembers what each checkpoint should have recorded."""
+
+    folder: Path
+    layers: list[Path] = field(default_factory=list)
+    recorded: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def start(self, name: str = "base.qcow2", size: str = "64M") -> Path:
+        self.layers.append(create(self.folder / name, size=size))
+        return self.layers[-1]
+
+    @property
+    def active(self) -> Path:
+        return self.layers[-1]
+
+    def checkpoint(self, name: str, granularity: int | None = None) -> None:
+        add_bitmap(self.active, name, granularity=granularity)
+        self.recorded[name] = []
+
+    def write(self, offset: int, length: int, pattern: int = 0xAA) -> None:
+        write(self.active, offset, length, pattern)
+        for b in bitmaps(self.active):
+            if "auto" in b["flags"]:  # type: ignore[operator]
+                self.recorded[str(b["name"])].append((offset, length))
+
+    def snapshot(self, name: str) -> Path:
+        """An external snapshot as libvirt makes one: recording bitmaps continue in the overlay."""
+        old = self.active
+        self.layers.append(create(self.folder / name, backing=old))
+        for b in bitmaps(old):
+            if "auto" in b["flags"]:  # type: ignore[operator]
+                add_bitmap(self.active, str(b["name"]), granularity=int(b["granularity"]))  # type: ignore[call-overload]
+        return self.active

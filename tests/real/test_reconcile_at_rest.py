@@ -12,13 +12,13 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from helpers.images import (
     K64,
+    ChainBuilder,
     MiB,
     add_bitmap,
     bitmap_names,
@@ -52,49 +52,13 @@ def reconcile(top: Path, base: Path, *extra: str) -> dict[str, object]:
     return dict(json.loads(result.stdout))
 
 
-@dataclass
-class Chain:
-    """A chain under construction that remembers what each checkpoint should have recorded."""
-
-    folder: Path
-    layers: list[Path] = field(default_factory=list)
-    recorded: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-
-    def start(self, name: str = "base.qcow2", size: str = "64M") -> Path:
-        self.layers.append(create(self.folder / name, size=size))
-        return self.layers[-1]
-
-    @property
-    def active(self) -> Path:
-        return self.layers[-1]
-
-    def checkpoint(self, name: str, granularity: int | None = None) -> None:
-        add_bitmap(self.active, name, granularity=granularity)
-        self.recorded[name] = []
-
-    def write(self, offset: int, length: int) -> None:
-        write(self.active, offset, length)
-        for b in bitmaps(self.active):
-            if "auto" in b["flags"]:  # type: ignore[operator]
-                self.recorded[str(b["name"])].append((offset, length))
-
-    def snapshot(self, name: str) -> Path:
-        """An external snapshot as libvirt makes one: recording bitmaps continue in the overlay."""
-        old = self.active
-        self.layers.append(create(self.folder / name, backing=old))
-        for b in bitmaps(old):
-            if "auto" in b["flags"]:  # type: ignore[operator]
-                add_bitmap(self.active, str(b["name"]), granularity=int(b["granularity"]))  # type: ignore[call-overload]
-        return self.active
-
-
 def commit(top: Path, base: Path) -> None:
     """`qemu-img commit -d`: the data goes down, TOP is kept and still backs onto BASE."""
     run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(top))
 
 
-def three_layer_chain(tmp_path: Path) -> Chain:
-    c = Chain(tmp_path)
+def three_layer_chain(tmp_path: Path) -> ChainBuilder:
+    c = ChainBuilder(tmp_path)
     c.start()
     c.checkpoint("cp1")
     c.write(0, K64)
@@ -185,7 +149,7 @@ def test_gap_below_the_base_only(tmp_path: Path) -> None:
 
 def test_non_default_granularity_and_unusual_names(tmp_path: Path) -> None:
     names = ["checkpoint one", "sauvegarde-\u00e9t\u00e9 \u2603", "a,b"]
-    c = Chain(tmp_path)
+    c = ChainBuilder(tmp_path)
     base = c.start()
     c.snapshot("top.qcow2")
     for name in names:

@@ -14,15 +14,17 @@ import subprocess
 import time
 from typing import IO, Any
 
-from ..errors import ToolFailed
+from ..errors import ToolFailed, VirtBitmapdError
 
 __all__ = ["QMPError", "QMPStream"]
 
 JSON = dict[str, Any]
 
 
-class QMPError(Exception):
+class QMPError(VirtBitmapdError):
     """QEMU answered a command with an error."""
+
+    kind = "qmp_error"
 
     def __init__(self, command: str, error_class: str, description: str) -> None:
         super().__init__(f"{command}: {description}")

@@ -1,0 +1,377 @@
+"""`virt-bitmapd run`: the asyncio service.
+
+asyncio's standard loop drives libvirt through libvirtaio (registered before any connection is
+opened).  Blocking work (libvirt calls, QEMU tools) runs in threads; the loop only routes:
+
+* block job events (BLOCK_JOB_2): every one is logged and counted; a COMPLETED commit or active
+  commit asks for a look at that disk;
+* lifecycle events ask for a look at the domain's disks (an undefined domain is forgotten);
+* a full rescan happens at startup, after every reconnect, on SIGHUP and every rescan interval,
+  which is how commits done outside libvirt (which send no event) are found;
+* looks are serialized per disk and coalesced (``Scheduler``), several disks at once.
+
+The connection is kept alive with libvirt keepalives and a close callback; when libvirtd goes
+away it is reopened with capped exponential backoff, callbacks registered again, and everything
+rescanned.  SIGTERM stops taking work, lets running looks finish, and exits within 10 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import libvirt
+import libvirtaio
+import structlog
+
+from ..config import Settings, parse_listen
+from ..errors import LibvirtFailed, VirtBitmapdError
+from ..observability.metrics import Metrics
+from ..observability.sdnotify import Notifier
+from ..state import StateStore
+from .disk_check import CommitReport, DiskChecker, DiskReport
+from .scheduler import Scheduler
+
+__all__ = ["Daemon"]
+
+log = structlog.get_logger()
+
+JOB_TYPES = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active_commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
+}
+JOB_STATUSES = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "canceled",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
+}
+COMMIT_TYPES = ("commit", "active_commit")
+STOP_TIMEOUT = 8.0  # seconds for running looks to finish; systemd waits 10
+BACKOFF_START = 1.0
+BACKOFF_MAX = 30.0
+
+DiskKey = tuple[str, str]  # (domain UUID, disk target)
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+        backoff_max: float = BACKOFF_MAX,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.notifier = notifier or Notifier()
+        self.store = StateStore(settings.state_dir)
+        self.checker = DiskChecker(self.store, settings.storage_roots)
+        self._backoff_max = backoff_max
+        self._conn: libvirt.virConnect | None = None
+        self._stopping = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._scheduler = Scheduler(self._look_at_disk, settings.concurrency)
+        self._job_of_event: dict[DiskKey, str] = {}
+        self._warned_skips: set[DiskKey] = set()
+        self._names: dict[str, str] = {}  # domain UUID -> name, for forgetting metrics
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_rescan, "manual")
+        if self.settings.metrics_listen:
+            host, port = parse_listen(self.settings.metrics_listen)
+            self.metrics.serve(host, port)
+        log.info(
+            "daemon_started",
+            uri=self.settings.uri,
+            storage_roots=list(self.settings.storage_roots),
+            state_dir=self.settings.state_dir,
+            metrics=self.settings.metrics_listen or "off",
+        )
+        helpers = [loop.create_task(self._rescan_periodically())]
+        if self.notifier.watchdog_interval:
+            helpers.append(loop.create_task(self._ping_watchdog(self.notifier.watchdog_interval)))
+        try:
+            await self._stay_connected()
+        finally:
+            self.notifier.stopping()
+            log.info("daemon_stopping")
+            for task in helpers:
+                task.cancel()
+            finished = await self._scheduler.close(STOP_TIMEOUT)
+            if not finished:
+                log.error("daemon_stop_timeout", detail="looks still running were abandoned")
+            self._close_connection()
+            log.info("daemon_stopped")
+        return 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def request_rescan(self, trigger: str) -> None:
+        """Look at every disk of every domain (SIGHUP: trigger "manual")."""
+        log.info("rescan_requested", trigger=trigger)
+        asyncio.get_running_loop().create_task(self._rescan_all(trigger))
+
+    async def wait_idle(self) -> None:
+        await self._scheduler.drain()
+
+    # ------------------------------------------------------------------ connection
+
+    async def _stay_connected(self) -> None:
+        delay = BACKOFF_START
+        first = True
+        while not self._stopping.is_set():
+            try:
+                conn = await asyncio.to_thread(libvirt.open, self.settings.uri)
+            except libvirt.libvirtError as error:
+                self.notifier.ready(f"waiting for libvirtd at {self.settings.uri}")
+                log.error(
+                    "libvirt_unreachable",
+                    uri=self.settings.uri,
+                    error=str(error),
+                    retry_in=delay,
+                )
+                await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, self._backoff_max)
+                continue
+            delay = BACKOFF_START
+            self._connected(conn, first)
+            trigger = "startup" if first else "rescan"
+            first = False
+            await self._rescan_all(trigger)
+            self.notifier.ready(f"connected to {self.settings.uri}")
+            await self._wait_for(self._lost, self._stopping)
+            if self._stopping.is_set():
+                break
+            self.metrics.libvirt_connected.set(0)
+            self.notifier.status(f"libvirtd at {self.settings.uri} went away, reconnecting")
+            log.error("libvirt_connection_lost", uri=self.settings.uri)
+            self._close_connection()
+
+    def _connected(self, conn: libvirt.virConnect, first: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._lost = asyncio.Event()
+        lost = self._lost
+
+        def on_close(_conn: Any, reason: int, _opaque: Any) -> None:
+            loop.call_soon_threadsafe(lost.set)
+
+        conn.registerCloseCallback(on_close, None)
+        conn.setKeepAlive(5, 3)
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
+        )
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+        )
+        self._conn = conn
+        self.metrics.libvirt_connected.set(1)
+        if not first:
+            self.metrics.libvirt_reconnects.inc()
+        log.info("libvirt_connected", uri=self.settings.uri, reconnect=not first)
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    # ------------------------------------------------------------------ events
+
+    def _on_block_job(
+        self, _conn: Any, dom: Any, disk: str, job_type: int, status: int, _opaque: Any
+    ) -> None:
+        type_name = JOB_TYPES.get(job_type, f"unknown_{job_type}")
+        status_name = JOB_STATUSES.get(status, f"unknown_{status}")
+        self.metrics.block_job_events.labels(type_name, status_name).inc()
+        acts = type_name in COMMIT_TYPES and status_name == "completed"
+        log.info(
+            "block_job_event",
+            domain=dom.name(),
+            disk=disk,
+            job_type=type_name,
+            status=status_name,
+            action="look at the disk" if acts else "none",
+        )
+        if acts:
+            key = (dom.UUIDString(), disk)
+            self._job_of_event[key] = type_name
+            self._scheduler.submit(key, "event")
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        uuid, name = dom.UUIDString(), dom.name()
+        if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+            log.info("domain_forgotten", domain=name, reason="undefined")
+            self.store.forget(uuid)
+            self.metrics.forget_domain(name)
+            return
+        if event in (
+            libvirt.VIR_DOMAIN_EVENT_DEFINED,
+            libvirt.VIR_DOMAIN_EVENT_STARTED,
+            libvirt.VIR_DOMAIN_EVENT_STOPPED,
+            libvirt.VIR_DOMAIN_EVENT_SHUTDOWN,
+        ):
+            asyncio.get_running_loop().create_task(self._rescan_domain(dom, "rescan"))
+
+    # ------------------------------------------------------------------ looking
+
+    async def _rescan_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.rescan_interval)
+            if self._conn is not None:
+                await self._rescan_all("rescan")
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _rescan_all(self, trigger: str) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            domains = await asyncio.to_thread(conn.listAllDomains, 0)
+        except libvirt.libvirtError as error:
+            log.error("rescan_failed", trigger=trigger, error=str(error))
+            return
+        present = set()
+        for dom in domains:
+            present.add(dom.UUIDString())
+            await self._rescan_domain(dom, trigger)
+        for uuid in self.store.known():
+            if uuid not in present:  # undefined while we were not listening
+                known = self.store.load(uuid)
+                log.info("domain_forgotten", domain=known.name if known else uuid, reason="gone")
+                self.store.forget(uuid)
+                if known is not None:
+                    self.metrics.forget_domain(known.name)
+
+    async def _rescan_domain(self, dom: Any, trigger: str) -> None:
+        try:
+            targets = await asyncio.to_thread(self.checker.targets, dom)
+        except VirtBitmapdError as error:
+            log.warning("domain_unreadable", domain=dom.name(), error=str(error))
+            return
+        uuid = dom.UUIDString()
+        for target in targets:
+            self._scheduler.submit((uuid, target), trigger)
+
+    async def _look_at_disk(self, key: DiskKey, trigger: str) -> None:
+        uuid, target = key
+        job_type = self._job_of_event.pop(key, None)
+        conn = self._conn
+        if conn is None:
+            return  # everything is looked at again after the reconnect
+        try:
+            dom = await asyncio.to_thread(conn.lookupByUUIDString, uuid)
+            report = await asyncio.to_thread(self.checker.check, dom, target)
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return  # undefined meanwhile: the lifecycle event forgets it
+            log.error("disk_check_failed", domain=uuid, disk=target, error=str(error))
+            return
+        except LibvirtFailed as error:
+            log.error("disk_check_failed", domain=uuid, disk=target, error=str(error))
+            return
+        self._names[uuid] = report.domain
+        self._publish(report, trigger, job_type)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _publish(self, report: DiskReport, trigger: str, job_type: str | None) -> None:
+        bound = log.bind(domain=report.domain, disk=report.disk)
+        key = (report.uuid, report.disk)
+        if report.skipped is not None:
+            if key not in self._warned_skips and report.skipped != "no such file-backed disk":
+                self._warned_skips.add(key)
+                bound.warning("disk_skipped", reason=report.skipped)
+                self.metrics.reconciliations.labels(trigger, "skipped").inc()
+            self.metrics.forget_disk(report.domain, report.disk)
+            return
+        self._warned_skips.discard(key)
+        if report.error is not None:
+            bound.error(
+                "disk_check_failed",
+                error=str(report.error),
+                error_kind=report.error.kind,
+                retryable=report.error.retryable,
+            )
+            return
+        if report.first_sight:
+            bound.info("disk_tracked", chain=list(report.chain), running=report.running)
+        for commit in report.commits:
+            self._publish_commit(bound, commit, trigger, job_type)
+        self.metrics.set_disk_bitmaps(
+            report.domain, report.disk, report.bitmap_states, len(report.untrusted)
+        )
+
+    def _publish_commit(
+        self, bound: Any, report: CommitReport, trigger: str, job_type: str | None
+    ) -> None:
+        plan = report.plan
+        fields: dict[str, Any] = {
+            "trigger": trigger,
+            "job_type": job_type or ("live" if report.live else "offline"),
+            "top": report.commit.top,
+            "base": report.commit.base,
+            "removed": list(report.commit.removed),
+            "result": report.label,
+            "duration": round(report.duration, 3),
+        }
+        if plan is not None:
+            fields["bitmaps"] = [merge.bitmap for merge in plan.merges]
+            fields["skipped"] = [f"{s.bitmap}: {s.reason.value}" for s in plan.skipped]
+        added = merged = 0
+        if report.outcome is not None:
+            added = sum(1 for m in report.outcome.merges if m.created)
+            merged = len(report.outcome.merges)
+        self.metrics.record(
+            trigger=trigger,
+            result=report.label,
+            duration=report.duration,
+            added=added,
+            merged=merged,
+        )
+        if report.error is None:
+            bound.info("reconciliation", **fields)
+            return
+        fields["error"] = str(report.error)
+        fields["error_kind"] = report.error.kind
+        if hasattr(report.error, "bitmaps"):
+            fields["bitmaps"] = list(report.error.bitmaps)
+        if report.label == "skipped":
+            bound.warning("reconciliation", **fields)
+        else:
+            bound.error("reconciliation", **fields)
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    async def _wait_for(*events: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(event.wait()) for event in events]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)

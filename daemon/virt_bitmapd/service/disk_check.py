@@ -1,0 +1,234 @@
+"""One look at one disk of one domain: what changed since the last look, and what it needs.
+
+Blocking code (libvirt calls, QEMU tools), run off the event loop by the daemon.
+
+1. The disk's chain now: from the live domain XML when the domain runs, from the image headers
+   when it does not.  Paths are compared with symlinks resolved.
+2. Against the chain kept in the state directory, layers that went away are commits
+   (``tracking.detect_commits``).
+3. Each commit is reconciled: live through the QEMU monitor when the domain runs, at rest with
+   qemu-storage-daemon when it does not.  Committed layers already deleted make the base's bits
+   unprovable: that is reported loudly and those bitmaps are remembered as untrusted.
+4. The new chain is saved, unless a failure that a later look may fix (a lock, libvirtd gone)
+   left the commit unhandled: then the old chain stays, and the next look tries again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import libvirt
+
+from .. import images
+from ..domain_xml import Disk, parse_domain
+from ..errors import (
+    CommittedLayersGone,
+    LibvirtFailed,
+    OutsideStorageRoots,
+    VirtBitmapdError,
+)
+from ..live import reconcile_live
+from ..model import Bitmap, Chain, Image, Outcome, Plan, Result, SkipReason
+from ..planner import bitmap_chain_problem
+from ..qmp import node_bitmaps, query_nodes
+from ..reconcile import reconcile_at_rest
+from ..state import DomainState, StateStore
+from ..storage_roots import require_inside
+from ..tracking import Commit, detect_commits
+from ..transports.libvirt_monitor import LibvirtMonitor
+
+__all__ = ["CommitReport", "DiskChecker", "DiskReport", "result_label"]
+
+_STATE_OF_REASON = {
+    SkipReason.DISABLED: "disabled",
+    SkipReason.INCONSISTENT: "inconsistent",
+    SkipReason.GAP: "broken_chain",
+    SkipReason.NOT_IN_TOP: "broken_chain",
+    SkipReason.NOT_PERSISTENT: "broken_chain",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommitReport:
+    commit: Commit
+    live: bool
+    duration: float
+    result: Result | None = None
+    plan: Plan | None = None
+    outcome: Outcome | None = None
+    error: VirtBitmapdError | None = None
+
+    @property
+    def label(self) -> str:
+        return result_label(self.result, self.error)
+
+
+def result_label(result: Result | None, error: VirtBitmapdError | None) -> str:
+    """The metric label of how a reconciliation ended."""
+    if isinstance(error, CommittedLayersGone):
+        return "unrecoverable"
+    if isinstance(error, OutsideStorageRoots):
+        return "skipped"
+    if error is not None or result is None:
+        return "failed"
+    return result.value.replace(" ", "_")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskReport:
+    domain: str
+    uuid: str
+    disk: str
+    running: bool = False
+    chain: tuple[str, ...] = ()
+    commits: tuple[CommitReport, ...] = ()
+    #: Why the disk was not looked at, if it was not (outside the storage roots, ...).
+    skipped: str | None = None
+    #: The look itself failed (chain unreadable, libvirtd gone, ...).
+    error: VirtBitmapdError | None = None
+    first_sight: bool = False
+    bitmap_states: dict[str, int] = field(default_factory=dict)
+    untrusted: tuple[str, ...] = ()
+
+
+class DiskChecker:
+    def __init__(self, store: StateStore, storage_roots: Sequence[str]) -> None:
+        self._store = store
+        self._roots = tuple(storage_roots)
+
+    def targets(self, domain: libvirt.virDomain) -> tuple[str, ...]:
+        """Every disk target the domain has now, plus those known from before (to forget them)."""
+        try:
+            disks = parse_domain(domain.XMLDesc(0))
+            uuid = domain.UUIDString()
+        except libvirt.libvirtError as error:
+            raise LibvirtFailed(f"cannot read the domain: {error}") from error
+        known = self._store.load(uuid)
+        names = [disk.target for disk in disks.disks]
+        names += [t for t in (known.chains if known else {}) if t not in names]
+        return tuple(names)
+
+    def check(self, domain: libvirt.virDomain, target: str) -> DiskReport:
+        try:
+            uuid = domain.UUIDString()
+            name = domain.name()
+            running = bool(domain.isActive())
+            disks = parse_domain(domain.XMLDesc(0))
+        except libvirt.libvirtError as error:
+            raise LibvirtFailed(f"cannot read the domain: {error}") from error
+        state = self._store.load(uuid) or DomainState(uuid=uuid, name=name)
+        base = DiskReport(domain=name, uuid=uuid, disk=target, running=running)
+        disk = next((d for d in disks.disks if d.target == target), None)
+        if disk is None:  # detached, or not a file-backed disk any more
+            self._store.drop_disk(uuid, target)
+            return replace(base, skipped="no such file-backed disk")
+        disk = _resolved(disk)
+        try:
+            require_inside(disk.layers[0].path, self._roots)
+        except OutsideStorageRoots as error:
+            return replace(base, skipped=str(error))
+        try:
+            paths, live_images = self._current_chain(domain, disk, running)
+        except VirtBitmapdError as error:
+            return replace(base, error=error)
+        old = state.chains.get(target)
+        reports = []
+        for commit in detect_commits(old, paths) if old is not None else ():
+            reports.append(self._reconcile(domain, disk, commit, running))
+        untrusted = set(state.untrusted.get(target, ()))
+        for report in reports:
+            if isinstance(report.error, CommittedLayersGone):
+                untrusted.update(report.error.bitmaps)
+        states, invalid = _bitmap_states(live_images)
+        present = {bitmap.name for image in live_images for bitmap in image.bitmaps}
+        untrusted &= present  # a bitmap deleted (or recreated by a new full backup) is forgiven
+        if not any(r.error is not None and r.error.retryable for r in reports):
+            self._store.put_disk(uuid, name, target, paths, tuple(sorted(untrusted)))
+        return replace(
+            base,
+            chain=paths,
+            commits=tuple(reports),
+            first_sight=old is None,
+            bitmap_states=states,
+            untrusted=tuple(sorted(untrusted | invalid)),
+        )
+
+    def _current_chain(
+        self, domain: libvirt.virDomain, disk: Disk, running: bool
+    ) -> tuple[tuple[str, ...], tuple[Image, ...]]:
+        """The chain's paths, and its images with bitmaps as they really are now."""
+        if running:
+            nodes = LibvirtMonitor(domain).execute(query_nodes())
+            result = []
+            for layer in disk.layers:
+                bitmaps: tuple[Bitmap, ...] = ()
+                with contextlib.suppress(KeyError):  # a layer QEMU does not show: no bitmaps
+                    bitmaps = node_bitmaps(nodes, str(layer.format_node)).bitmaps
+                result.append(
+                    Image(path=layer.path, format=layer.format or "qcow2", bitmaps=bitmaps)
+                )
+            return disk.paths, tuple(result)
+        chain: Chain = images.read_chain(disk.layers[0].path)
+        return tuple(image.path for image in chain), chain.images
+
+    def _reconcile(
+        self, domain: libvirt.virDomain, disk: Disk, commit: Commit, running: bool
+    ) -> CommitReport:
+        started = time.monotonic()
+        try:
+            if running:
+                live = reconcile_live(
+                    LibvirtMonitor(domain), disk, commit, storage_roots=self._roots
+                )
+                result, plan, outcome = live.result, live.plan, live.outcome
+            else:
+                _require_layers(commit)
+                at_rest = reconcile_at_rest(commit.top, commit.base, storage_roots=self._roots)
+                result, plan, outcome = at_rest.result, at_rest.plan, at_rest.outcome
+        except VirtBitmapdError as error:
+            return CommitReport(
+                commit=commit, live=running, duration=time.monotonic() - started, error=error
+            )
+        return CommitReport(
+            commit=commit,
+            live=running,
+            duration=time.monotonic() - started,
+            result=result,
+            plan=plan,
+            outcome=outcome,
+        )
+
+
+def _require_layers(commit: Commit) -> None:
+    missing = tuple(path for path in commit.removed if not os.path.exists(path))
+    if missing:
+        base = images.read_image(commit.base, force_share=True)
+        raise CommittedLayersGone(
+            commit.base, missing, tuple(sorted(bitmap.name for bitmap in base.bitmaps))
+        )
+
+
+def _resolved(disk: Disk) -> Disk:
+    layers = tuple(replace(layer, path=os.path.realpath(layer.path)) for layer in disk.layers)
+    return replace(disk, layers=layers)
+
+
+def _bitmap_states(chain: tuple[Image, ...]) -> tuple[dict[str, int], set[str]]:
+    """Per state, how many of the chain's bitmaps are in it; and the names not valid."""
+    states = {"valid": 0, "disabled": 0, "inconsistent": 0, "broken_chain": 0}
+    invalid: set[str] = set()
+    if not chain:
+        return states, invalid
+    names = {bitmap.name for image in chain for bitmap in image.bitmaps}
+    for name in names:
+        problem = bitmap_chain_problem(chain, name)
+        if problem is None:
+            states["valid"] += 1
+        else:
+            states[_STATE_OF_REASON[problem[0]]] += 1
+            invalid.add(name)
+    return states, invalid

@@ -1,0 +1,122 @@
+"""Run work per key (a domain's disk): one at a time per key, several keys at once, and work
+asked for while a key is busy coalesced into one more run.
+
+Each key moves through a small state machine, written as a table:
+
+    IDLE --submit--> QUEUED --start--> RUNNING --finish--> IDLE
+                                       RUNNING --submit--> AGAIN --finish--> QUEUED
+
+so a burst of events for one disk while it is being reconciled causes exactly one more look,
+with the freshest state, instead of one per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+import structlog
+
+__all__ = ["Scheduler", "Slot", "TransitionError"]
+
+log = structlog.get_logger()
+
+
+class Slot(enum.Enum):
+    IDLE = "idle"
+    QUEUED = "queued"
+    RUNNING = "running"
+    AGAIN = "running, then again"
+
+
+TRANSITIONS: dict[tuple[Slot, str], Slot] = {
+    (Slot.IDLE, "submit"): Slot.QUEUED,
+    (Slot.QUEUED, "submit"): Slot.QUEUED,
+    (Slot.RUNNING, "submit"): Slot.AGAIN,
+    (Slot.AGAIN, "submit"): Slot.AGAIN,
+    (Slot.QUEUED, "start"): Slot.RUNNING,
+    (Slot.RUNNING, "finish"): Slot.IDLE,
+    (Slot.AGAIN, "finish"): Slot.QUEUED,
+}
+
+
+class TransitionError(RuntimeError):
+    def __init__(self, key: Hashable, slot: Slot, event: str) -> None:
+        super().__init__(f"{key}: event {event!r} does not fit state {slot.value!r}")
+
+
+Job = Callable[[Any, str], Awaitable[None]]
+
+
+class Scheduler:
+    """``submit(key, trigger)`` runs ``job(key, trigger)``, serialized per key, at most
+    ``concurrency`` at once.  Coalesced submissions keep the first trigger."""
+
+    def __init__(self, job: Job, concurrency: int) -> None:
+        self._job = job
+        self._slots: dict[Hashable, Slot] = {}
+        self._triggers: dict[Hashable, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._limit = asyncio.Semaphore(concurrency)
+        self._closed = False
+
+    def state(self, key: Hashable) -> Slot:
+        return self._slots.get(key, Slot.IDLE)
+
+    def _move(self, key: Hashable, event: str) -> Slot:
+        current = self.state(key)
+        new = TRANSITIONS.get((current, event))
+        if new is None:
+            raise TransitionError(key, current, event)
+        if new is Slot.IDLE:
+            self._slots.pop(key, None)
+        else:
+            self._slots[key] = new
+        return new
+
+    def submit(self, key: Hashable, trigger: str) -> bool:
+        """Ask for a run; False once the scheduler is closed (the daemon is stopping)."""
+        if self._closed:
+            return False
+        was_idle = self.state(key) is Slot.IDLE
+        self._move(key, "submit")
+        self._triggers.setdefault(key, trigger)
+        if was_idle:
+            task = asyncio.get_running_loop().create_task(self._drive(key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _drive(self, key: Hashable) -> None:
+        while True:
+            async with self._limit:
+                if self._closed:
+                    self._slots.pop(key, None)
+                    self._triggers.pop(key, None)
+                    return
+                self._move(key, "start")
+                trigger = self._triggers.pop(key)
+                try:
+                    await self._job(key, trigger)
+                except Exception:  # a bug in one job must not stop the others
+                    log.exception("job_crashed", key=str(key), trigger=trigger)
+            if self._move(key, "finish") is Slot.IDLE:
+                return
+
+    def is_idle(self) -> bool:
+        return not self._tasks
+
+    async def drain(self) -> None:
+        """Wait until nothing is queued or running."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self, timeout: float) -> bool:
+        """Start nothing new, let running jobs finish; True if all did within ``timeout``."""
+        self._closed = True
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+        return not pending

@@ -1,0 +1,256 @@
+"""`virt-bitmapd run` against a real libvirtd and real OS-less QEMU VMs.
+
+Known blocks are written into each layer at rest, before the VM starts (an OS-less guest writes
+nothing); checkpoints are recording bitmaps continued in each overlay, as libvirt leaves them.
+After the commit the VM is stopped cleanly and the base's dirty extents are read back over NBD.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.images import (
+    K64,
+    ChainBuilder,
+    MiB,
+    bitmaps,
+    dirty_extents,
+    expected,
+    run,
+    state,
+)
+from helpers.libvirt_env import Domains, connect, start_libvirtd, stop_gracefully, virsh
+
+pytestmark = pytest.mark.real
+
+
+def build(folder: Path) -> ChainBuilder:
+    """base (cp1) <- s1 (cp1, cp2) <- active (cp1, cp2, cp3), known writes in each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    c = ChainBuilder(folder)
+    c.start()
+    c.checkpoint("cp1")
+    c.write(0, K64)
+    c.snapshot("s1.qcow2")
+    c.checkpoint("cp2")
+    c.write(2 * MiB, 2 * K64, 0xBB)
+    c.snapshot("active.qcow2")
+    c.checkpoint("cp3")
+    c.write(9 * MiB, K64, 0xCC)
+    return c
+
+
+def commit_offline(c: ChainBuilder) -> None:
+    """oVirt-style cold merge of s1 into base: qemu-img commit, then rebase its child."""
+    base, s1, active = c.layers
+    run("qemu-img", "commit", "-q", str(s1))
+    run("qemu-img", "rebase", "-u", "-b", str(base), "-F", "qcow2", str(active))
+
+
+def base_bitmaps(c: ChainBuilder) -> dict[str, Any]:
+    return {str(b["name"]): (b["granularity"], b["flags"]) for b in bitmaps(c.layers[0])}
+
+
+def assert_base_holds_the_data(c: ChainBuilder) -> None:
+    base = c.layers[0]
+    # cp1 saw every write; cp2 those from s1 on; cp3 is only in the active layer, not committed
+    assert dirty_extents(base, "cp1") == expected([(0, K64), (2 * MiB, 2 * K64)])
+    assert dirty_extents(base, "cp2") == expected([(2 * MiB, 2 * K64)])
+    flags = base_bitmaps(c)
+    assert flags["cp1"] == (K64, ["auto"]) and flags["cp2"] == (K64, ["auto"])
+
+
+def is_for(dom: Any, event: str, **fields: Any) -> Any:
+    def match(entry: dict[str, Any]) -> bool:
+        return (
+            entry.get("event") == event
+            and entry.get("domain") == dom.name()
+            and all(entry.get(k) == v for k, v in fields.items())
+        )
+
+    return match
+
+
+def test_live_commit_is_verified_already_consistent(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=True)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh(
+        "blockcommit",
+        dom.name(),
+        "vda",
+        "--top",
+        str(c.layers[1]),
+        "--base",
+        str(c.layers[0]),
+        "--wait",
+    )
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "already_consistent", entry
+    assert entry["trigger"] == "event" and entry["job_type"] == "commit"
+    assert entry["removed"] == [str(c.layers[1])] and entry["base"] == str(c.layers[0])
+    assert sorted(entry["bitmaps"]) == ["cp1", "cp2"]
+    stop_gracefully(dom)
+    assert_base_holds_the_data(c)
+
+
+def test_live_active_commit_with_pivot(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=True)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("blockcommit", dom.name(), "vda", "--active", "--pivot", "--wait")
+    events = [
+        daemon.wait_for(is_for(dom, "block_job_event", status=s), what=s)
+        for s in ("ready", "completed")
+    ]
+    assert [e["job_type"] for e in events] == ["active_commit", "active_commit"]
+    assert events[0]["action"] == "none"
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "already_consistent", entry
+    assert entry["removed"] == [str(c.layers[2]), str(c.layers[1])]
+    stop_gracefully(dom)
+    base = c.layers[0]
+    everything = [(0, K64), (2 * MiB, 2 * K64), (9 * MiB, K64)]
+    assert dirty_extents(base, "cp1") == expected(everything)
+    assert dirty_extents(base, "cp2") == expected(everything[1:])
+    assert dirty_extents(base, "cp3") == expected(everything[2:])
+
+
+@pytest.mark.parametrize("trigger", ["manual", "rescan"])
+def test_offline_commit_while_running_daemon(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, trigger: str
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active)
+    daemon = daemon_factory(rescan_interval=2 if trigger == "rescan" else 3600).start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    commit_offline(c)
+    if trigger == "manual":
+        daemon.signal(signal.SIGHUP)
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled", entry
+    assert entry["trigger"] == trigger
+    assert entry["removed"] == [str(c.layers[1])]
+    assert_base_holds_the_data(c)
+
+
+def test_offline_commit_while_daemon_stopped(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    assert daemon.stop() == 0
+    commit_offline(c)
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled" and entry["trigger"] == "startup", entry
+    assert_base_holds_the_data(c)
+
+
+def test_committed_layers_already_deleted_is_unrecoverable(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    commit_offline(c)
+    c.layers[1].unlink()
+    before = state(c.layers[0])
+    daemon.signal(signal.SIGHUP)
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["level"] == "error" and entry["result"] == "unrecoverable", entry
+    assert entry["disk"] == "vda" and entry["bitmaps"] == ["cp1"]
+    assert str(c.layers[1]) in entry["error"]
+    assert state(c.layers[0]) == before
+
+
+def test_disk_outside_storage_roots_is_left_alone(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "elsewhere")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    dom = domains.define(c.active)
+    daemon = daemon_factory(roots=[allowed]).start()
+    skipped = daemon.wait_for(is_for(dom, "disk_skipped"), what="disk skipped")
+    assert "outside the storage roots" in skipped["reason"]
+    commit_offline(c)
+    before = state(c.layers[0])
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("rescan_requested")
+    time.sleep(2)
+    assert not [e for e in daemon.entries() if is_for(dom, "reconciliation")(e)]
+    assert state(c.layers[0]) == before
+
+
+def test_reconnects_after_libvirtd_restart(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=True)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    # a crash: the VM keeps running, libvirtd reattaches to it when it comes back
+    subprocess.run(["pkill", "-KILL", "-x", "libvirtd"], check=True)
+    daemon.wait_event("libvirt_connection_lost")
+    start_libvirtd()
+    daemon.wait_event("libvirt_connected", reconnect=True, timeout=90)
+    domains.conn.close()
+    conn = domains.conn = connect()
+    virsh(
+        "blockcommit",
+        dom.name(),
+        "vda",
+        "--top",
+        str(c.layers[1]),
+        "--base",
+        str(c.layers[0]),
+        "--wait",
+    )
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "already_consistent" and entry["trigger"] == "event", entry
+    stop_gracefully(conn.lookupByName(dom.name()))
+    assert_base_holds_the_data(c)
+
+
+def test_live_and_offline_commits_leave_identical_bases(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    live = build(tmp_path / "live")
+    offline = build(tmp_path / "offline")
+    live_dom = domains.define(live.active, start=True)
+    offline_dom = domains.define(offline.active)
+    daemon = daemon_factory().start()
+    for dom in (live_dom, offline_dom):
+        daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh(
+        "blockcommit",
+        live_dom.name(),
+        "vda",
+        "--top",
+        str(live.layers[1]),
+        "--base",
+        str(live.layers[0]),
+        "--wait",
+    )
+    commit_offline(offline)
+    daemon.signal(signal.SIGHUP)
+    assert daemon.wait_for(is_for(offline_dom, "reconciliation"))["result"] == "reconciled"
+    stop_gracefully(live_dom)
+    assert state(live.layers[0]) == state(offline.layers[0])
+    assert_base_holds_the_data(offline)
