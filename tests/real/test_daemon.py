@@ -7,6 +7,7 @@ After the commit the VM is stopped cleanly and the base's dirty extents are read
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -254,3 +255,61 @@ def test_live_and_offline_commits_leave_identical_bases(
     stop_gracefully(live_dom)
     assert state(live.layers[0]) == state(offline.layers[0])
     assert_base_holds_the_data(offline)
+
+
+def qmp(dom: Any, command: dict[str, Any]) -> Any:
+    return json.loads(virsh("qemu-monitor-command", dom.name(), json.dumps(command)))["return"]
+
+
+def damage_live_base_bitmap(dom: Any, base: Path, name: str, how: str) -> None:
+    """What a failed (and ignored) libvirt bitmap transaction can leave: the base's bitmap
+    ``name`` is missing ("remove") or holds none of the committed bits ("clear")."""
+    nodes = qmp(dom, {"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+    storage = next(n for n in nodes if n["drv"] == "file" and n["file"] == str(base))
+    fmt = storage["node-name"].replace("-storage", "-format")
+    entry = next(n for n in nodes if n["node-name"] == fmt)
+    backing = entry.get("backing_file_depth", 0)
+    assert backing == 0, "the test chain's base has no backing file"
+
+    def reopen(read_only: bool) -> None:
+        options = {
+            "driver": "qcow2",
+            "node-name": fmt,
+            "read-only": read_only,
+            "file": storage["node-name"],
+            "backing": None,
+        }
+        qmp(dom, {"execute": "blockdev-reopen", "arguments": {"options": [options]}})
+
+    if entry["ro"]:
+        reopen(read_only=False)
+    qmp(dom, {"execute": f"block-dirty-bitmap-{how}", "arguments": {"node": fmt, "name": name}})
+    if entry["ro"]:
+        reopen(read_only=True)
+
+
+@pytest.mark.parametrize("how", ["remove", "clear"])
+@pytest.mark.parametrize("active", [False, True], ids=["commit", "active-commit"])
+def test_live_commit_with_missing_bits_is_repaired_through_qemu(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, active: bool, how: str
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=True)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    assert daemon.stop() == 0
+    if active:
+        virsh("blockcommit", dom.name(), "vda", "--active", "--pivot", "--wait")
+    else:
+        top, base = str(c.layers[1]), str(c.layers[0])
+        virsh("blockcommit", dom.name(), "vda", "--top", top, "--base", base, "--wait")
+    damage_live_base_bitmap(dom, c.layers[0], "cp2", how)
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled" and entry["trigger"] == "startup", entry
+    stop_gracefully(dom)
+    if active:
+        everything = [(0, K64), (2 * MiB, 2 * K64), (9 * MiB, K64)]
+        assert dirty_extents(c.layers[0], "cp2") == expected(everything[1:])
+    else:
+        assert_base_holds_the_data(c)

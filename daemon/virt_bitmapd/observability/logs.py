@@ -38,6 +38,11 @@ def add_message_id(_: Any, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+def drop_message_id(_: Any, __: str, event_dict: EventDict) -> EventDict:
+    event_dict.pop("message_id", None)
+    return event_dict
+
+
 def _field_name(key: str) -> str:
     name = "".join(c if c.isalnum() else "_" for c in key.upper()).lstrip("_")
     return name or "FIELD"
@@ -101,7 +106,8 @@ def configure(
     else:
         processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
         if log_format == "console":
-            processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+            processors.append(drop_message_id)  # for journald; noise for a person reading
+            processors.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
         else:
             processors.append(structlog.processors.JSONRenderer())
         logger_factory = structlog.PrintLoggerFactory(sys.stdout)

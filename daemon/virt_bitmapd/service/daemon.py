@@ -53,6 +53,7 @@ JOB_STATUSES = {
 }
 COMMIT_TYPES = ("commit", "active_commit")
 STOP_TIMEOUT = 8.0  # seconds for running looks to finish; systemd waits 10
+RETRY_DELAY = 5.0  # seconds before looking again at a disk whose look may succeed later
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 
@@ -80,6 +81,7 @@ class Daemon:
         self._scheduler = Scheduler(self._look_at_disk, settings.concurrency)
         self._job_of_event: dict[DiskKey, str] = {}
         self._warned_skips: set[DiskKey] = set()
+        self._retry_delays: dict[DiskKey, float] = {}
         self._names: dict[str, str] = {}  # domain UUID -> name, for forgetting metrics
 
     # ------------------------------------------------------------------ lifecycle
@@ -306,16 +308,24 @@ class Daemon:
             self.metrics.forget_disk(report.domain, report.disk)
             return
         self._warned_skips.discard(key)
+        if report.error is None:
+            self._retry_delays.pop(key, None)
         if report.error is not None:
-            bound.error(
-                "disk_check_failed",
-                error=str(report.error),
-                error_kind=report.error.kind,
-                retryable=report.error.retryable,
-            )
+            fields = {"error": str(report.error), "error_kind": report.error.kind}
+            if report.error.retryable:  # e.g. QEMU still closing the images: look again soon
+                delay = self._retry_delays.get(key, RETRY_DELAY)
+                self._retry_delays[key] = min(delay * 2, self.settings.rescan_interval)
+                bound.warning("disk_check_deferred", retry_in=delay, **fields)
+                asyncio.get_running_loop().call_later(delay, self._scheduler.submit, key, trigger)
+            else:
+                bound.error("disk_check_failed", **fields)
             return
         if report.first_sight:
             bound.info("disk_tracked", chain=list(report.chain), running=report.running)
+        elif report.chain != report.previous_chain:
+            bound.info(
+                "chain_changed", chain=list(report.chain), previous=list(report.previous_chain)
+            )
         for commit in report.commits:
             self._publish_commit(bound, commit, trigger, job_type)
         self.metrics.set_disk_bitmaps(

@@ -91,6 +91,7 @@ class DiskReport:
     #: The look itself failed (chain unreadable, libvirtd gone, ...).
     error: VirtBitmapdError | None = None
     first_sight: bool = False
+    previous_chain: tuple[str, ...] = ()
     bitmap_states: dict[str, int] = field(default_factory=dict)
     untrusted: tuple[str, ...] = ()
 
@@ -153,6 +154,7 @@ class DiskChecker:
             chain=paths,
             commits=tuple(reports),
             first_sight=old is None,
+            previous_chain=old or (),
             bitmap_states=states,
             untrusted=tuple(sorted(untrusted | invalid)),
         )
