@@ -1,0 +1,86 @@
+"""journald encoding and rendering, sd_notify, metrics bookkeeping."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from virt_bitmapd.observability.journald import encode
+from virt_bitmapd.observability.logs import JournalRenderer, add_message_id, message_id
+from virt_bitmapd.observability.metrics import Metrics
+from virt_bitmapd.observability.sdnotify import Notifier
+from virt_bitmapd.state import StateStore
+
+
+def test_journal_encoding_plain_and_multiline() -> None:
+    assert encode({"MESSAGE": "hi", "DOMAIN": "vm1"}) == b"MESSAGE=hi\nDOMAIN=vm1\n"
+    value = "two\nlines"
+    assert encode({"MESSAGE": value}) == b"MESSAGE\n" + struct.pack("<Q", 9) + b"two\nlines\n"
+
+
+def test_journal_renderer_maps_keys_to_fields() -> None:
+    event = add_message_id(
+        None,
+        "error",
+        {
+            "event": "reconciliation",
+            "domain": "vm1",
+            "disk": "vda",
+            "bitmaps": ["a", "b"],
+            "level": "error",
+        },
+    )
+    fields = JournalRenderer()(None, "error", event)
+    assert fields["PRIORITY"] == "3"
+    assert fields["SYSLOG_IDENTIFIER"] == "virt-bitmapd"
+    assert fields["MESSAGE_ID"] == message_id("reconciliation")
+    assert fields["DOMAIN"] == "vm1" and fields["DISK"] == "vda" and fields["BITMAPS"] == "a,b"
+    assert fields["MESSAGE"].startswith("reconciliation: ")
+
+
+def test_message_ids_are_stable_and_distinct() -> None:
+    assert message_id("reconciliation") == message_id("reconciliation")
+    assert message_id("reconciliation") != message_id("disk_skipped")
+    assert len(message_id("x")) == 32
+
+
+def test_notifier_sends_datagrams(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000"})
+        assert notifier.watchdog_interval == 2.0
+        notifier.ready("up")
+        assert server.recv(100) == b"READY=1\nSTATUS=up"
+    assert not Notifier({}).enabled and Notifier({}).watchdog_interval is None
+
+
+def test_untrusted_gauge_is_dropped_with_the_domain() -> None:
+    metrics = Metrics()
+    metrics.set_disk_bitmaps("vm1", "vda", {"valid": 2, "inconsistent": 1}, untrusted=1)
+    metrics.set_disk_bitmaps("vm1", "vdb", {"valid": 1}, untrusted=2)
+    text = generate_latest(metrics.registry).decode()
+    assert 'virt_bitmapd_untrusted_bitmaps{domain="vm1"} 3.0' in text
+    assert 'virt_bitmapd_bitmaps{state="valid"} 3.0' in text
+    metrics.forget_domain("vm1")
+    text = generate_latest(metrics.registry).decode()
+    assert "vm1" not in text
+    assert 'virt_bitmapd_bitmaps{state="valid"} 0.0' in text
+
+
+def test_state_store_round_trip_and_corruption(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.put_disk("u1", "vm1", "vda", ("/a", "/b"), ("cp1",))
+    store.put_disk("u1", "vm1", "vdb", ("/c",), ())
+    state = store.load("u1")
+    assert state is not None and state.chains == {"vda": ("/a", "/b"), "vdb": ("/c",)}
+    assert state.untrusted["vda"] == ("cp1",)
+    store.drop_disk("u1", "vdb")
+    assert store.load("u1").chains == {"vda": ("/a", "/b")}  # type: ignore[union-attr]
+    assert store.known() == ["u1"]
+    (tmp_path / "domains" / "u1.json").write_text("{half")
+    assert store.load("u1") is None
+    assert (tmp_path / "domains" / "u1.json.corrupt").exists()

@@ -1,0 +1,104 @@
+"""Per-key serialization, coalescing and the concurrency bound."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from virt_bitmapd.service.scheduler import TRANSITIONS, Scheduler, Slot, TransitionError
+
+
+def run(coroutine: object) -> None:
+    asyncio.run(coroutine)  # type: ignore[arg-type]
+
+
+def test_burst_for_a_busy_key_coalesces_into_one_more_run() -> None:
+    calls: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def job(key: str, trigger: str) -> None:
+            calls.append((key, trigger))
+            await gate.wait()
+
+        scheduler = Scheduler(job, concurrency=4)
+        scheduler.submit("vda", "event")
+        await asyncio.sleep(0)
+        assert scheduler.state("vda") is Slot.RUNNING
+        for trigger in ("rescan", "event", "manual"):
+            scheduler.submit("vda", trigger)
+        assert scheduler.state("vda") is Slot.AGAIN
+        gate.set()
+        await scheduler.drain()
+        assert scheduler.state("vda") is Slot.IDLE
+
+    run(main())
+    assert calls == [("vda", "event"), ("vda", "rescan")]
+
+
+def test_keys_run_in_parallel_up_to_the_bound() -> None:
+    running = 0
+    peak = 0
+
+    async def main() -> None:
+        async def job(key: str, trigger: str) -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+
+        scheduler = Scheduler(job, concurrency=2)
+        for key in "abcdef":
+            scheduler.submit(key, "rescan")
+        await scheduler.drain()
+
+    run(main())
+    assert peak == 2
+
+
+def test_a_crashing_job_does_not_stop_the_key() -> None:
+    calls = 0
+
+    async def main() -> None:
+        async def job(key: str, trigger: str) -> None:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("bug")
+
+        scheduler = Scheduler(job, concurrency=1)
+        scheduler.submit("a", "event")
+        await scheduler.drain()
+        scheduler.submit("a", "event")
+        await scheduler.drain()
+
+    run(main())
+    assert calls == 2
+
+
+def test_closed_scheduler_takes_nothing_and_waits_for_running_jobs() -> None:
+    finished: list[str] = []
+
+    async def main() -> None:
+        async def job(key: str, trigger: str) -> None:
+            await asyncio.sleep(0.05)
+            finished.append(key)
+
+        scheduler = Scheduler(job, concurrency=1)
+        scheduler.submit("a", "event")
+        scheduler.submit("b", "event")
+        await asyncio.sleep(0)
+        assert await scheduler.close(timeout=5)
+        assert not scheduler.submit("c", "event")
+
+    run(main())
+    assert finished == ["a"]  # "b" was queued, never started
+
+
+def test_transition_table_names_state_and_event() -> None:
+    assert (Slot.IDLE, "finish") not in TRANSITIONS
+    scheduler = Scheduler(lambda key, trigger: asyncio.sleep(0), concurrency=1)
+    with pytest.raises(TransitionError, match="'finish' does not fit state 'idle'"):
+        scheduler._move("vda", "finish")

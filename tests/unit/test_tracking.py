@@ -1,0 +1,52 @@
+"""Commit detection from two chains, by table and by property."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from virt_bitmapd.tracking import Commit, detect_commits
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "commits"),
+    [
+        ("abc", "abc", []),
+        ("bc", "abc", []),  # a new snapshot
+        ("abc", "ac", [("b", "c")]),  # non-active commit of b into c
+        ("abc", "c", [("ab", "c")]),  # active commit of a and b into c
+        ("abcd", "ad", [("bc", "d")]),
+        ("abcde", "ace", [("b", "c"), ("d", "e")]),  # two commits between two looks
+        ("abc", "xc", [("ab", "c")]),  # committed, then a new snapshot on top
+        ("abc", "xyz", []),  # replaced wholesale: no base left, not a commit
+        ("abc", "ab", []),  # the bottom went away (rebase onto nothing): not a commit
+    ],
+)
+def test_detect_commits(old: str, new: str, commits: list[tuple[str, str]]) -> None:
+    found = detect_commits(tuple(old), tuple(new))
+    assert [("".join(c.removed), c.base) for c in found] == commits
+
+
+def test_commit_checks_itself() -> None:
+    with pytest.raises(ValueError):
+        Commit(removed=(), base="a")
+    with pytest.raises(ValueError):
+        Commit(removed=("a",), base="a")
+
+
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=10, unique=True), st.data())
+def test_removing_layers_is_explained_by_commits(chain: list[int], data: st.DataObject) -> None:
+    old = tuple(f"l{i}" for i in chain)
+    keep = data.draw(st.lists(st.booleans(), min_size=len(old), max_size=len(old)))
+    new = tuple(path for path, kept in zip(old, keep, strict=True) if kept)
+    commits = detect_commits(old, new)
+    removed = [path for commit in commits for path in commit.removed]
+    # every removed layer that had a surviving layer below it is in exactly one commit
+    last_kept = max((i for i, k in enumerate(keep) if k), default=-1)
+    assert removed == [p for i, p in enumerate(old) if not keep[i] and i < last_kept]
+    for commit in commits:
+        assert commit.base in new
+        start = old.index(commit.top)
+        assert old[start : start + len(commit.removed)] == commit.removed
+        assert old[start + len(commit.removed)] == commit.base
