@@ -67,10 +67,12 @@ def reconcile_live(
     commit: Commit,
     *,
     storage_roots: Sequence[str],
+    base_before: Image | None = None,
     read_image: Callable[[str], Image] = lambda path: images.read_image(path, force_share=True),
 ) -> LiveResult:
     """Make ``commit.base`` (a layer of ``disk``, the live chain after the commit) hold every
-    valid bitmap of the committed layers."""
+    valid bitmap of the committed layers.  ``base_before``: the base's bitmaps as last seen
+    before the commit, so that bitmaps libvirt created there are not mistaken for gaps."""
     nodes = monitor.execute(query_nodes())
     base_node, live_images = _live_images(disk, commit.base, nodes)
     missing = tuple(path for path in commit.removed if not os.path.exists(path))
@@ -80,7 +82,7 @@ def reconcile_live(
     # keep libvirt's spelling of each path: the plan speaks of the chain as libvirt names it
     removed = tuple(replace(read_image(path), path=path) for path in commit.removed)
     chain = Chain(removed + live_images)
-    plan = make_plan(chain, commit.top, commit.base)
+    plan = make_plan(chain, commit.top, commit.base, base_before=base_before)
     if plan.is_empty:
         return LiveResult(plan=plan, result=Result.NOTHING_TO_DO)
 

@@ -12,6 +12,11 @@ How this works (libvirt's semantics, as in its ``qemuBlockBitmapChainIsValid`` a
   merged into it.  A merge is a bitwise OR, so BASE's own bits stay and a second application
   changes nothing.
 * Everything else is left alone and reported, with the reason and the image it was found in.
+
+libvirt judges validity on the chain as it is *before* the commit.  Looking afterwards (the daemon
+does), the base may already carry bitmaps that libvirt created there, which would read as gaps;
+so the caller can pass the base as it was before (``base_before``) for the validity walk, while
+what the base needs is still decided on the base as it is now.
 """
 
 from __future__ import annotations
@@ -64,9 +69,10 @@ def _locate(chain: Chain, top: str, base: str) -> tuple[int, int]:
     return top_index, base_index
 
 
-def plan(chain: Chain, top: str, base: str) -> Plan:
+def plan(chain: Chain, top: str, base: str, *, base_before: Image | None = None) -> Plan:
     """The bitmap changes that BASE needs after TOP .. the image above BASE are committed into it.
 
+    ``base_before``: BASE as it was before the commit, when ``chain`` holds it as it is after.
     Raises ChainError when BASE is not below TOP in ``chain`` and BaseCannotHoldBitmaps when BASE
     is not qcow2.
     """
@@ -74,7 +80,12 @@ def plan(chain: Chain, top: str, base: str) -> Plan:
     base_image = chain.images[base_index]
     if not base_image.can_hold_bitmaps:
         raise BaseCannotHoldBitmaps(base, base_image.format)
-    from_top = chain.images[top_index:]
+    if base_before is not None and base_before.path != base:
+        raise ChainError(f"{base_before.path}: given as the base before the commit of {base}")
+    before = list(chain.images[top_index:])
+    if base_before is not None:
+        before[base_index - top_index] = base_before
+    from_top = tuple(before)
     subchain = chain.images[top_index:base_index]
 
     merges: list[BitmapMerge] = []

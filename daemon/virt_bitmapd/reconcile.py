@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import images
 from .errors import ReconcileFailed
-from .model import Chain, Outcome, Plan, Result
+from .model import Chain, Image, Outcome, Plan, Result
 from .planner import plan as make_plan
 from .storage_roots import require_inside
 from .transports.storage_daemon import apply_at_rest
@@ -36,14 +36,16 @@ def reconcile_at_rest(
     *,
     storage_roots: Sequence[str] | None = None,
     dry_run: bool = False,
+    base_before: Image | None = None,
 ) -> AtRestResult:
     """Carry TOP's valid checkpoint bitmaps into BASE.  ``storage_roots`` None means unrestricted
-    (an administrator naming the images by hand); otherwise BASE must lie under one of them."""
+    (an administrator naming the images by hand); otherwise BASE must lie under one of them.
+    ``base_before``: BASE's bitmaps as seen before the commit (see ``planner.plan``)."""
     real_base = os.path.realpath(base)
     if storage_roots is not None:
         require_inside(real_base, storage_roots)
     chain = images.read_chain(top)
-    plan = make_plan(chain, chain.top.path, real_base)
+    plan = make_plan(chain, chain.top.path, real_base, base_before=base_before)
     if plan.is_empty:
         return AtRestResult(chain=chain, plan=plan, result=Result.NOTHING_TO_DO)
     if dry_run:

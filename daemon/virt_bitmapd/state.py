@@ -11,8 +11,12 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from .model import Bitmap
 
 __all__ = ["DomainState", "StateStore"]
 
@@ -27,6 +31,12 @@ class DomainState:
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: disk target -> bitmaps whose bits could not be proven complete after a commit
     untrusted: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: disk target -> layer path -> its bitmaps when last seen (what a base held before a commit)
+    bitmaps: dict[str, dict[str, tuple[Bitmap, ...]]] = field(default_factory=dict)
+
+
+def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Bitmap, ...]]:
+    return {path: tuple(Bitmap(**item) for item in items) for path, items in raw.items()}
 
 
 class StateStore:
@@ -54,16 +64,27 @@ class StateStore:
             name=str(raw["name"]),
             chains={disk: tuple(chain) for disk, chain in raw["chains"].items()},
             untrusted={disk: tuple(names) for disk, names in raw.get("untrusted", {}).items()},
+            bitmaps={
+                disk: _bitmaps_from_json(layers) for disk, layers in raw.get("bitmaps", {}).items()
+            },
         )
 
     def put_disk(
-        self, uuid: str, name: str, disk: str, chain: tuple[str, ...], untrusted: tuple[str, ...]
+        self,
+        uuid: str,
+        *,
+        name: str,
+        disk: str,
+        chain: tuple[str, ...],
+        untrusted: tuple[str, ...],
+        bitmaps: Mapping[str, tuple[Bitmap, ...]],
     ) -> None:
         with self._lock:
             state = self.load(uuid) or DomainState(uuid=uuid, name=name)
             state.name = name
             state.chains[disk] = chain
             state.untrusted[disk] = untrusted
+            state.bitmaps[disk] = dict(bitmaps)
             self._save(state)
 
     def drop_disk(self, uuid: str, disk: str) -> None:
@@ -72,6 +93,7 @@ class StateStore:
             if state is not None and disk in state.chains:
                 del state.chains[disk]
                 state.untrusted.pop(disk, None)
+                state.bitmaps.pop(disk, None)
                 self._save(state)
 
     def _save(self, state: DomainState) -> None:
@@ -82,6 +104,10 @@ class StateStore:
             "chains": {disk: list(chain) for disk, chain in sorted(state.chains.items())},
             "untrusted": {
                 disk: list(names) for disk, names in sorted(state.untrusted.items()) if names
+            },
+            "bitmaps": {
+                disk: {path: [asdict(b) for b in bitmaps] for path, bitmaps in layers.items()}
+                for disk, layers in sorted(state.bitmaps.items())
             },
         }
         target = self._path(state.uuid)

@@ -104,14 +104,17 @@ def virsh(*args: str) -> str:
 class DaemonProcess:
     """`virt-bitmapd run` as a child process whose JSON log lines the test reads."""
 
-    def __init__(self, folder: Path, *, roots: list[Path], rescan_interval: float = 3600) -> None:
+    def __init__(
+        self, folder: Path, *, roots: list[Path], rescan_interval: float = 3600, uri: str = URI
+    ) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.state_dir = folder / "state"
         self.log_path = folder / f"daemon-{uuid.uuid4().hex[:6]}.log"
         self.config = folder / "config.toml"
         roots_toml = ", ".join(json.dumps(str(root)) for root in roots)
         self.config.write_text(
-            f"[libvirt]\nuri = {json.dumps(URI)}\n"
+            f"[libvirt]\nuri = {json.dumps(uri)}\n"
             f"[storage]\nroots = [{roots_toml}]\n"
             f"[daemon]\nstate_dir = {json.dumps(str(self.state_dir))}\n"
             f"rescan_interval = {rescan_interval}\n"
@@ -119,7 +122,7 @@ class DaemonProcess:
             '[log]\nformat = "json"\nlevel = "debug"\n'
         )
         self.process: subprocess.Popen[bytes] | None = None
-        self._read = 0
+        self._returned: set[int] = set()
 
     def start(self, *extra: str) -> DaemonProcess:
         self._log = self.log_path.open("ab")
@@ -162,14 +165,14 @@ class DaemonProcess:
     def wait_for(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60, what: str = ""
     ) -> dict[str, Any]:
-        """The first log entry after the last one returned that matches ``predicate``."""
+        """The first log entry matching ``predicate`` that no earlier call returned."""
         deadline = time.monotonic() + timeout
         while True:
             entries = self.entries()
-            for index in range(self._read, len(entries)):
-                if predicate(entries[index]):
-                    self._read = index + 1
-                    return entries[index]
+            for index, entry in enumerate(entries):
+                if index not in self._returned and predicate(entry):
+                    self._returned.add(index)
+                    return entry
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(f"the daemon exited; log:\n{self.log_path.read_text()}")
             if time.monotonic() > deadline:

@@ -18,64 +18,15 @@ import pytest
 
 from helpers.images import (
     K64,
-    ChainBuilder,
     MiB,
-    bitmaps,
     dirty_extents,
     expected,
-    run,
     state,
 )
 from helpers.libvirt_env import Domains, connect, start_libvirtd, stop_gracefully, virsh
+from helpers.scenarios import assert_base_holds_the_data, build, commit_offline, is_for
 
 pytestmark = pytest.mark.real
-
-
-def build(folder: Path) -> ChainBuilder:
-    """base (cp1) <- s1 (cp1, cp2) <- active (cp1, cp2, cp3), known writes in each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    c = ChainBuilder(folder)
-    c.start()
-    c.checkpoint("cp1")
-    c.write(0, K64)
-    c.snapshot("s1.qcow2")
-    c.checkpoint("cp2")
-    c.write(2 * MiB, 2 * K64, 0xBB)
-    c.snapshot("active.qcow2")
-    c.checkpoint("cp3")
-    c.write(9 * MiB, K64, 0xCC)
-    return c
-
-
-def commit_offline(c: ChainBuilder) -> None:
-    """oVirt-style cold merge of s1 into base: qemu-img commit, then rebase its child."""
-    base, s1, active = c.layers
-    run("qemu-img", "commit", "-q", str(s1))
-    run("qemu-img", "rebase", "-u", "-b", str(base), "-F", "qcow2", str(active))
-
-
-def base_bitmaps(c: ChainBuilder) -> dict[str, Any]:
-    return {str(b["name"]): (b["granularity"], b["flags"]) for b in bitmaps(c.layers[0])}
-
-
-def assert_base_holds_the_data(c: ChainBuilder) -> None:
-    base = c.layers[0]
-    # cp1 saw every write; cp2 those from s1 on; cp3 is only in the active layer, not committed
-    assert dirty_extents(base, "cp1") == expected([(0, K64), (2 * MiB, 2 * K64)])
-    assert dirty_extents(base, "cp2") == expected([(2 * MiB, 2 * K64)])
-    flags = base_bitmaps(c)
-    assert flags["cp1"] == (K64, ["auto"]) and flags["cp2"] == (K64, ["auto"])
-
-
-def is_for(dom: Any, event: str, **fields: Any) -> Any:
-    def match(entry: dict[str, Any]) -> bool:
-        return (
-            entry.get("event") == event
-            and entry.get("domain") == dom.name()
-            and all(entry.get(k) == v for k, v in fields.items())
-        )
-
-    return match
 
 
 def test_live_commit_is_verified_already_consistent(

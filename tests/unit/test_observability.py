@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
+from virt_bitmapd.model import Bitmap
 from virt_bitmapd.observability.journald import encode
 from virt_bitmapd.observability.logs import JournalRenderer, add_message_id, message_id
 from virt_bitmapd.observability.metrics import Metrics
@@ -73,11 +74,20 @@ def test_untrusted_gauge_is_dropped_with_the_domain() -> None:
 
 def test_state_store_round_trip_and_corruption(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
-    store.put_disk("u1", "vm1", "vda", ("/a", "/b"), ("cp1",))
-    store.put_disk("u1", "vm1", "vdb", ("/c",), ())
+    bitmap = Bitmap(name="cp1", granularity=65536, recording=True)
+    store.put_disk(
+        "u1",
+        name="vm1",
+        disk="vda",
+        chain=("/a", "/b"),
+        untrusted=("cp1",),
+        bitmaps={"/b": (bitmap,)},
+    )
+    store.put_disk("u1", name="vm1", disk="vdb", chain=("/c",), untrusted=(), bitmaps={})
     state = store.load("u1")
     assert state is not None and state.chains == {"vda": ("/a", "/b"), "vdb": ("/c",)}
     assert state.untrusted["vda"] == ("cp1",)
+    assert state.bitmaps["vda"] == {"/b": (bitmap,)}
     store.drop_disk("u1", "vdb")
     assert store.load("u1").chains == {"vda": ("/a", "/b")}  # type: ignore[union-attr]
     assert store.known() == ["u1"]

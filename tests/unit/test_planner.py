@@ -254,3 +254,21 @@ def test_plan_properties(case: tuple[Chain, int, int], seed: int) -> None:
     again = plan(after, top.path, base.path)
     assert all(not merge.create_in_base for merge in again.merges)
     assert apply_to_model(after, again, after_contents) == (after, after_contents)
+
+
+def test_base_before_the_commit_decides_validity() -> None:
+    # libvirt created "a" in the base while committing: afterwards the walk would see a gap
+    after = chain(img("top", bm("a")), img("mid"), img("base", bm("a")))
+    assert plan(after, "top", "base").skipped[0].reason is SkipReason.GAP
+    verified = plan(after, "top", "base", base_before=img("base"))
+    assert verified.merges == (
+        BitmapMerge(bitmap="a", granularity=K64, create_in_base=False, sources=("top",)),
+    )
+    # a gap that was there before the commit stays a gap
+    gapped = plan(after, "top", "base", base_before=img("base", bm("a")))
+    assert gapped.merges == () and gapped.skipped[0].reason is SkipReason.GAP
+
+
+def test_base_before_must_be_the_base() -> None:
+    with pytest.raises(ChainError):
+        plan(chain(img("top"), img("base")), "top", "base", base_before=img("other"))

@@ -138,17 +138,28 @@ class DiskChecker:
             return replace(base, error=error)
         old = state.chains.get(target)
         reports = []
+        seen_before = state.bitmaps.get(target, {})
         for commit in detect_commits(old, paths) if old is not None else ():
-            reports.append(self._reconcile(domain, disk, commit, running))
-        untrusted = set(state.untrusted.get(target, ()))
-        for report in reports:
-            if isinstance(report.error, CommittedLayersGone):
-                untrusted.update(report.error.bitmaps)
+            remembered = seen_before.get(commit.base)
+            base_before = (
+                None
+                if remembered is None
+                else Image(path=commit.base, format="qcow2", bitmaps=remembered)
+            )
+            reports.append(self._reconcile(domain, disk, commit, running, base_before))
+        untrusted = set(state.untrusted.get(target, ())) | _untrusted_after(reports)
         states, invalid = _bitmap_states(live_images)
         present = {bitmap.name for image in live_images for bitmap in image.bitmaps}
         untrusted &= present  # a bitmap deleted (or recreated by a new full backup) is forgiven
         if not any(r.error is not None and r.error.retryable for r in reports):
-            self._store.put_disk(uuid, name, target, paths, tuple(sorted(untrusted)))
+            self._store.put_disk(
+                uuid,
+                name=name,
+                disk=target,
+                chain=paths,
+                untrusted=tuple(sorted(untrusted)),
+                bitmaps={image.path: image.bitmaps for image in live_images},
+            )
         return replace(
             base,
             chain=paths,
@@ -178,18 +189,29 @@ class DiskChecker:
         return tuple(image.path for image in chain), chain.images
 
     def _reconcile(
-        self, domain: libvirt.virDomain, disk: Disk, commit: Commit, running: bool
+        self,
+        domain: libvirt.virDomain,
+        disk: Disk,
+        commit: Commit,
+        running: bool,
+        base_before: Image | None,
     ) -> CommitReport:
         started = time.monotonic()
         try:
             if running:
                 live = reconcile_live(
-                    LibvirtMonitor(domain), disk, commit, storage_roots=self._roots
+                    LibvirtMonitor(domain),
+                    disk,
+                    commit,
+                    storage_roots=self._roots,
+                    base_before=base_before,
                 )
                 result, plan, outcome = live.result, live.plan, live.outcome
             else:
                 _require_layers(commit)
-                at_rest = reconcile_at_rest(commit.top, commit.base, storage_roots=self._roots)
+                at_rest = reconcile_at_rest(
+                    commit.top, commit.base, storage_roots=self._roots, base_before=base_before
+                )
                 result, plan, outcome = at_rest.result, at_rest.plan, at_rest.outcome
         except VirtBitmapdError as error:
             return CommitReport(
@@ -203,6 +225,27 @@ class DiskChecker:
             plan=plan,
             outcome=outcome,
         )
+
+
+# A bitmap skipped for these reasons may still look valid once the committed layers are gone
+# (the gap, or the layer that did not record, leaves the chain), yet it misses their bits.
+_BROKEN_BY_COMMIT = (
+    SkipReason.GAP,
+    SkipReason.DISABLED,
+    SkipReason.INCONSISTENT,
+    SkipReason.NOT_PERSISTENT,
+)
+
+
+def _untrusted_after(reports: Sequence[CommitReport]) -> set[str]:
+    """Bitmaps these commits leave untrustworthy."""
+    names: set[str] = set()
+    for report in reports:
+        if isinstance(report.error, CommittedLayersGone):
+            names.update(report.error.bitmaps)
+        if report.plan is not None:
+            names.update(s.bitmap for s in report.plan.skipped if s.reason in _BROKEN_BY_COMMIT)
+    return names
 
 
 def _require_layers(commit: Commit) -> None:

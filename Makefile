@@ -1,0 +1,42 @@
+# Install virt-bitmapd as a host service (as root):  make install   /  make uninstall
+# The program goes into its own virtualenv under $(LIBDIR); the command, unit, config and
+# dashboard go to the usual places. An existing config file is never overwritten.
+PREFIX     ?= /usr/local
+LIBDIR     ?= $(PREFIX)/lib/virt-bitmapd
+BINDIR     ?= $(PREFIX)/bin
+SHAREDIR   ?= $(PREFIX)/share/virt-bitmapd
+DOCDIR     ?= $(PREFIX)/share/doc/virt-bitmapd
+UNITDIR    ?= /etc/systemd/system
+CONFDIR    ?= /etc/virt-bitmapd
+PYTHON     ?= python3
+
+.PHONY: install uninstall demo test
+
+install:
+	scripts/setup.sh
+	$(PYTHON) -m venv --clear $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/pip install -q .
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR) \
+		$(DESTDIR)$(UNITDIR) $(DESTDIR)$(CONFDIR)
+	ln -sf $(LIBDIR)/bin/virt-bitmapd $(DESTDIR)$(BINDIR)/virt-bitmapd
+	sed 's#/usr/local/bin/virt-bitmapd#$(BINDIR)/virt-bitmapd#; s#/usr/local/share/doc/virt-bitmapd#$(DOCDIR)#' \
+		systemd/virt-bitmapd.service > $(DESTDIR)$(UNITDIR)/virt-bitmapd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/virt-bitmapd.service
+	[ -e $(DESTDIR)$(CONFDIR)/config.toml ] || install -m 0644 config/config.toml $(DESTDIR)$(CONFDIR)/config.toml
+	install -m 0644 dashboards/virt-bitmapd.json dashboards/alerts.yml $(DESTDIR)$(SHAREDIR)/
+	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+uninstall:
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+		systemctl disable --now virt-bitmapd.service || true; fi
+	rm -f $(DESTDIR)$(UNITDIR)/virt-bitmapd.service $(DESTDIR)$(BINDIR)/virt-bitmapd
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR)
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "kept $(CONFDIR)/config.toml and /var/lib/virt-bitmapd: remove them by hand if wanted"
+
+demo:
+	scripts/demo.sh
+
+test:
+	scripts/test.sh
