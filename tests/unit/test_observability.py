@@ -94,3 +94,12 @@ def test_state_store_round_trip_and_corruption(tmp_path: Path) -> None:
     (tmp_path / "domains" / "u1.json").write_text("{half")
     assert store.load("u1") is None
     assert (tmp_path / "domains" / "u1.json.corrupt").exists()
+
+
+def test_readme_message_ids_are_the_real_ones() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = [line.split("|") for line in readme.splitlines() if line.count("|") == 3]
+    table = {cells[1].strip(): cells[2].strip() for cells in rows if len(cells[2].strip()) == 32}
+    assert len(table) >= 5
+    for event, documented in table.items():
+        assert message_id(event) == documented, event
