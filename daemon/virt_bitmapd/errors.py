@@ -96,6 +96,22 @@ class ReconcileFailed(VirtBitmapdError):
         self.image = image
         self.bitmap = bitmap
 
+    @classmethod
+    def transaction_refused(cls, base: str, description: str) -> ReconcileFailed:
+        return cls(
+            f"{base}: QEMU refused the bitmap transaction, nothing was changed: {description}",
+            image=base,
+        )
+
+    @classmethod
+    def not_usable_after(cls, base: str, bitmap: str) -> ReconcileFailed:
+        return cls(
+            f"{base}: bitmap {bitmap!r} is not recording and consistent after the transaction; "
+            "the next backup from it must be full",
+            image=base,
+            bitmap=bitmap,
+        )
+
 
 def image_error_from_qemu(image: str, message: str) -> ImageError:
     """Classify what a QEMU tool said when it could not open ``image``."""

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from . import images
 from .domain_xml import Disk
 from .errors import ChainError, CommittedLayersGone, ReconcileFailed, image_error_from_qemu
-from .model import Chain, Image, MergeOutcome, Outcome, Plan, Result
+from .model import Chain, Image, Outcome, Plan, Result
 from .planner import plan as make_plan
 from .qmp import (
     blockdev_add_readonly_source,
@@ -191,31 +191,12 @@ def _apply(
     try:
         monitor.execute(transaction(plan, base_node=base_node, source_nodes=source_nodes))
     except QMPError as error:
-        raise ReconcileFailed(
-            f"{plan.base}: QEMU refused the bitmap transaction, nothing was changed: "
-            f"{error.description}",
-            image=plan.base,
-        ) from error
+        raise ReconcileFailed.transaction_refused(plan.base, error.description) from error
     finally:
         if read_only:
             reopen(read_only=True)
     after = node_bitmaps(monitor.execute(query_nodes()), base_node)
-    merges = []
-    for merge in plan.merges:
-        copy = after.bitmap(merge.bitmap)
-        if copy is None or not copy.usable:
-            raise ReconcileFailed(
-                f"{plan.base}: bitmap {merge.bitmap!r} is not recording and consistent after the "
-                "transaction",
-                image=plan.base,
-                bitmap=merge.bitmap,
-            )
-        merges.append(
-            MergeOutcome(
-                bitmap=merge.bitmap,
-                created=merge.create_in_base,
-                dirty_bytes_before=before.get(merge.bitmap, 0),
-                dirty_bytes_after=after.dirty_bytes[merge.bitmap],
-            )
-        )
-    return Outcome(plan=plan, merges=tuple(merges))
+    unusable = plan.first_unusable(after.bitmaps)
+    if unusable is not None:
+        raise ReconcileFailed.not_usable_after(plan.base, unusable)
+    return Outcome.from_counts(plan, before, after.dirty_bytes)

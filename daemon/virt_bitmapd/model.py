@@ -9,7 +9,7 @@ executed elsewhere.  Every type checks itself when built, so a value that exists
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -182,6 +182,12 @@ class Plan:
     def is_empty(self) -> bool:
         return not self.merges
 
+    def first_unusable(self, base_bitmaps: Iterable[Bitmap]) -> str | None:
+        """The first merged bitmap that ``base_bitmaps`` (the base after applying this plan)
+        lack, or hold but not recording and consistent; None when all are fine."""
+        usable = {bitmap.name for bitmap in base_bitmaps if bitmap.usable}
+        return next((m.bitmap for m in self.merges if m.bitmap not in usable), None)
+
     @property
     def source_images(self) -> tuple[str, ...]:
         """Every image the merges read, in chain order (topmost first), once each."""
@@ -212,6 +218,24 @@ class Outcome:
 
     plan: Plan
     merges: tuple[MergeOutcome, ...]
+
+    @classmethod
+    def from_counts(
+        cls, plan: Plan, before: Mapping[str, int], after: Mapping[str, int]
+    ) -> Outcome:
+        """From the base's dirty byte counts per bitmap, before and after the transaction."""
+        return cls(
+            plan=plan,
+            merges=tuple(
+                MergeOutcome(
+                    bitmap=merge.bitmap,
+                    created=merge.create_in_base,
+                    dirty_bytes_before=before.get(merge.bitmap, 0),
+                    dirty_bytes_after=after.get(merge.bitmap, 0),
+                )
+                for merge in plan.merges
+            ),
+        )
 
     @property
     def changed(self) -> bool:

@@ -57,13 +57,6 @@ def reconcile_at_rest(
 
 
 def _verify_base(plan: Plan) -> None:
-    base = images.read_chain(plan.base).top
-    for merge in plan.merges:
-        bitmap = base.bitmap(merge.bitmap)
-        if bitmap is None or not bitmap.usable:
-            raise ReconcileFailed(
-                f"{plan.base}: bitmap {merge.bitmap!r} is not recording and consistent after the "
-                "transaction; the next backup from it must be full",
-                image=plan.base,
-                bitmap=merge.bitmap,
-            )
+    unusable = plan.first_unusable(images.read_image(plan.base).bitmaps)
+    if unusable is not None:
+        raise ReconcileFailed.not_usable_after(plan.base, unusable)

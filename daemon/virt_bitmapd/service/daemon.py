@@ -94,7 +94,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.request_rescan, "manual")
         if self.settings.metrics_listen:
             host, port = parse_listen(self.settings.metrics_listen)
-            self.metrics.serve(host, port)
+            try:
+                self.metrics.serve(host, port)
+            except OSError as error:  # keeping bitmaps whole matters more than being watched
+                log.error(
+                    "metrics_unavailable", listen=self.settings.metrics_listen, error=str(error)
+                )
         log.info(
             "daemon_started",
             uri=self.settings.uri,

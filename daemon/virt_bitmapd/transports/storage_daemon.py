@@ -12,10 +12,9 @@ silently incomplete).
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping
 
 from ..errors import ReconcileFailed, ToolFailed, image_error_from_qemu
-from ..model import MergeOutcome, Outcome, Plan
+from ..model import Outcome, Plan
 from ..qmp import (
     NodeBitmaps,
     blockdev_add_readonly_source,
@@ -60,18 +59,14 @@ def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> O
         try:
             qmp.execute(transaction(plan, base_node=BASE_NODE, source_nodes=source_nodes))
         except QMPError as error:
-            raise ReconcileFailed(
-                f"{plan.base}: QEMU refused the bitmap transaction, nothing was changed: "
-                f"{error.description}",
-                image=plan.base,
-            ) from error
+            raise ReconcileFailed.transaction_refused(plan.base, error.description) from error
         after = _base_bitmaps(qmp)
     except BaseException:
         # The first error is the one worth reporting; closing is best effort then.
         _close(qmp, process, opened, binary, quiet=True)
         raise
     _close(qmp, process, opened, binary, quiet=False)
-    return Outcome(plan=plan, merges=_merge_outcomes(plan, before.dirty_bytes, after.dirty_bytes))
+    return Outcome.from_counts(plan, before.dirty_bytes, after.dirty_bytes)
 
 
 def _open(qmp: QMPStream, command: dict[str, object], path: str) -> None:
@@ -104,20 +99,6 @@ def _check_base_matches_plan(plan: Plan, base: NodeBitmaps) -> None:
                 image=plan.base,
                 bitmap=merge.bitmap,
             )
-
-
-def _merge_outcomes(
-    plan: Plan, before: Mapping[str, int], after: Mapping[str, int]
-) -> tuple[MergeOutcome, ...]:
-    return tuple(
-        MergeOutcome(
-            bitmap=merge.bitmap,
-            created=merge.create_in_base,
-            dirty_bytes_before=before.get(merge.bitmap, 0),
-            dirty_bytes_after=after[merge.bitmap],
-        )
-        for merge in plan.merges
-    )
 
 
 def _close(
