@@ -40,11 +40,18 @@ class BaseCannotHoldBitmaps(VirtBitmapdError):
 
     kind = "base_not_qcow2"
 
-    def __init__(self, base: str, image_format: str) -> None:
+    def __init__(self, base: str, image_format: str, bitmaps: tuple[str, ...] = ()) -> None:
+        names = ", ".join(repr(name) for name in bitmaps)
         super().__init__(
             f"{base}: the commit base is {image_format}, not qcow2, and cannot hold bitmaps"
+            + (
+                f"; {names} cannot be carried: the next backup of each must be full"
+                if names
+                else ""
+            )
         )
-        self.base = base
+        self.image = base
+        self.bitmaps = bitmaps
 
 
 class ImageError(VirtBitmapdError):

@@ -73,13 +73,11 @@ def plan(chain: Chain, top: str, base: str, *, base_before: Image | None = None)
     """The bitmap changes that BASE needs after TOP .. the image above BASE are committed into it.
 
     ``base_before``: BASE as it was before the commit, when ``chain`` holds it as it is after.
-    Raises ChainError when BASE is not below TOP in ``chain`` and BaseCannotHoldBitmaps when BASE
-    is not qcow2.
+    Raises ChainError when BASE is not below TOP in ``chain``, and BaseCannotHoldBitmaps when
+    BASE is not qcow2 but valid bitmaps would have to go there.
     """
     top_index, base_index = _locate(chain, top, base)
     base_image = chain.images[base_index]
-    if not base_image.can_hold_bitmaps:
-        raise BaseCannotHoldBitmaps(base, base_image.format)
     if base_before is not None and base_before.path != base:
         raise ChainError(f"{base_before.path}: given as the base before the commit of {base}")
     before = list(chain.images[top_index:])
@@ -118,4 +116,6 @@ def plan(chain: Chain, top: str, base: str, *, base_before: Image | None = None)
                 skipped.append(
                     Skip(bitmap=bitmap.name, image=image.path, reason=SkipReason.NOT_IN_TOP)
                 )
+    if merges and not base_image.can_hold_bitmaps:
+        raise BaseCannotHoldBitmaps(base, base_image.format, tuple(m.bitmap for m in merges))
     return Plan(top=top, base=base, merges=tuple(merges), skipped=tuple(skipped))

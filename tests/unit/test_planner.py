@@ -105,9 +105,14 @@ def test_commit_top_below_the_active_layer() -> None:
     assert plan(c, "top", "base").merges[0].sources == ("top", "mid")
 
 
-def test_raw_base_is_refused() -> None:
-    with pytest.raises(BaseCannotHoldBitmaps, match="raw"):
+def test_raw_base_is_refused_when_bitmaps_must_go_there() -> None:
+    with pytest.raises(BaseCannotHoldBitmaps, match=r"raw.*'a' cannot be carried"):
         plan(chain(img("top", bm("a")), img("base", fmt="raw")), "top", "base")
+
+
+def test_raw_base_with_nothing_to_carry_is_nothing_to_do() -> None:
+    result = plan(chain(img("top", bm("a", rec=False)), img("base", fmt="raw")), "top", "base")
+    assert result.is_empty and result.skipped[0].reason is SkipReason.DISABLED
 
 
 @pytest.mark.parametrize(("top", "base"), [("top", "elsewhere"), ("base", "top"), ("top", "top")])
@@ -209,12 +214,12 @@ def contents_for(c: Chain, seed: int) -> Contents:
 def test_plan_properties(case: tuple[Chain, int, int], seed: int) -> None:
     c, top_index, base_index = case
     top, base = c.images[top_index], c.images[base_index]
-    if not base.can_hold_bitmaps:
+    from_top = c.images[top_index:]
+    if not base.can_hold_bitmaps and any(valid_from(from_top, b.name) for b in top.bitmaps):
         with pytest.raises(BaseCannotHoldBitmaps):
             plan(c, top.path, base.path)
         return
     p = plan(c, top.path, base.path)
-    from_top = c.images[top_index:]
     subchain = [image.path for image in c.images[top_index:base_index]]
 
     merged = {merge.bitmap for merge in p.merges}
