@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from . import images
 from .domain_xml import Disk
-from .errors import ChainError, CommittedLayersGone, ReconcileFailed, image_error_from_qemu
+from .errors import ChainError, ReconcileFailed, image_error_from_qemu
 from .model import Chain, Image, Outcome, Plan, Result
 from .planner import plan as make_plan
 from .qmp import (
@@ -75,10 +75,6 @@ def reconcile_live(
     before the commit, so that bitmaps libvirt created there are not mistaken for gaps."""
     nodes = monitor.execute(query_nodes())
     base_node, live_images = _live_images(disk, commit.base, nodes)
-    missing = tuple(path for path in commit.removed if not os.path.exists(path))
-    if missing:
-        trusted = {bitmap.name for image in live_images for bitmap in image.bitmaps}
-        raise CommittedLayersGone(commit.base, missing, tuple(sorted(trusted)))
     # keep libvirt's spelling of each path: the plan speaks of the chain as libvirt names it
     removed = tuple(replace(read_image(path), path=path) for path in commit.removed)
     chain = Chain(removed + live_images)

@@ -128,7 +128,8 @@ def test_committed_layers_already_deleted_is_unrecoverable(
     daemon.signal(signal.SIGHUP)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["level"] == "error" and entry["result"] == "unrecoverable", entry
-    assert entry["disk"] == "vda" and entry["bitmaps"] == ["cp1"]
+    # cp2 continues in the active layer and looks valid, but s1's bits of it are lost
+    assert entry["disk"] == "vda" and entry["bitmaps"] == ["cp1", "cp2"]
     assert str(c.layers[1]) in entry["error"]
     assert state(c.layers[0]) == before
 
@@ -266,3 +267,17 @@ def test_live_commit_with_missing_bits_is_repaired_through_qemu(
         assert dirty_extents(c.layers[0], "cp2") == expected(everything[1:])
     else:
         assert_base_holds_the_data(c)
+
+
+def test_live_commit_that_deletes_its_layers_is_reported_unprovable(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=True)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    top, base = str(c.layers[1]), str(c.layers[0])
+    virsh("blockcommit", dom.name(), "vda", "--top", top, "--base", base, "--delete", "--wait")
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "unrecoverable" and entry["level"] == "error", entry
+    assert top in entry["error"] and sorted(entry["bitmaps"]) == ["cp1", "cp2"]  # cp3 began after s1

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import libvirt
@@ -140,13 +140,16 @@ class DiskChecker:
         reports = []
         seen_before = state.bitmaps.get(target, {})
         for commit in detect_commits(old, paths) if old is not None else ():
-            remembered = seen_before.get(commit.base)
-            base_before = (
-                None
-                if remembered is None
-                else Image(path=commit.base, format="qcow2", bitmaps=remembered)
+            reports.append(
+                self._reconcile(
+                    domain,
+                    disk,
+                    commit,
+                    running=running,
+                    seen_before=seen_before,
+                    chain_now=live_images,
+                )
             )
-            reports.append(self._reconcile(domain, disk, commit, running, base_before))
         untrusted = set(state.untrusted.get(target, ())) | _untrusted_after(reports)
         states, invalid = _bitmap_states(live_images)
         present = {bitmap.name for image in live_images for bitmap in image.bitmaps}
@@ -193,11 +196,21 @@ class DiskChecker:
         domain: libvirt.virDomain,
         disk: Disk,
         commit: Commit,
+        *,
         running: bool,
-        base_before: Image | None,
+        seen_before: Mapping[str, tuple[Bitmap, ...]],
+        chain_now: tuple[Image, ...],
     ) -> CommitReport:
+        """``seen_before``: each layer's bitmaps at the previous look, before the commit."""
+        remembered = seen_before.get(commit.base)
+        base_before = (
+            None
+            if remembered is None
+            else Image(path=commit.base, format="qcow2", bitmaps=remembered)
+        )
         started = time.monotonic()
         try:
+            _require_layers(commit, seen_before, chain_now)
             if running:
                 live = reconcile_live(
                     LibvirtMonitor(domain),
@@ -208,7 +221,6 @@ class DiskChecker:
                 )
                 result, plan, outcome = live.result, live.plan, live.outcome
             else:
-                _require_layers(commit)
                 at_rest = reconcile_at_rest(
                     commit.top, commit.base, storage_roots=self._roots, base_before=base_before
                 )
@@ -248,13 +260,25 @@ def _untrusted_after(reports: Sequence[CommitReport]) -> set[str]:
     return names
 
 
-def _require_layers(commit: Commit) -> None:
+def _require_layers(
+    commit: Commit,
+    seen_before: Mapping[str, tuple[Bitmap, ...]],
+    chain_now: tuple[Image, ...],
+) -> None:
+    """Refuse a commit whose layers are already deleted: their bits cannot be proven to be in
+    the base.  The bitmaps named are those the committed layers held when last seen (they may
+    look valid now and miss those bits) and the base's own; all of the chain's if the layers
+    were never seen."""
     missing = tuple(path for path in commit.removed if not os.path.exists(path))
-    if missing:
-        base = images.read_image(commit.base, force_share=True)
-        raise CommittedLayersGone(
-            commit.base, missing, tuple(sorted(bitmap.name for bitmap in base.bitmaps))
-        )
+    if not missing:
+        return
+    suspects = {b.name for path in commit.removed for b in seen_before.get(path, ())}
+    if not suspects:
+        suspects = {b.name for image in chain_now for b in image.bitmaps}
+    base = next((image for image in chain_now if image.path == commit.base), None)
+    if base is not None:
+        suspects.update(b.name for b in base.bitmaps)
+    raise CommittedLayersGone(commit.base, missing, tuple(sorted(suspects)))
 
 
 def _resolved(disk: Disk) -> Disk:
