@@ -281,3 +281,18 @@ def test_live_commit_that_deletes_its_layers_is_reported_unprovable(
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "unrecoverable" and entry["level"] == "error", entry
     assert top in entry["error"] and sorted(entry["bitmaps"]) == ["cp1", "cp2"]  # cp3 began after s1
+
+
+def test_undefined_domain_is_forgotten(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    state_file = daemon.state_dir / "domains" / f"{dom.UUIDString()}.json"
+    assert state_file.exists()
+    name = dom.name()
+    dom.undefine()
+    daemon.wait_event("domain_forgotten", domain=name, reason="undefined")
+    assert not state_file.exists()
