@@ -280,7 +280,10 @@ def test_live_commit_that_deletes_its_layers_is_reported_unprovable(
     virsh("blockcommit", dom.name(), "vda", "--top", top, "--base", base, "--delete", "--wait")
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "unrecoverable" and entry["level"] == "error", entry
-    assert top in entry["error"] and sorted(entry["bitmaps"]) == ["cp1", "cp2"]  # cp3 began after s1
+    assert top in entry["error"] and sorted(entry["bitmaps"]) == [
+        "cp1",
+        "cp2",
+    ]  # cp3 began after s1
 
 
 def test_undefined_domain_is_forgotten(

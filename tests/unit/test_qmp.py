@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from virt_bitmapd.model import BitmapMerge, Plan
 from virt_bitmapd.qmp import blockdev_reopen, node_bitmaps, probe_transaction, transaction
 
@@ -81,7 +83,7 @@ def test_reopen_keeps_cache_and_zero_detection() -> None:
 
 
 def test_node_bitmaps_reads_flags_and_counts() -> None:
-    nodes = [
+    nodes: list[dict[str, Any]] = [
         {"node-name": "other"},
         {
             "node-name": "base",
