@@ -299,3 +299,19 @@ def test_undefined_domain_is_forgotten(
     dom.undefine()
     daemon.wait_event("domain_forgotten", domain=name, reason="undefined")
     assert not state_file.exists()
+
+
+def test_corrupt_image_is_named_and_left_alone(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active)
+    with c.layers[1].open("r+b") as header:
+        header.seek(48)  # refcount table offset: far outside the file
+        header.write((0xFFFFFFFFFF00).to_bytes(8, "big"))
+    before = c.layers[1].read_bytes()
+    daemon = daemon_factory().start()
+    entry = daemon.wait_for(is_for(dom, "disk_check_failed"), what="disk check failed")
+    assert entry["error_kind"] == "image_corrupt" and str(c.layers[1]) in entry["error"]
+    assert entry["level"] == "error"
+    assert c.layers[1].read_bytes() == before

@@ -61,6 +61,12 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.disk_errors = Counter(
+            "virt_bitmapd_disk_errors_total",
+            "Looks at a disk that failed before any commit could be judged, by error kind",
+            ["kind"],
+            registry=r,
+        )
         self.bitmaps_added = Counter(
             "virt_bitmapd_bitmaps_added_total", "Bitmaps created in a commit base", registry=r
         )

@@ -295,6 +295,7 @@ class Daemon:
             log.error("disk_check_failed", domain=uuid, disk=target, error=str(error))
             return
         except LibvirtFailed as error:
+            self.metrics.disk_errors.labels(error.kind).inc()
             log.error("disk_check_failed", domain=uuid, disk=target, error=str(error))
             return
         self._names[uuid] = report.domain
@@ -316,6 +317,7 @@ class Daemon:
         if report.error is None:
             self._retry_delays.pop(key, None)
         if report.error is not None:
+            self.metrics.disk_errors.labels(report.error.kind).inc()
             fields = {"error": str(report.error), "error_kind": report.error.kind}
             if report.error.retryable:  # e.g. QEMU still closing the images: look again soon
                 delay = self._retry_delays.get(key, RETRY_DELAY)
