@@ -315,3 +315,20 @@ def test_corrupt_image_is_named_and_left_alone(
     assert entry["error_kind"] == "image_corrupt" and str(c.layers[1]) in entry["error"]
     assert entry["level"] == "error"
     assert c.layers[1].read_bytes() == before
+
+
+def test_block_pull_keeps_the_union_on_the_next_rescan(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=True)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("blockpull", dom.name(), "vda", "--base", str(c.layers[0]), "--wait")
+    event = daemon.wait_for(is_for(dom, "block_job_event", status="completed"), what="event")
+    assert event["job_type"] == "pull" and event["action"] == "none"
+    daemon.signal(signal.SIGHUP)
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled" and entry["removed"] == [str(c.layers[1])], entry
+    stop_gracefully(dom)
+    assert_base_holds_the_data(c)
