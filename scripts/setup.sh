@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(
   qemu-utils qemu-system-common qemu-system-x86 qemu-block-extra
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
-  pkg-config gcc python3-dev python3-venv
+  pkg-config gcc make procps python3-dev python3-venv
   prometheus systemd
 )
 missing=()
