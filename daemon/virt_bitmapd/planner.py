@@ -24,7 +24,7 @@ from __future__ import annotations
 from .errors import BaseCannotHoldBitmaps, ChainError
 from .model import Bitmap, BitmapMerge, Chain, Image, Plan, Skip, SkipReason
 
-__all__ = ["bitmap_chain_problem", "plan"]
+__all__ = ["bitmap_chain_problem", "chain_problems", "plan"]
 
 
 def _copy_problem(bitmap: Bitmap) -> SkipReason | None:
@@ -57,6 +57,16 @@ def bitmap_chain_problem(images: tuple[Image, ...], name: str) -> tuple[SkipReas
         if problem is not None:
             return problem, image.path
     return None
+
+
+def chain_problems(images: tuple[Image, ...]) -> dict[str, tuple[SkipReason, str] | None]:
+    """Every bitmap name in ``images`` (top first, in order of first sight) with why its chain
+    is not valid from the top, or None when it is."""
+    names: dict[str, None] = {}
+    for image in images:
+        for bitmap in image.bitmaps:
+            names.setdefault(bitmap.name, None)
+    return {name: bitmap_chain_problem(images, name) for name in names}
 
 
 def _locate(chain: Chain, top: str, base: str) -> tuple[int, int]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import VirtBitmapdError
 from .model import Bitmap, Chain, Image, Outcome, Plan
-from .planner import bitmap_chain_problem
+from .planner import chain_problems
 
 __all__ = [
     "chain_json",
@@ -40,13 +40,8 @@ def _image_json(image: Image) -> JSON:
 
 def chain_validity(chain: Chain) -> dict[str, JSON]:
     """For every bitmap name in the chain: is its chain valid from the top (libvirt's rule)?"""
-    names: dict[str, None] = {}
-    for image in chain:
-        for bitmap in image.bitmaps:
-            names.setdefault(bitmap.name, None)
     validity: dict[str, JSON] = {}
-    for name in names:
-        problem = bitmap_chain_problem(chain.images, name)
+    for name, problem in chain_problems(chain.images).items():
         if problem is None:
             validity[name] = {"valid": True}
         else:

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..live import reconcile_live
 from ..model import Bitmap, Chain, Image, Outcome, Plan, Result, SkipReason
-from ..planner import bitmap_chain_problem
+from ..planner import chain_problems
 from ..qmp import node_bitmaps, query_nodes
 from ..reconcile import reconcile_at_rest
 from ..state import DomainState, StateStore
@@ -290,11 +290,7 @@ def _bitmap_states(chain: tuple[Image, ...]) -> tuple[dict[str, int], set[str]]:
     """Per state, how many of the chain's bitmaps are in it; and the names not valid."""
     states = {"valid": 0, "disabled": 0, "inconsistent": 0, "broken_chain": 0}
     invalid: set[str] = set()
-    if not chain:
-        return states, invalid
-    names = {bitmap.name for image in chain for bitmap in image.bitmaps}
-    for name in names:
-        problem = bitmap_chain_problem(chain, name)
+    for name, problem in chain_problems(chain).items():
         if problem is None:
             states["valid"] += 1
         else:

@@ -19,7 +19,9 @@ from ..qmp import (
     NodeBitmaps,
     blockdev_add_readonly_source,
     blockdev_add_writable_base,
+    blockdev_del,
     node_bitmaps,
+    query_nodes,
     transaction,
 )
 from .qmp_stream import QMPError, QMPStream
@@ -77,7 +79,7 @@ def _open(qmp: QMPStream, command: dict[str, object], path: str) -> None:
 
 
 def _base_bitmaps(qmp: QMPStream) -> NodeBitmaps:
-    nodes = qmp.execute({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+    nodes = qmp.execute(query_nodes())
     return node_bitmaps(nodes, BASE_NODE)
 
 
@@ -113,7 +115,7 @@ def _close(
     failure: str | None = None
     try:
         for node in reversed(nodes):
-            qmp.execute({"execute": "blockdev-del", "arguments": {"node-name": node}})
+            qmp.execute(blockdev_del(node))
         qmp.execute({"execute": "quit"})
     except (QMPError, ToolFailed) as error:
         failure = str(error)
