@@ -29,12 +29,15 @@ def _bitmap_json(bitmap: Bitmap) -> JSON:
     }
 
 
-def _image_json(image: Image) -> JSON:
+def _image_json(image: Image, validity: dict[str, JSON]) -> JSON:
     return {
         "path": image.path,
         "format": image.format,
         "virtual_size": image.virtual_size,
-        "bitmaps": [_bitmap_json(bitmap) for bitmap in image.bitmaps],
+        "bitmaps": [
+            {**_bitmap_json(bitmap), "chain_valid": validity[bitmap.name]["valid"]}
+            for bitmap in image.bitmaps
+        ],
     }
 
 
@@ -51,11 +54,14 @@ def chain_validity(chain: Chain) -> dict[str, JSON]:
 
 
 def chain_json(chain: Chain, *, open_elsewhere: bool = False) -> JSON:
+    """``images``: every layer, top first, with its bitmaps (``chain_valid`` tells whether the
+    bitmap's chain from the top is valid); ``bitmaps``: per name, the verdict and its reason."""
+    validity = chain_validity(chain)
     return {
         "top": chain.top.path,
         "open_elsewhere": open_elsewhere,
-        "images": [_image_json(image) for image in chain],
-        "bitmaps": chain_validity(chain),
+        "images": [_image_json(image, validity) for image in chain],
+        "bitmaps": validity,
     }
 
 

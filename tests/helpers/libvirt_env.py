@@ -39,19 +39,23 @@ def domain_type() -> str:
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
 
 
-def domain_xml(name: str, disk: Path, fmt: str = "qcow2") -> str:
+def domain_xml(name: str, *disks: Path) -> str:
+    devices = "".join(
+        f"""
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vd{chr(ord("a") + index)}' bus='virtio'/>
+    </disk>"""
+        for index, disk in enumerate(disks)
+    )
     return f"""
 <domain type='{domain_type()}'>
   <name>{name}</name>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='{fmt}'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
+  <devices>{devices}
   </devices>
 </domain>"""
 
@@ -63,9 +67,10 @@ class Domains:
         self.conn = conn
         self._names: list[str] = []
 
-    def define(self, disk: Path, *, start: bool = False, prefix: str = "vbd-test") -> Any:
+    def define(self, *disks: Path, start: bool = False, prefix: str = "vbd-test") -> Any:
+        """A domain with these disks as vda, vdb, ..."""
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        dom = self.conn.defineXML(domain_xml(name, disk))
+        dom = self.conn.defineXML(domain_xml(name, *disks))
         self._names.append(name)
         if start:
             dom.create()

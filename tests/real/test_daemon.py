@@ -332,3 +332,26 @@ def test_block_pull_keeps_the_union_on_the_next_rescan(
     assert entry["result"] == "reconciled" and entry["removed"] == [str(c.layers[1])], entry
     stop_gracefully(dom)
     assert_base_holds_the_data(c)
+
+
+def test_disks_of_one_domain_are_tracked_apart(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    vda, vdb = build(tmp_path / "a"), build(tmp_path / "b")
+    dom = domains.define(vda.active, vdb.active, start=True)
+    daemon = daemon_factory().start()
+    for disk in ("vda", "vdb"):
+        daemon.wait_for(is_for(dom, "disk_tracked", disk=disk), what=f"{disk} tracked")
+    top, base = str(vdb.layers[1]), str(vdb.layers[0])
+    virsh("blockcommit", dom.name(), "vdb", "--top", top, "--base", base, "--wait")
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["disk"] == "vdb" and entry["result"] == "already_consistent", entry
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("rescan_requested")
+    time.sleep(1)
+    state = json.loads((daemon.state_dir / "domains" / f"{dom.UUIDString()}.json").read_text())
+    assert state["chains"]["vda"] == [str(p) for p in reversed(vda.layers)]
+    assert state["chains"]["vdb"] == [str(vdb.layers[2]), str(vdb.layers[0])]
+    assert not [e for e in daemon.entries() if is_for(dom, "reconciliation", disk="vda")(e)]
+    stop_gracefully(dom)
+    assert_base_holds_the_data(vdb)

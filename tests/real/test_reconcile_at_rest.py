@@ -308,6 +308,9 @@ def test_inspect_reports_validity(tmp_path: Path) -> None:
     document = json.loads(result.stdout)
     assert [i["path"] for i in document["images"]] == [str(p) for p in reversed(c.layers)]
     assert document["bitmaps"]["cp3"] == {"valid": True}
+    top_bitmaps = {b["name"]: b for b in document["images"][0]["bitmaps"]}
+    assert top_bitmaps["cp3"]["chain_valid"] is True and top_bitmaps["cp1"]["chain_valid"] is False
+    assert top_bitmaps["cp1"]["recording"] is True and top_bitmaps["cp1"]["inconsistent"] is False
     assert document["bitmaps"]["cp1"] == {
         "valid": False,
         "reason": "disabled (not recording)",
