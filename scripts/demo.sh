@@ -73,6 +73,7 @@ sleep 2
 
 bold "stop the VM, write known data at rest, take an external snapshot offline"
 virsh destroy --graceful "$name" >/dev/null
+sleep 1   # the daemon looks at the stopped domain; let it finish before writing
 qemu-io -f qcow2 -c "write -q -P 0x22 100M 256k" "$work/s1.qcow2"
 qemu-img create -q -f qcow2 -b "$work/s1.qcow2" -F qcow2 "$work/s3.qcow2"
 for bitmap in cp1 cp2 cp3; do qemu-img bitmap --add "$work/s3.qcow2" "$bitmap"; done

@@ -228,11 +228,11 @@ class Daemon:
             self.store.forget(uuid)
             self.metrics.forget_domain(name)
             return
+        # Not SHUTDOWN: QEMU still holds the images then; STOPPED follows once it has exited.
         if event in (
             libvirt.VIR_DOMAIN_EVENT_DEFINED,
             libvirt.VIR_DOMAIN_EVENT_STARTED,
             libvirt.VIR_DOMAIN_EVENT_STOPPED,
-            libvirt.VIR_DOMAIN_EVENT_SHUTDOWN,
         ):
             asyncio.get_running_loop().create_task(self._rescan_domain(dom, "rescan"))
 
