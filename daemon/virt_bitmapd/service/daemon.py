@@ -143,7 +143,9 @@ class Daemon:
         while not self._stopping.is_set():
             try:
                 conn = await asyncio.to_thread(libvirt.open, self.settings.uri)
+                self._connected(conn, first)
             except libvirt.libvirtError as error:
+                self._close_connection()
                 self.notifier.ready(f"waiting for libvirtd at {self.settings.uri}")
                 log.error(
                     "libvirt_unreachable",
@@ -155,7 +157,6 @@ class Daemon:
                 delay = min(delay * 2, self._backoff_max)
                 continue
             delay = BACKOFF_START
-            self._connected(conn, first)
             trigger = "startup" if first else "rescan"
             first = False
             await self._rescan_all(trigger)
@@ -169,6 +170,8 @@ class Daemon:
             self._close_connection()
 
     def _connected(self, conn: libvirt.virConnect, first: bool) -> None:
+        """Set up a fresh connection; raises libvirtError if libvirtd refuses a step."""
+        self._conn = conn  # so that a failure below still closes it
         loop = asyncio.get_running_loop()
         self._lost = asyncio.Event()
         lost = self._lost
@@ -184,7 +187,6 @@ class Daemon:
         conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
         )
-        self._conn = conn
         self.metrics.libvirt_connected.set(1)
         if not first:
             self.metrics.libvirt_reconnects.inc()
@@ -272,11 +274,20 @@ class Daemon:
 
     async def _rescan_domain(self, dom: Any, trigger: str) -> None:
         try:
-            targets = await asyncio.to_thread(self.checker.targets, dom)
+            targets, unsupported = await asyncio.to_thread(self.checker.targets, dom)
         except VirtBitmapdError as error:
             log.warning("domain_unreadable", domain=dom.name(), error=str(error))
             return
         uuid = dom.UUIDString()
+        for target in unsupported:
+            if (uuid, target) not in self._warned_skips:
+                self._warned_skips.add((uuid, target))
+                log.info(
+                    "disk_skipped",
+                    domain=dom.name(),
+                    disk=target,
+                    reason="not a file-backed qcow2 chain (network or block device)",
+                )
         for target in targets:
             self._scheduler.submit((uuid, target), trigger)
 

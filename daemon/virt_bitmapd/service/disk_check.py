@@ -101,8 +101,10 @@ class DiskChecker:
         self._store = store
         self._roots = tuple(storage_roots)
 
-    def targets(self, domain: libvirt.virDomain) -> tuple[str, ...]:
-        """Every disk target the domain has now, plus those known from before (to forget them)."""
+    def targets(self, domain: libvirt.virDomain) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Every file-backed disk target the domain has now, plus those known from before (to
+        forget them); and the targets of disks whose chains cannot be followed (network, block
+        devices), which are left alone."""
         try:
             disks = parse_domain(domain.XMLDesc(0))
             uuid = domain.UUIDString()
@@ -111,7 +113,7 @@ class DiskChecker:
         known = self._store.load(uuid)
         names = [disk.target for disk in disks.disks]
         names += [t for t in (known.chains if known else {}) if t not in names]
-        return tuple(names)
+        return tuple(names), disks.unsupported
 
     def check(self, domain: libvirt.virDomain, target: str) -> DiskReport:
         try:
