@@ -152,6 +152,9 @@ class DiskChecker:
                     chain_now=live_images,
                 )
             )
+        if any(r.outcome is not None and r.outcome.changed for r in reports):
+            with contextlib.suppress(VirtBitmapdError):  # remember the base as changed
+                paths, live_images = self._current_chain(domain, disk, running)
         untrusted = set(state.untrusted.get(target, ())) | _untrusted_after(reports)
         states, invalid = _bitmap_states(live_images)
         present = {bitmap.name for image in live_images for bitmap in image.bitmaps}
