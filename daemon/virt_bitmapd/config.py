@@ -193,7 +193,8 @@ def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Settin
             try:
                 chosen[name] = VALIDATORS[name](list(value) if isinstance(value, tuple) else value)
             except (TypeError, ValueError) as error:
-                problems.append(f"--{name.replace('_', '-')}: {error}")
+                flag = "storage-root" if name == "storage_roots" else name.replace("_", "-")
+                problems.append(f"--{flag}: {error}")
         if problems:
             raise ConfigError(problems)
         settings = replace(settings, **chosen)
