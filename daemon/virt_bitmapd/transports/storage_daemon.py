@@ -12,6 +12,8 @@ silently incomplete).
 from __future__ import annotations
 
 import subprocess
+import tempfile
+from typing import IO
 
 from ..errors import ReconcileFailed, ToolFailed, image_error_from_qemu
 from ..model import Outcome, Plan
@@ -38,14 +40,17 @@ def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> O
     if plan.is_empty:
         return Outcome(plan=plan, merges=())
     source_nodes = {path: f"vbd-src-{index}" for index, path in enumerate(plan.source_images)}
+    # stderr goes to a file: a pipe nobody reads until the end could fill and stall the daemon
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _close
     try:
         process = subprocess.Popen(
             [binary, "--chardev", "stdio,id=vbd-qmp", "--monitor", "chardev=vbd-qmp"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=errors,
         )
     except OSError as error:
+        errors.close()
         raise ToolFailed(f"cannot run {binary}: {error}") from error
     qmp = QMPStream(process, tool=binary, timeout=timeout)
     opened: list[str] = []
@@ -65,9 +70,9 @@ def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> O
         after = _base_bitmaps(qmp)
     except BaseException:
         # The first error is the one worth reporting; closing is best effort then.
-        _close(qmp, process, opened, binary, quiet=True)
+        _close(qmp, process, opened, binary=binary, errors=errors, quiet=True)
         raise
-    _close(qmp, process, opened, binary, quiet=False)
+    _close(qmp, process, opened, binary=binary, errors=errors, quiet=False)
     return Outcome.from_counts(plan, before.dirty_bytes, after.dirty_bytes)
 
 
@@ -107,8 +112,9 @@ def _close(
     qmp: QMPStream,
     process: subprocess.Popen[bytes],
     nodes: list[str],
-    binary: str,
     *,
+    binary: str,
+    errors: IO[bytes],
     quiet: bool,
 ) -> None:
     """Close the nodes (the base first, which stores its bitmaps) and stop the daemon."""
@@ -120,13 +126,15 @@ def _close(
     except (QMPError, ToolFailed) as error:
         failure = str(error)
     try:
-        _, stderr = process.communicate(timeout=30)
+        process.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
-        _, stderr = process.communicate()
+        process.communicate()
         failure = failure or f"{binary} did not stop"
     if failure is None and process.returncode != 0:
         failure = f"{binary} exited with {process.returncode}"
+    errors.seek(0)
+    detail = errors.read().decode(errors="replace").strip()
+    errors.close()
     if failure is not None and not quiet:
-        detail = stderr.decode(errors="replace").strip()
         raise ToolFailed(f"{failure}{': ' + detail if detail else ''}")
