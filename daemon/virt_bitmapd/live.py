@@ -29,6 +29,7 @@ from .errors import ChainError, ReconcileFailed, image_error_from_qemu
 from .model import Chain, Image, Outcome, Plan, Result
 from .planner import plan as make_plan
 from .qmp import (
+    NodeBitmaps,
     blockdev_add_readonly_source,
     blockdev_del,
     blockdev_reopen,
@@ -93,10 +94,11 @@ def reconcile_live(
             except QMPError as error:
                 raise image_error_from_qemu(path, error.description) from error
             attached.append(node)
-        if _already_consistent(monitor, plan, base_node, source_nodes):
+        # attaching layers changed nothing of the base: the first look at the nodes still holds
+        if _already_consistent(monitor, plan, node_bitmaps(nodes, base_node), source_nodes):
             return LiveResult(plan=plan, result=Result.ALREADY_CONSISTENT)
         require_inside(commit.base, storage_roots)
-        outcome = _apply(monitor, plan, disk, base_node, source_nodes)
+        outcome = _apply(monitor, plan, disk, find_node(nodes, base_node), source_nodes)
     finally:
         for node in reversed(attached):
             # QEMU closes it with the domain at the latest; nothing of ours depends on it
@@ -136,11 +138,11 @@ def _live_images(disk: Disk, base: str, nodes: list[JSON]) -> tuple[str, tuple[I
 
 
 def _already_consistent(
-    monitor: Monitor, plan: Plan, base_node: str, source_nodes: dict[str, str]
+    monitor: Monitor, plan: Plan, base: NodeBitmaps, source_nodes: dict[str, str]
 ) -> bool:
     if any(merge.create_in_base for merge in plan.merges):
         return False
-    base = node_bitmaps(monitor.execute(query_nodes()), base_node)
+    base_node = base.node
     probes = {}
     for merge in plan.merges:
         copy = base.bitmap(merge.bitmap)
@@ -161,11 +163,11 @@ def _already_consistent(
 
 
 def _apply(
-    monitor: Monitor, plan: Plan, disk: Disk, base_node: str, source_nodes: dict[str, str]
+    monitor: Monitor, plan: Plan, disk: Disk, entry: JSON, source_nodes: dict[str, str]
 ) -> Outcome:
-    nodes = monitor.execute(query_nodes())
-    entry = find_node(nodes, base_node)
-    before = node_bitmaps(nodes, base_node).dirty_bytes
+    """Apply ``plan`` to the base, whose ``query-named-block-nodes`` entry is ``entry``."""
+    base_node = str(entry["node-name"])
+    before = node_bitmaps([entry], base_node).dirty_bytes
     base_layer = disk.layer(plan.base)
     assert base_layer is not None and base_layer.storage_node is not None
     below = disk.layers[disk.layers.index(base_layer) + 1 :]
