@@ -18,6 +18,7 @@ import pytest
 
 from helpers.images import (
     K64,
+    ChainBuilder,
     MiB,
     dirty_extents,
     expected,
@@ -29,13 +30,21 @@ from helpers.scenarios import assert_base_holds_the_data, build, commit_offline,
 pytestmark = pytest.mark.real
 
 
+def tracked(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, *, running: bool, **daemon: Any
+) -> tuple[ChainBuilder, Any, Any]:
+    """The usual start: the test chain, a domain on it, a daemon that has seen its disk."""
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=running)
+    process = daemon_factory(**daemon).start()
+    process.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    return c, dom, process
+
+
 def test_live_commit_is_verified_already_consistent(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active, start=True)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
     virsh(
         "blockcommit",
         dom.name(),
@@ -58,10 +67,7 @@ def test_live_commit_is_verified_already_consistent(
 def test_live_active_commit_with_pivot(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active, start=True)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
     virsh("blockcommit", dom.name(), "vda", "--active", "--pivot", "--wait")
     events = [
         daemon.wait_for(is_for(dom, "block_job_event", status=s), what=s)
@@ -86,10 +92,13 @@ def test_live_active_commit_with_pivot(
 def test_offline_commit_while_running_daemon(
     tmp_path: Path, domains: Domains, daemon_factory: Any, trigger: str
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active)
-    daemon = daemon_factory(rescan_interval=2 if trigger == "rescan" else 3600).start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(
+        tmp_path,
+        domains,
+        daemon_factory,
+        running=False,
+        rescan_interval=2 if trigger == "rescan" else 3600,
+    )
     commit_offline(c)
     if trigger == "manual":
         daemon.signal(signal.SIGHUP)
@@ -103,10 +112,7 @@ def test_offline_commit_while_running_daemon(
 def test_offline_commit_while_daemon_stopped(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
     assert daemon.stop() == 0
     commit_offline(c)
     daemon.start()
@@ -118,10 +124,7 @@ def test_offline_commit_while_daemon_stopped(
 def test_committed_layers_already_deleted_is_unrecoverable(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
     commit_offline(c)
     c.layers[1].unlink()
     before = state(c.layers[0])
@@ -156,10 +159,7 @@ def test_disk_outside_storage_roots_is_left_alone(
 def test_reconnects_after_libvirtd_restart(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active, start=True)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
     # a crash: the VM keeps running, libvirtd reattaches to it when it comes back
     subprocess.run(["pkill", "-KILL", "-x", "libvirtd"], check=True)
     daemon.wait_event("libvirt_connection_lost")
@@ -247,10 +247,7 @@ def damage_live_base_bitmap(dom: Any, base: Path, name: str, how: str) -> None:
 def test_live_commit_with_missing_bits_is_repaired_through_qemu(
     tmp_path: Path, domains: Domains, daemon_factory: Any, active: bool, how: str
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active, start=True)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
     assert daemon.stop() == 0
     if active:
         virsh("blockcommit", dom.name(), "vda", "--active", "--pivot", "--wait")
@@ -272,10 +269,7 @@ def test_live_commit_with_missing_bits_is_repaired_through_qemu(
 def test_live_commit_that_deletes_its_layers_is_reported_unprovable(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active, start=True)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
     top, base = str(c.layers[1]), str(c.layers[0])
     virsh("blockcommit", dom.name(), "vda", "--top", top, "--base", base, "--delete", "--wait")
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
@@ -289,10 +283,7 @@ def test_live_commit_that_deletes_its_layers_is_reported_unprovable(
 def test_undefined_domain_is_forgotten(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    _, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
     state_file = daemon.state_dir / "domains" / f"{dom.UUIDString()}.json"
     assert state_file.exists()
     name = dom.name()
@@ -320,10 +311,7 @@ def test_corrupt_image_is_named_and_left_alone(
 def test_block_pull_keeps_the_union_on_the_next_rescan(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active, start=True)
-    daemon = daemon_factory().start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
     virsh("blockpull", dom.name(), "vda", "--base", str(c.layers[0]), "--wait")
     event = daemon.wait_for(is_for(dom, "block_job_event", status="completed"), what="event")
     assert event["job_type"] == "pull" and event["action"] == "none"
