@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.images import K64, ChainBuilder, MiB, bitmaps, dirty_extents, expected, run
+from helpers.libvirt_env import virsh
 
 
 def build(folder: Path) -> ChainBuilder:
@@ -22,6 +23,12 @@ def build(folder: Path) -> ChainBuilder:
     c.checkpoint("cp3")
     c.write(9 * MiB, K64, 0xCC)
     return c
+
+
+def commit_s1_live(dom: Any, c: ChainBuilder, *options: str) -> None:
+    """libvirt's non-active commit of s1 into the base, on the running domain."""
+    top, base = str(c.layers[1]), str(c.layers[0])
+    virsh("blockcommit", dom.name(), "vda", "--top", top, "--base", base, "--wait", *options)
 
 
 def commit_offline(c: ChainBuilder) -> None:

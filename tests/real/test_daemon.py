@@ -25,7 +25,13 @@ from helpers.images import (
     state,
 )
 from helpers.libvirt_env import Domains, connect, start_libvirtd, stop_gracefully, virsh
-from helpers.scenarios import assert_base_holds_the_data, build, commit_offline, is_for
+from helpers.scenarios import (
+    assert_base_holds_the_data,
+    build,
+    commit_offline,
+    commit_s1_live,
+    is_for,
+)
 
 pytestmark = pytest.mark.real
 
@@ -45,16 +51,7 @@ def test_live_commit_is_verified_already_consistent(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
     c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
-    virsh(
-        "blockcommit",
-        dom.name(),
-        "vda",
-        "--top",
-        str(c.layers[1]),
-        "--base",
-        str(c.layers[0]),
-        "--wait",
-    )
+    commit_s1_live(dom, c)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "already_consistent", entry
     assert entry["trigger"] == "event" and entry["job_type"] == "commit"
@@ -167,16 +164,7 @@ def test_reconnects_after_libvirtd_restart(
     daemon.wait_event("libvirt_connected", reconnect=True, timeout=90)
     domains.conn.close()
     conn = domains.conn = connect()
-    virsh(
-        "blockcommit",
-        dom.name(),
-        "vda",
-        "--top",
-        str(c.layers[1]),
-        "--base",
-        str(c.layers[0]),
-        "--wait",
-    )
+    commit_s1_live(dom, c)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "already_consistent" and entry["trigger"] == "event", entry
     stop_gracefully(conn.lookupByName(dom.name()))
@@ -193,16 +181,7 @@ def test_live_and_offline_commits_leave_identical_bases(
     daemon = daemon_factory().start()
     for dom in (live_dom, offline_dom):
         daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
-    virsh(
-        "blockcommit",
-        live_dom.name(),
-        "vda",
-        "--top",
-        str(live.layers[1]),
-        "--base",
-        str(live.layers[0]),
-        "--wait",
-    )
+    commit_s1_live(live_dom, live)
     commit_offline(offline)
     daemon.signal(signal.SIGHUP)
     assert daemon.wait_for(is_for(offline_dom, "reconciliation"))["result"] == "reconciled"
@@ -252,8 +231,7 @@ def test_live_commit_with_missing_bits_is_repaired_through_qemu(
     if active:
         virsh("blockcommit", dom.name(), "vda", "--active", "--pivot", "--wait")
     else:
-        top, base = str(c.layers[1]), str(c.layers[0])
-        virsh("blockcommit", dom.name(), "vda", "--top", top, "--base", base, "--wait")
+        commit_s1_live(dom, c)
     damage_live_base_bitmap(dom, c.layers[0], "cp2", how)
     daemon.start()
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
@@ -270,8 +248,8 @@ def test_live_commit_that_deletes_its_layers_is_reported_unprovable(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
     c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
-    top, base = str(c.layers[1]), str(c.layers[0])
-    virsh("blockcommit", dom.name(), "vda", "--top", top, "--base", base, "--delete", "--wait")
+    top = str(c.layers[1])
+    commit_s1_live(dom, c, "--delete")
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "unrecoverable" and entry["level"] == "error", entry
     assert top in entry["error"] and sorted(entry["bitmaps"]) == [
