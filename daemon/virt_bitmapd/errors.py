@@ -14,6 +14,7 @@ __all__ = [
     "LibvirtFailed",
     "OutsideStorageRoots",
     "ReconcileFailed",
+    "StateUnusable",
     "ToolFailed",
     "VirtBitmapdError",
     "image_error_from_qemu",
@@ -148,6 +149,13 @@ class CommittedLayersGone(VirtBitmapdError):
         self.image = base
         self.missing = missing
         self.bitmaps = bitmaps
+
+
+class StateUnusable(VirtBitmapdError):
+    """The state directory cannot be read or written."""
+
+    kind = "state_unusable"
+    retryable = True
 
 
 class LibvirtFailed(VirtBitmapdError):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import StateUnusable
 from .model import Bitmap
 
 __all__ = ["DomainState", "StateStore"]
@@ -59,6 +60,8 @@ class StateStore:
             # Writes are atomic, so only outside hands do this; keep the file for them to see.
             path.replace(path.with_suffix(".json.corrupt"))
             return None
+        except OSError as error:
+            raise StateUnusable(f"{path}: cannot read the state: {error}") from error
         return DomainState(
             uuid=uuid,
             name=str(raw["name"]),
@@ -97,6 +100,12 @@ class StateStore:
                 self._save(state)
 
     def _save(self, state: DomainState) -> None:
+        try:
+            self._write(state)
+        except OSError as error:
+            raise StateUnusable(f"{self.directory}: cannot save the state: {error}") from error
+
+    def _write(self, state: DomainState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         document = {
             "version": FORMAT_VERSION,
@@ -129,7 +138,10 @@ class StateStore:
 
     def forget(self, uuid: str) -> None:
         with self._lock:
-            self._path(uuid).unlink(missing_ok=True)
+            try:
+                self._path(uuid).unlink(missing_ok=True)
+            except OSError as error:
+                raise StateUnusable(f"{self._path(uuid)}: cannot remove: {error}") from error
 
     def known(self) -> list[str]:
         if not self.directory.is_dir():

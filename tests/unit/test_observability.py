@@ -6,8 +6,10 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
+from virt_bitmapd.errors import StateUnusable
 from virt_bitmapd.model import Bitmap
 from virt_bitmapd.observability.journald import encode
 from virt_bitmapd.observability.logs import JournalRenderer, add_message_id, message_id
@@ -103,3 +105,11 @@ def test_readme_message_ids_are_the_real_ones() -> None:
     assert len(table) >= 5
     for event, documented in table.items():
         assert message_id(event) == documented, event
+
+
+def test_unwritable_state_directory_is_a_named_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    store = StateStore(blocker)  # "domains" cannot be made under a file
+    with pytest.raises(StateUnusable, match=r"cannot (read|save) the state"):
+        store.put_disk("u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={})

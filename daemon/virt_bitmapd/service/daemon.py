@@ -226,9 +226,7 @@ class Daemon:
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         uuid, name = dom.UUIDString(), dom.name()
         if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
-            log.info("domain_forgotten", domain=name, reason="undefined")
-            self.store.forget(uuid)
-            self.metrics.forget_domain(name)
+            self._forget(uuid, name, "undefined")
             return
         # Not SHUTDOWN: QEMU still holds the images then; STOPPED follows once it has exited.
         if event in (
@@ -266,11 +264,19 @@ class Daemon:
             await self._rescan_domain(dom, trigger)
         for uuid in self.store.known():
             if uuid not in present:  # undefined while we were not listening
-                known = self.store.load(uuid)
-                log.info("domain_forgotten", domain=known.name if known else uuid, reason="gone")
-                self.store.forget(uuid)
-                if known is not None:
-                    self.metrics.forget_domain(known.name)
+                try:
+                    known = self.store.load(uuid)
+                except VirtBitmapdError:
+                    known = None
+                self._forget(uuid, known.name if known else uuid, "gone")
+
+    def _forget(self, uuid: str, name: str, reason: str) -> None:
+        log.info("domain_forgotten", domain=name, reason=reason)
+        self.metrics.forget_domain(name)
+        try:
+            self.store.forget(uuid)
+        except VirtBitmapdError as error:
+            log.error("state_unusable", domain=name, error=str(error))
 
     async def _rescan_domain(self, dom: Any, trigger: str) -> None:
         try:
@@ -303,11 +309,18 @@ class Daemon:
         except libvirt.libvirtError as error:
             if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return  # undefined meanwhile: the lifecycle event forgets it
+            self.metrics.disk_errors.labels(LibvirtFailed.kind).inc()
             log.error("disk_check_failed", domain=uuid, disk=target, error=str(error))
             return
-        except LibvirtFailed as error:
+        except VirtBitmapdError as error:  # libvirtd gone, state directory unwritable, ...
             self.metrics.disk_errors.labels(error.kind).inc()
-            log.error("disk_check_failed", domain=uuid, disk=target, error=str(error))
+            log.error(
+                "disk_check_failed",
+                domain=uuid,
+                disk=target,
+                error=str(error),
+                error_kind=error.kind,
+            )
             return
         self._names[uuid] = report.domain
         self._publish(report, trigger, job_type)
