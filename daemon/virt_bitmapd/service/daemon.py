@@ -226,7 +226,11 @@ class Daemon:
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         uuid, name = dom.UUIDString(), dom.name()
         if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
-            self._forget(uuid, name, "undefined")
+            if detail == libvirt.VIR_DOMAIN_EVENT_UNDEFINED_RENAMED:
+                # same UUID, so the known chains stay; only series under the old name go
+                self.metrics.forget_domain(name)
+            else:
+                self._forget(uuid, name, "undefined")
             return
         # Not SHUTDOWN: QEMU still holds the images then; STOPPED follows once it has exited.
         if event in (
