@@ -76,6 +76,10 @@ class Domains:
             dom.create()
         return dom
 
+    def adopt(self, name: str) -> None:
+        """Also remove domain ``name`` at teardown (one renamed by the test)."""
+        self._names.append(name)
+
     def cleanup(self) -> None:
         for name in self._names:
             try:

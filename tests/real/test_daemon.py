@@ -321,3 +321,16 @@ def test_disks_of_one_domain_are_tracked_apart(
     assert not [e for e in daemon.entries() if is_for(dom, "reconciliation", disk="vda")(e)]
     stop_gracefully(dom)
     assert_base_holds_the_data(vdb)
+
+
+def test_renamed_domain_keeps_its_known_chains(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
+    new_name = f"{dom.name()}-renamed"
+    virsh("domrename", dom.name(), new_name)
+    domains.adopt(new_name)
+    commit_offline(c)
+    daemon.signal(signal.SIGHUP)
+    entry = daemon.wait_event("reconciliation", domain=new_name)
+    assert entry["result"] == "reconciled", entry
