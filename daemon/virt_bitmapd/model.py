@@ -120,13 +120,6 @@ class Chain:
                 return index
         return None
 
-    def below(self, path: str) -> Chain:
-        """The chain that starts at ``path`` (which must be in this chain)."""
-        index = self.index_of(path)
-        if index is None:
-            raise ValueError(f"{path} is not in this chain")
-        return Chain(self.images[index:])
-
 
 class SkipReason(enum.Enum):
     """Why a bitmap is left alone; the value is what users read."""

@@ -42,6 +42,3 @@ class JournalSender:
             self.dropped += 1
             return False
         return True
-
-    def close(self) -> None:
-        self._socket.close()

@@ -18,7 +18,7 @@ import structlog
 
 from .journald import DEFAULT_SOCKET, JournalSender
 
-__all__ = ["JournalRenderer", "add_message_id", "configure", "get_logger", "message_id"]
+__all__ = ["JournalRenderer", "add_message_id", "configure", "message_id"]
 
 IDENTIFIER = "virt-bitmapd"
 # Message ids are derived from the event name, so they are stable across versions and hosts.
@@ -120,7 +120,3 @@ def configure(
         cache_logger_on_first_use=False,
     )
     return log_format
-
-
-def get_logger() -> Any:
-    return structlog.get_logger()

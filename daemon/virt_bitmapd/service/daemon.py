@@ -82,7 +82,6 @@ class Daemon:
         self._job_of_event: dict[DiskKey, str] = {}
         self._warned_skips: set[DiskKey] = set()
         self._retry_delays: dict[DiskKey, float] = {}
-        self._names: dict[str, str] = {}  # domain UUID -> name, for forgetting metrics
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,9 +130,6 @@ class Daemon:
         """Look at every disk of every domain (SIGHUP: trigger "manual")."""
         log.info("rescan_requested", trigger=trigger)
         asyncio.get_running_loop().create_task(self._rescan_all(trigger))
-
-    async def wait_idle(self) -> None:
-        await self._scheduler.drain()
 
     # ------------------------------------------------------------------ connection
 
@@ -326,7 +322,6 @@ class Daemon:
                 error_kind=error.kind,
             )
             return
-        self._names[uuid] = report.domain
         self._publish(report, trigger, job_type)
 
     # ------------------------------------------------------------------ reporting

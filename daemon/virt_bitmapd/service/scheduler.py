@@ -105,9 +105,6 @@ class Scheduler:
             if self._move(key, "finish") is Slot.IDLE:
                 return
 
-    def is_idle(self) -> bool:
-        return not self._tasks
-
     async def drain(self) -> None:
         """Wait until nothing is queued or running."""
         while self._tasks:
