@@ -20,13 +20,13 @@ import contextlib
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from . import images
 from .domain_xml import Disk
 from .errors import ChainError, ReconcileFailed, image_error_from_qemu
-from .model import Chain, Image, Outcome, Plan, Result
+from .model import Chain, Image, Outcome, Plan, Reconciliation, Result
 from .planner import plan as make_plan
 from .qmp import (
     NodeBitmaps,
@@ -44,7 +44,7 @@ from .storage_roots import require_inside
 from .tracking import Commit
 from .transports.qmp_stream import QMPError
 
-__all__ = ["LiveResult", "Monitor", "reconcile_live"]
+__all__ = ["Monitor", "reconcile_live"]
 
 JSON = dict[str, Any]
 
@@ -55,13 +55,6 @@ class Monitor(Protocol):
     def execute(self, command: JSON) -> Any: ...
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LiveResult:
-    plan: Plan
-    result: Result
-    outcome: Outcome | None = None
-
-
 def reconcile_live(
     monitor: Monitor,
     disk: Disk,
@@ -70,7 +63,7 @@ def reconcile_live(
     storage_roots: Sequence[str],
     base_before: Image | None = None,
     read_image: Callable[[str], Image] = lambda path: images.read_image(path, force_share=True),
-) -> LiveResult:
+) -> Reconciliation:
     """Make ``commit.base`` (a layer of ``disk``, the live chain after the commit) hold every
     valid bitmap of the committed layers.  ``base_before``: the base's bitmaps as last seen
     before the commit, so that bitmaps libvirt created there are not mistaken for gaps."""
@@ -81,7 +74,7 @@ def reconcile_live(
     chain = Chain(removed + live_images)
     plan = make_plan(chain, commit.top, commit.base, base_before=base_before)
     if plan.is_empty:
-        return LiveResult(plan=plan, result=Result.NOTHING_TO_DO)
+        return Reconciliation(plan=plan, result=Result.NOTHING_TO_DO)
 
     source_nodes = {
         path: f"vbd-src-{i}-{secrets.token_hex(3)}" for i, path in enumerate(plan.source_images)
@@ -96,7 +89,7 @@ def reconcile_live(
             attached.append(node)
         # attaching layers changed nothing of the base: the first look at the nodes still holds
         if _already_consistent(monitor, plan, node_bitmaps(nodes, base_node), source_nodes):
-            return LiveResult(plan=plan, result=Result.ALREADY_CONSISTENT)
+            return Reconciliation(plan=plan, result=Result.ALREADY_CONSISTENT)
         require_inside(commit.base, storage_roots)
         outcome = _apply(monitor, plan, disk, find_node(nodes, base_node), source_nodes)
     finally:
@@ -104,7 +97,7 @@ def reconcile_live(
             # QEMU closes it with the domain at the latest; nothing of ours depends on it
             with contextlib.suppress(QMPError):
                 monitor.execute(blockdev_del(node))
-    return LiveResult(plan=plan, result=Result.RECONCILED, outcome=outcome)
+    return Reconciliation(plan=plan, result=Result.RECONCILED, outcome=outcome)
 
 
 def _live_images(disk: Disk, base: str, nodes: list[JSON]) -> tuple[str, tuple[Image, ...]]:

@@ -20,6 +20,7 @@ __all__ = [
     "MergeOutcome",
     "Outcome",
     "Plan",
+    "Reconciliation",
     "Result",
     "Skip",
     "SkipReason",
@@ -242,3 +243,12 @@ class Result(enum.Enum):
     PLANNED = "planned"
     RECONCILED = "reconciled"
     ALREADY_CONSISTENT = "already consistent"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reconciliation:
+    """How one commit base was handled, at rest or live: the plan, how it ended, what changed."""
+
+    plan: Plan
+    result: Result
+    outcome: Outcome | None = None

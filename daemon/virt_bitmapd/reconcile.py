@@ -10,24 +10,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from . import images
 from .errors import ReconcileFailed
-from .model import Chain, Image, Outcome, Plan, Result
+from .model import Image, Plan, Reconciliation, Result
 from .planner import plan as make_plan
 from .storage_roots import require_inside
 from .transports.storage_daemon import apply_at_rest
 
-__all__ = ["AtRestResult", "reconcile_at_rest"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AtRestResult:
-    chain: Chain
-    plan: Plan
-    result: Result
-    outcome: Outcome | None = None
+__all__ = ["reconcile_at_rest"]
 
 
 def reconcile_at_rest(
@@ -37,7 +28,7 @@ def reconcile_at_rest(
     storage_roots: Sequence[str] | None = None,
     dry_run: bool = False,
     base_before: Image | None = None,
-) -> AtRestResult:
+) -> Reconciliation:
     """Carry TOP's valid checkpoint bitmaps into BASE.  ``storage_roots`` None means unrestricted
     (an administrator naming the images by hand); otherwise BASE must lie under one of them.
     ``base_before``: BASE's bitmaps as seen before the commit (see ``planner.plan``)."""
@@ -47,13 +38,13 @@ def reconcile_at_rest(
     chain = images.read_chain(top)
     plan = make_plan(chain, chain.top.path, real_base, base_before=base_before)
     if plan.is_empty:
-        return AtRestResult(chain=chain, plan=plan, result=Result.NOTHING_TO_DO)
+        return Reconciliation(plan=plan, result=Result.NOTHING_TO_DO)
     if dry_run:
-        return AtRestResult(chain=chain, plan=plan, result=Result.PLANNED)
+        return Reconciliation(plan=plan, result=Result.PLANNED)
     outcome = apply_at_rest(plan)
     _verify_base(plan)
     result = Result.RECONCILED if outcome.changed else Result.ALREADY_CONSISTENT
-    return AtRestResult(chain=chain, plan=plan, result=result, outcome=outcome)
+    return Reconciliation(plan=plan, result=result, outcome=outcome)
 
 
 def _verify_base(plan: Plan) -> None:

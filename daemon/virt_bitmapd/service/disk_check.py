@@ -217,19 +217,17 @@ class DiskChecker:
         try:
             _require_layers(commit, seen_before, chain_now)
             if running:
-                live = reconcile_live(
+                done = reconcile_live(
                     LibvirtMonitor(domain),
                     disk,
                     commit,
                     storage_roots=self._roots,
                     base_before=base_before,
                 )
-                result, plan, outcome = live.result, live.plan, live.outcome
             else:
-                at_rest = reconcile_at_rest(
+                done = reconcile_at_rest(
                     commit.top, commit.base, storage_roots=self._roots, base_before=base_before
                 )
-                result, plan, outcome = at_rest.result, at_rest.plan, at_rest.outcome
         except VirtBitmapdError as error:
             return CommitReport(
                 commit=commit, live=running, duration=time.monotonic() - started, error=error
@@ -238,9 +236,9 @@ class DiskChecker:
             commit=commit,
             live=running,
             duration=time.monotonic() - started,
-            result=result,
-            plan=plan,
-            outcome=outcome,
+            result=done.result,
+            plan=done.plan,
+            outcome=done.outcome,
         )
 
 
