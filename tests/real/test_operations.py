@@ -187,16 +187,26 @@ def test_every_dashboard_query_and_alert_returns_data_from_a_real_prometheus(
 # ---------------------------------------------------------------- journald
 
 
+def journald_listening() -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(JOURNAL_SOCKET)
+        except OSError:  # absent, or left behind by a journald that is gone
+            return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def journald() -> Iterator[None]:
     """A real systemd-journald: the system's, or one started here (and stopped after)."""
     started = None
-    if not os.path.exists(JOURNAL_SOCKET):
+    # A socket file alone proves nothing: a journald that was stopped leaves it behind.
+    if not journald_listening():
         os.makedirs(os.path.dirname(JOURNAL_SOCKET), exist_ok=True)
         started = subprocess.Popen(
             ["/lib/systemd/systemd-journald"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        wait_until(lambda: os.path.exists(JOURNAL_SOCKET), 20, "journald socket")
+        wait_until(journald_listening, 20, "journald listening on its socket")
     yield
     if started is not None:
         started.terminate()

@@ -11,8 +11,13 @@ from prometheus_client import generate_latest
 
 from virt_bitmapd.errors import StateUnusable
 from virt_bitmapd.model import Bitmap
-from virt_bitmapd.observability.journald import encode
-from virt_bitmapd.observability.logs import JournalRenderer, add_message_id, message_id
+from virt_bitmapd.observability.journald import JournalSender, encode
+from virt_bitmapd.observability.logs import (
+    JournalLogger,
+    JournalRenderer,
+    add_message_id,
+    message_id,
+)
 from virt_bitmapd.observability.metrics import Metrics
 from virt_bitmapd.observability.sdnotify import Notifier
 from virt_bitmapd.state import StateStore
@@ -42,6 +47,20 @@ def test_journal_renderer_maps_keys_to_fields() -> None:
     assert fields["MESSAGE_ID"] == message_id("reconciliation")
     assert fields["DOMAIN"] == "vm1" and fields["DISK"] == "vda" and fields["BITMAPS"] == "a,b"
     assert fields["MESSAGE"].startswith("reconciliation: ")
+
+
+def test_journal_logger_falls_back_to_stderr_when_journald_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stale = tmp_path / "socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as gone:
+        gone.bind(str(stale))  # the file stays after the socket closes, as journald leaves it
+    logger = JournalLogger(JournalSender(str(stale)))
+    logger.info(MESSAGE="first", PRIORITY="6")
+    logger.error(MESSAGE="second", PRIORITY="3")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"virt-bitmapd: cannot write to journald at {stale}")
+    assert lines[1:] == ["first", "second"]
 
 
 def test_message_ids_are_stable_and_distinct() -> None:

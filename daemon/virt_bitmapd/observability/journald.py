@@ -28,17 +28,18 @@ def encode(fields: Mapping[str, str]) -> bytes:
 
 
 class JournalSender:
-    """One unconnected datagram socket; a send that fails is dropped, never raised."""
+    """One unconnected datagram socket; a send that fails is reported to the caller, never
+    raised (logging must not stop the work it describes)."""
 
     def __init__(self, path: str = DEFAULT_SOCKET) -> None:
         self.path = path
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.dropped = 0
+        self.last_error: OSError | None = None
 
     def send(self, fields: Mapping[str, str]) -> bool:
         try:
             self._socket.sendto(encode(fields), self.path)
-        except OSError:
-            self.dropped += 1
+        except OSError as error:
+            self.last_error = error
             return False
         return True

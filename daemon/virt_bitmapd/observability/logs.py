@@ -78,9 +78,20 @@ class JournalLogger:
 
     def __init__(self, sender: JournalSender) -> None:
         self._sender = sender
+        self._fell_back = False
 
     def _send(self, **fields: str) -> None:
-        self._sender.send(fields)
+        if self._sender.send(fields):
+            return
+        # journald gone or entry too large: the line still goes somewhere a person can read it.
+        if not self._fell_back:
+            self._fell_back = True
+            print(
+                f"virt-bitmapd: cannot write to journald at {self._sender.path}"
+                f" ({self._sender.last_error}); logging to stderr",
+                file=sys.stderr,
+            )
+        print(fields.get("MESSAGE", ""), file=sys.stderr, flush=True)
 
     debug = info = warning = error = critical = msg = _send
 
