@@ -3,6 +3,10 @@
 One JSON file per domain (named by its UUID), replaced atomically (write, fsync, rename), so a
 crash leaves either the old file or the new one, never half of one.  Disks of one domain are
 looked at in parallel threads, so changes go through a read-modify-write under a lock.
+
+A look at a disk can still be running when its domain is undefined.  Each forget therefore starts
+a new generation of the domain; a write from a look begun in an older generation is dropped, so a
+forgotten domain is not brought back by work that started before it went.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ class StateStore:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory) / "domains"
         self._lock = threading.Lock()
+        self._generations: dict[str, int] = {}
+
+    def generation(self, uuid: str) -> int:
+        """How many times the domain was forgotten by this process; pass it back on writes."""
+        with self._lock:
+            return self._generations.get(uuid, 0)
 
     def _path(self, uuid: str) -> Path:
         if not uuid or "/" in uuid or uuid.startswith("."):
@@ -81,17 +91,25 @@ class StateStore:
         chain: tuple[str, ...],
         untrusted: tuple[str, ...],
         bitmaps: Mapping[str, tuple[Bitmap, ...]],
-    ) -> None:
+        generation: int = 0,
+    ) -> bool:
+        """Store one disk's chain; False (nothing written) when the domain was forgotten since
+        ``generation`` was read."""
         with self._lock:
+            if self._generations.get(uuid, 0) != generation:
+                return False
             state = self.load(uuid) or DomainState(uuid=uuid, name=name)
             state.name = name
             state.chains[disk] = chain
             state.untrusted[disk] = untrusted
             state.bitmaps[disk] = dict(bitmaps)
             self._save(state)
+            return True
 
-    def drop_disk(self, uuid: str, disk: str) -> None:
+    def drop_disk(self, uuid: str, disk: str, generation: int = 0) -> None:
         with self._lock:
+            if self._generations.get(uuid, 0) != generation:
+                return
             state = self.load(uuid)
             if state is not None and disk in state.chains:
                 del state.chains[disk]
@@ -138,6 +156,7 @@ class StateStore:
 
     def forget(self, uuid: str) -> None:
         with self._lock:
+            self._generations[uuid] = self._generations.get(uuid, 0) + 1
             try:
                 self._path(uuid).unlink(missing_ok=True)
             except OSError as error:

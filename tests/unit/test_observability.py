@@ -117,6 +117,25 @@ def test_state_store_round_trip_and_corruption(tmp_path: Path) -> None:
     assert (tmp_path / "domains" / "u1.json.corrupt").exists()
 
 
+def test_a_look_begun_before_a_forget_does_not_bring_the_domain_back(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    before = store.generation("u1")
+    assert store.put_disk(
+        "u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={}, generation=before
+    )
+    store.forget("u1")
+    assert not store.put_disk(
+        "u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={}, generation=before
+    )
+    store.drop_disk("u1", "vda", before)
+    assert store.known() == []
+    after = store.generation("u1")  # defined again with the same UUID: tracked again
+    assert store.put_disk(
+        "u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={}, generation=after
+    )
+    assert store.known() == ["u1"]
+
+
 def test_readme_message_ids_are_the_real_ones() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     rows = [line.split("|") for line in readme.splitlines() if line.count("|") == 3]

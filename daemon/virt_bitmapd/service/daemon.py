@@ -271,12 +271,13 @@ class Daemon:
                 self._forget(uuid, known.name if known else uuid, "gone")
 
     def _forget(self, uuid: str, name: str, reason: str) -> None:
-        log.info("domain_forgotten", domain=name, reason=reason)
         self.metrics.forget_domain(name)
         try:
             self.store.forget(uuid)
         except VirtBitmapdError as error:
             log.error("state_unusable", domain=name, error=str(error))
+            return
+        log.info("domain_forgotten", domain=name, reason=reason)
 
     async def _rescan_domain(self, dom: Any, trigger: str) -> None:
         try:
@@ -350,14 +351,16 @@ class Daemon:
             else:
                 bound.error("disk_check_failed", **fields)
             return
+        for commit in report.commits:
+            self._publish_commit(bound, commit, trigger, job_type)
+        if report.generation != self.store.generation(report.uuid):
+            return  # the domain was undefined while it was looked at: nothing left to track
         if report.first_sight:
             bound.info("disk_tracked", chain=list(report.chain), running=report.running)
         elif report.chain != report.previous_chain:
             bound.info(
                 "chain_changed", chain=list(report.chain), previous=list(report.previous_chain)
             )
-        for commit in report.commits:
-            self._publish_commit(bound, commit, trigger, job_type)
         self.metrics.set_disk_bitmaps(
             report.domain, report.disk, report.bitmap_states, len(report.untrusted)
         )

@@ -94,6 +94,8 @@ class DiskReport:
     previous_chain: tuple[str, ...] = ()
     bitmap_states: dict[str, int] = field(default_factory=dict)
     untrusted: tuple[str, ...] = ()
+    #: The state store's generation of the domain when the look began (see StateStore).
+    generation: int = 0
 
 
 class DiskChecker:
@@ -118,16 +120,19 @@ class DiskChecker:
     def check(self, domain: libvirt.virDomain, target: str) -> DiskReport:
         try:
             uuid = domain.UUIDString()
+            generation = self._store.generation(uuid)  # before anything is read
             name = domain.name()
             running = bool(domain.isActive())
             disks = parse_domain(domain.XMLDesc(0))
         except libvirt.libvirtError as error:
             raise LibvirtFailed(f"cannot read the domain: {error}") from error
         state = self._store.load(uuid) or DomainState(uuid=uuid, name=name)
-        base = DiskReport(domain=name, uuid=uuid, disk=target, running=running)
+        base = DiskReport(
+            domain=name, uuid=uuid, disk=target, running=running, generation=generation
+        )
         disk = next((d for d in disks.disks if d.target == target), None)
         if disk is None:  # detached, or not a file-backed disk any more
-            self._store.drop_disk(uuid, target)
+            self._store.drop_disk(uuid, target, generation)
             return replace(base, skipped="no such file-backed disk")
         disk = _resolved(disk)
         try:
@@ -167,6 +172,7 @@ class DiskChecker:
                 chain=paths,
                 untrusted=tuple(sorted(untrusted)),
                 bitmaps={image.path: image.bitmaps for image in live_images},
+                generation=generation,
             )
         return replace(
             base,
