@@ -58,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         "--storage-root",
         action="append",
         metavar="DIR",
-        help="refuse unless BASE lies under DIR (repeatable); without it, any path you name",
+        help="refuse unless BASE lies under DIR (repeatable); without it, the storage roots "
+        "of the config file, when there is one",
+    )
+    reconcile.add_argument(
+        "--config",
+        help=f"config file whose storage roots apply (default {DEFAULT_PATH} when it exists; "
+        "with neither this nor --storage-root, any path you name)",
     )
     run = commands.add_parser(
         "run",
@@ -155,9 +161,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reconcile_roots(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The flags' roots; else the config file's (the host's rule applies to people too); else
+    none, for images a person names on a machine where nothing is configured."""
+    if args.storage_root:
+        return tuple(args.storage_root)
+    settings = load(args.config or DEFAULT_PATH)
+    return settings.storage_roots if settings.source != "defaults" else None
+
+
 def _reconcile(args: argparse.Namespace) -> int:
     outcome = reconcile_at_rest(
-        args.top, args.base, storage_roots=args.storage_root, dry_run=args.dry_run
+        args.top, args.base, storage_roots=_reconcile_roots(args), dry_run=args.dry_run
     )
     if args.json:
         document = {

@@ -269,6 +269,28 @@ def test_base_not_in_chain_and_outside_storage_roots(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
 
 
+def test_config_file_storage_roots_apply_to_reconcile(tmp_path: Path) -> None:
+    c = three_layer_chain(tmp_path)
+    base, s1 = c.layers[0], c.layers[1]
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\nroots = ["{allowed}"]\n')
+    before = state(base)
+    result = cli("reconcile", "--top", str(s1), "--base", str(base), "--config", str(config))
+    assert result.returncode == 1 and "outside the storage roots" in result.stderr
+    assert str(base) in result.stderr
+    assert state(base) == before
+    # The flag overrides the file, as for `run`.
+    ok = cli(
+        "reconcile", "--top", str(s1), "--base", str(base), "--config", str(config),
+        "--storage-root", str(tmp_path),
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    missing = cli("reconcile", "--top", str(s1), "--base", str(base), "--config", "/nonexistent")
+    assert missing.returncode == 2 and "/nonexistent: no such file" in missing.stderr
+
+
 def test_source_that_cannot_be_opened_leaves_base_unchanged(tmp_path: Path) -> None:
     c = three_layer_chain(tmp_path)
     base, s1, s2 = c.layers[0], c.layers[1], c.layers[2]
