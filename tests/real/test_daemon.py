@@ -118,6 +118,66 @@ def test_offline_commit_while_daemon_stopped(
     assert_base_holds_the_data(c)
 
 
+def test_offline_commit_found_after_the_domain_started_is_repaired_live(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """A cold merge while the daemon was down, then the VM started: the base is held by QEMU
+    now, so the missing bitmaps go in through it, with the committed layer attached read-only."""
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
+    assert daemon.stop() == 0
+    commit_offline(c)
+    dom.create()
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled" and entry["trigger"] == "startup", entry
+    assert entry["job_type"] == "live" and entry["removed"] == [str(c.layers[1])]
+    stop_gracefully(dom)
+    assert_base_holds_the_data(c)
+
+
+def test_live_commit_while_daemon_stopped_is_verified_at_startup(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
+    assert daemon.stop() == 0
+    virsh("blockcommit", dom.name(), "vda", "--active", "--pivot", "--wait")
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "already_consistent" and entry["trigger"] == "startup", entry
+    assert sorted(entry["bitmaps"]) == ["cp1", "cp2", "cp3"]
+    stop_gracefully(dom)
+    everything = [(0, K64), (2 * MiB, 2 * K64), (9 * MiB, K64)]
+    assert dirty_extents(c.layers[0], "cp2") == expected(everything[1:])
+
+
+@pytest.mark.parametrize("into", ["s1", "base"])
+def test_cold_merge_of_the_active_layer_then_domain_pointed_at_the_base(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, into: str
+) -> None:
+    """oVirt's cold merge of the top volume: qemu-img commit of the active layer, then the
+    domain's disk redefined onto the base (the active layer still on disk)."""
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
+    base, s1, active = c.layers
+    target = s1 if into == "s1" else base
+    subprocess.run(
+        ["qemu-img", "commit", "-q", "-b", str(target), str(active)], check=True, timeout=60
+    )
+    xml = dom.XMLDesc(0).replace(f"file='{active}'", f"file='{target}'")
+    dom = domains.conn.defineXML(xml)
+    daemon.signal(signal.SIGHUP)
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled" and entry["base"] == str(target), entry
+    assert sorted(entry["bitmaps"]) == ["cp1", "cp2", "cp3"]
+    everything = [(0, K64), (2 * MiB, 2 * K64), (9 * MiB, K64)]
+    if into == "base":
+        assert dirty_extents(base, "cp1") == expected(everything)
+        assert dirty_extents(base, "cp2") == expected(everything[1:])
+        assert dirty_extents(base, "cp3") == expected(everything[2:])
+    else:  # the chain is s1 over base now: the union of the two is what a backup reads
+        assert dirty_extents(s1, "cp2") == expected(everything[1:])
+        assert dirty_extents(s1, "cp3") == expected(everything[2:])
+
+
 def test_committed_layers_already_deleted_is_unrecoverable(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
