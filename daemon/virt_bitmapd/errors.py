@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "BaseCannotHoldBitmaps",
     "ChainError",
@@ -121,8 +123,17 @@ class ReconcileFailed(VirtBitmapdError):
         )
 
 
+def _tidy_qemu_message(image: str, message: str) -> str:
+    """QEMU repeats "Could not open 'X': " once per block layer; once is enough, and not at all
+    when X is the image the error names already."""
+    message = re.sub(r"(Could not open '[^']*': )\1+", r"\1", message.strip())
+    own = f"Could not open '{image}': "
+    return message[len(own) :] if message.startswith(own) else message
+
+
 def image_error_from_qemu(image: str, message: str) -> ImageError:
     """Classify what a QEMU tool said when it could not open ``image``."""
+    message = _tidy_qemu_message(image, message)
     lowered = message.lower()
     if "lock" in lowered and ("failed to get" in lowered or "another process" in lowered):
         return ImageInUse(image, "in use by another process (a running VM?): " + message)
