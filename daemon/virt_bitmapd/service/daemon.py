@@ -205,18 +205,23 @@ class Daemon:
         type_name = JOB_TYPES.get(job_type, f"unknown_{job_type}")
         status_name = JOB_STATUSES.get(status, f"unknown_{status}")
         self.metrics.block_job_events.labels(type_name, status_name).inc()
-        acts = type_name in COMMIT_TYPES and status_name == "completed"
+        completed = type_name in COMMIT_TYPES and status_name == "completed"
+        # libvirt sends no event for a snapshot, so a layer made since the last look is unknown.
+        # An active commit waits at READY with its whole chain still in place: remember it now,
+        # so that such a layer is known to be part of the commit when it completes.
+        ready = type_name == "active_commit" and status_name == "ready"
         log.info(
             "block_job_event",
             domain=dom.name(),
             disk=disk,
             job_type=type_name,
             status=status_name,
-            action="look at the disk" if acts else "none",
+            action="look at the disk" if completed else "remember the chain" if ready else "none",
         )
-        if acts:
-            key = (dom.UUIDString(), disk)
+        key = (dom.UUIDString(), disk)
+        if completed:
             self._job_of_event[key] = type_name
+        if completed or ready:
             self._scheduler.submit(key, "event")
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
