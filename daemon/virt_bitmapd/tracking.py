@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Commit", "detect_commits"]
+__all__ = ["Commit", "detect_commits", "grew_on_top"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,3 +48,8 @@ def detect_commits(old: Sequence[str], new: Sequence[str]) -> tuple[Commit, ...]
     # A run that reaches the end of the old chain has no base left: nothing was committed into
     # a layer we know (the chain was cut or replaced), so it is not a commit.
     return tuple(commits)
+
+
+def grew_on_top(old: Sequence[str], new: Sequence[str]) -> bool:
+    """Whether ``new`` is ``old`` with layers added above it (snapshots), nothing else changed."""
+    return len(new) > len(old) > 0 and tuple(new[len(new) - len(old) :]) == tuple(old)

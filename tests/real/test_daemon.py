@@ -106,6 +106,30 @@ def test_snapshot_just_before_an_active_commit_is_part_of_it(
     assert dirty_extents(c.layers[0], "cp3") == expected(everything[2:])
 
 
+def test_snapshots_are_learnt_so_a_later_commit_of_them_is_seen_whole(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """A non-active commit has no READY: the snapshot watch must have learnt its top before."""
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
+    first, second = tmp_path / "images" / "u1.qcow2", tmp_path / "images" / "u2.qcow2"
+    virsh(
+        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
+        "--diskspec", f"vda,file={first}",
+    )  # fmt: skip
+    changed = daemon.wait_for(is_for(dom, "chain_changed"), what="snapshot learnt")
+    assert changed["chain"][0] == str(first) and changed["trigger"] == "rescan", changed
+    virsh(
+        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
+        "--diskspec", f"vda,file={second}",
+    )  # fmt: skip
+    top, base = str(first), str(c.layers[0])
+    virsh("blockcommit", dom.name(), "vda", "--top", top, "--base", base, "--wait")
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "already_consistent" and entry["job_type"] == "commit", entry
+    assert entry["removed"] == [str(first), str(c.layers[2]), str(c.layers[1])]
+    assert sorted(entry["bitmaps"]) == ["cp1", "cp2", "cp3"] and entry["skipped"] == []
+
+
 @pytest.mark.parametrize("trigger", ["manual", "rescan"])
 def test_offline_commit_while_running_daemon(
     tmp_path: Path, domains: Domains, daemon_factory: Any, trigger: str

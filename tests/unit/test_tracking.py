@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virt_bitmapd.tracking import Commit, detect_commits
+from virt_bitmapd.tracking import Commit, detect_commits, grew_on_top
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,19 @@ def test_removing_layers_is_explained_by_commits(chain: list[int], data: st.Data
         start = old.index(commit.top)
         assert old[start : start + len(commit.removed)] == commit.removed
         assert old[start + len(commit.removed)] == commit.base
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "grew"),
+    [
+        ("a b", "c a b", True),
+        ("a b", "d c a b", True),
+        ("a b", "a b", False),
+        ("a b", "c b", False),  # a commit, not a snapshot
+        ("a b", "c a", False),
+        ("", "a", False),  # nothing known yet: a first look, not growth
+        ("a b", "b", False),
+    ],
+)
+def test_grew_on_top(old: str, new: str, grew: bool) -> None:
+    assert grew_on_top(old.split(), new.split()) is grew

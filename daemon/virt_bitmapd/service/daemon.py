@@ -52,6 +52,9 @@ JOB_STATUSES = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
 }
 COMMIT_TYPES = ("commit", "active_commit")
+# How often running domains' XML is compared with their known chains, to learn of snapshots
+# (libvirt announces none) before a commit can take their layers away again.
+SNAPSHOT_WATCH_INTERVAL = 5.0
 STOP_TIMEOUT = 8.0  # seconds for running looks to finish; systemd waits 10
 RETRY_DELAY = 5.0  # seconds before looking again at a disk whose look may succeed later
 BACKOFF_START = 1.0
@@ -106,7 +109,10 @@ class Daemon:
             state_dir=self.settings.state_dir,
             metrics=self.settings.metrics_listen or "off",
         )
-        helpers = [loop.create_task(self._rescan_periodically())]
+        helpers = [
+            loop.create_task(self._rescan_periodically()),
+            loop.create_task(self._watch_for_snapshots()),
+        ]
         if self.notifier.watchdog_interval:
             helpers.append(loop.create_task(self._ping_watchdog(self.notifier.watchdog_interval)))
         try:
@@ -249,6 +255,20 @@ class Daemon:
             if self._conn is not None:
                 await self._rescan_all("rescan")
 
+    async def _watch_for_snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_WATCH_INTERVAL)
+            conn = self._conn
+            if conn is None:
+                continue
+            try:
+                grown = await asyncio.to_thread(self.checker.grown_chains, conn)
+            except VirtBitmapdError as error:  # the connection's own handling reports it
+                log.debug("snapshot_watch_failed", error=str(error))
+                continue
+            for key in grown:
+                self._scheduler.submit(key, "rescan")
+
     async def _ping_watchdog(self, interval: float) -> None:
         while True:
             self.notifier.watchdog()
@@ -361,10 +381,15 @@ class Daemon:
         if report.generation != self.store.generation(report.uuid):
             return  # the domain was undefined while it was looked at: nothing left to track
         if report.first_sight:
-            bound.info("disk_tracked", chain=list(report.chain), running=report.running)
+            bound.info(
+                "disk_tracked", chain=list(report.chain), running=report.running, trigger=trigger
+            )
         elif report.chain != report.previous_chain:
             bound.info(
-                "chain_changed", chain=list(report.chain), previous=list(report.previous_chain)
+                "chain_changed",
+                chain=list(report.chain),
+                previous=list(report.previous_chain),
+                trigger=trigger,
             )
         self.metrics.set_disk_bitmaps(
             report.domain, report.disk, report.bitmap_states, len(report.untrusted)

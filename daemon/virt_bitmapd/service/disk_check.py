@@ -38,7 +38,7 @@ from ..qmp import node_bitmaps, query_nodes
 from ..reconcile import reconcile_at_rest
 from ..state import DomainState, StateStore
 from ..storage_roots import require_inside
-from ..tracking import Commit, detect_commits
+from ..tracking import Commit, detect_commits, grew_on_top
 from ..transports.libvirt_monitor import LibvirtMonitor
 
 __all__ = ["CommitReport", "DiskChecker", "DiskReport", "result_label"]
@@ -116,6 +116,30 @@ class DiskChecker:
         names = [disk.target for disk in disks.disks]
         names += [t for t in (known.chains if known else {}) if t not in names]
         return tuple(names), disks.unsupported
+
+    def grown_chains(self, conn: libvirt.virConnect) -> list[tuple[str, str]]:
+        """(domain UUID, disk target) of running disks whose chain gained layers on top since
+        the last look: snapshots, which libvirt announces with no event.  Only the domain XML
+        is read, so this is cheap enough to run every few seconds."""
+        grown = []
+        try:
+            running = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as error:
+            raise LibvirtFailed(f"cannot list the running domains: {error}") from error
+        for domain in running:
+            try:
+                uuid = domain.UUIDString()
+                disks = parse_domain(domain.XMLDesc(0))
+            except libvirt.libvirtError:
+                continue  # stopped or undefined meanwhile: its lifecycle event covers it
+            known = self._store.load(uuid)
+            if known is None:
+                continue
+            for disk in disks.disks:
+                old = known.chains.get(disk.target)
+                if old is not None and grew_on_top(old, _resolved(disk).paths):
+                    grown.append((uuid, disk.target))
+        return grown
 
     def check(self, domain: libvirt.virDomain, target: str) -> DiskReport:
         try:
