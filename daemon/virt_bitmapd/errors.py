@@ -6,6 +6,7 @@ import re
 
 __all__ = [
     "BaseCannotHoldBitmaps",
+    "BitsUnprovable",
     "ChainError",
     "CommittedLayersGone",
     "ImageCorrupt",
@@ -18,6 +19,7 @@ __all__ = [
     "ReconcileFailed",
     "StateUnusable",
     "ToolFailed",
+    "UnseenLayersUnclear",
     "VirtBitmapdError",
     "image_error_from_qemu",
 ]
@@ -144,22 +146,49 @@ def image_error_from_qemu(image: str, message: str) -> ImageError:
     return ImageUnreadable(image, message)
 
 
-class CommittedLayersGone(VirtBitmapdError):
-    """The committed layers were deleted before their bitmaps reached the base: the base's
-    bitmaps cannot be proven complete, so backups from them must start with a full one."""
+class BitsUnprovable(VirtBitmapdError):
+    """What a commit took from the base's bitmaps cannot be known any more: nothing is changed,
+    and backups from the bitmaps named must start with a full one."""
 
     kind = "unrecoverable"
 
-    def __init__(self, base: str, missing: tuple[str, ...], bitmaps: tuple[str, ...]) -> None:
+    def __init__(self, base: str, why: str, bitmaps: tuple[str, ...]) -> None:
         names = ", ".join(repr(name) for name in bitmaps) or "none found"
         super().__init__(
-            f"{base}: committed layer(s) {', '.join(missing)} are gone, so the bits they held "
-            f"cannot be proven to be in the base; bitmaps that cannot be trusted: {names}; "
+            f"{base}: {why}; bitmaps that cannot be trusted: {names}; "
             "the next backup of each must be full"
         )
         self.image = base
-        self.missing = missing
         self.bitmaps = bitmaps
+
+
+class CommittedLayersGone(BitsUnprovable):
+    """The committed layers were deleted before their bitmaps reached the base."""
+
+    def __init__(self, base: str, missing: tuple[str, ...], bitmaps: tuple[str, ...]) -> None:
+        super().__init__(
+            base,
+            f"committed layer(s) {', '.join(missing)} are gone, so the bits they held cannot be "
+            "proven to be in the base",
+            bitmaps,
+        )
+        self.missing = missing
+
+
+class UnseenLayersUnclear(BitsUnprovable):
+    """Layers made since the last look back onto the committed top, and more than one of them
+    could have been committed with it: which bits the base needs cannot be told."""
+
+    def __init__(
+        self, base: str, top: str, candidates: tuple[str, ...], bitmaps: tuple[str, ...]
+    ) -> None:
+        super().__init__(
+            base,
+            f"layers made since the last look back onto the committed {top} "
+            f"({', '.join(candidates)}) and which of them went into the base cannot be told",
+            bitmaps,
+        )
+        self.candidates = candidates
 
 
 class StateUnusable(VirtBitmapdError):

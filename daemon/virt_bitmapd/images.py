@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterable, Set
 from typing import Any
 
 from .errors import ImageCorrupt, ImageUnreadable, ToolFailed, image_error_from_qemu
 from .model import Bitmap, Chain, Image
 
-__all__ = ["parse_chain", "read_chain", "read_image"]
+__all__ = ["backing_file", "parse_chain", "read_chain", "read_image", "recent_qcow2_files"]
+
+QCOW2_MAGIC = b"QFI\xfb"
 
 TOOL = "qemu-img"
 
@@ -34,6 +37,42 @@ def read_image(
 ) -> Image:
     """One image by itself (its backing file is neither opened nor needed)."""
     return _parse_image(_info(path, [], force_share, binary, timeout))
+
+
+def backing_file(path: str, *, binary: str = TOOL, timeout: float = 60.0) -> str | None:
+    """The file ``path`` names as its backing file (absolute, symlinks resolved), or None.
+    Read with ``-U``: only the header is needed, and the backing file need not exist."""
+    entry = _info(path, [], True, binary, timeout)
+    name = entry.get("full-backing-filename") or entry.get("backing-filename")
+    if not name or str(name).startswith("json:"):
+        return None
+    return os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(path)), str(name)))
+
+
+def recent_qcow2_files(
+    directories: Iterable[str], *, newer_than: float, exclude: Set[str]
+) -> list[str]:
+    """qcow2 files directly in ``directories`` modified after ``newer_than`` (a time.time()),
+    other than ``exclude``; real paths.  Only the magic bytes are read."""
+    found = set()
+    for directory in set(directories):
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if not entry.is_file() or entry.stat().st_mtime <= newer_than:
+                    continue
+                path = os.path.realpath(entry.path)
+                if path in exclude:
+                    continue
+                with open(path, "rb") as stream:
+                    if stream.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC:
+                        found.add(path)
+            except OSError:
+                continue  # gone or unreadable meanwhile: not evidence of anything
+    return sorted(found)
 
 
 def _info(path: str, options: list[str], force_share: bool, binary: str, timeout: float) -> Any:

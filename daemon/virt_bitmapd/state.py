@@ -38,6 +38,8 @@ class DomainState:
     untrusted: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: disk target -> layer path -> its bitmaps when last seen (what a base held before a commit)
     bitmaps: dict[str, dict[str, tuple[Bitmap, ...]]] = field(default_factory=dict)
+    #: disk target -> when (time.time()) the look that saw that chain began
+    seen_at: dict[str, float] = field(default_factory=dict)
 
 
 def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Bitmap, ...]]:
@@ -80,6 +82,7 @@ class StateStore:
             bitmaps={
                 disk: _bitmaps_from_json(layers) for disk, layers in raw.get("bitmaps", {}).items()
             },
+            seen_at={disk: float(when) for disk, when in raw.get("seen_at", {}).items()},
         )
 
     def put_disk(
@@ -91,6 +94,7 @@ class StateStore:
         chain: tuple[str, ...],
         untrusted: tuple[str, ...],
         bitmaps: Mapping[str, tuple[Bitmap, ...]],
+        seen_at: float | None = None,
         generation: int = 0,
     ) -> bool:
         """Store one disk's chain; False (nothing written) when the domain was forgotten since
@@ -103,6 +107,8 @@ class StateStore:
             state.chains[disk] = chain
             state.untrusted[disk] = untrusted
             state.bitmaps[disk] = dict(bitmaps)
+            if seen_at is not None:
+                state.seen_at[disk] = seen_at
             self._save(state)
             return True
 
@@ -115,6 +121,7 @@ class StateStore:
                 del state.chains[disk]
                 state.untrusted.pop(disk, None)
                 state.bitmaps.pop(disk, None)
+                state.seen_at.pop(disk, None)
                 self._save(state)
 
     def _save(self, state: DomainState) -> None:
@@ -136,6 +143,7 @@ class StateStore:
                 disk: {path: [asdict(b) for b in bitmaps] for path, bitmaps in layers.items()}
                 for disk, layers in sorted(state.bitmaps.items())
             },
+            "seen_at": dict(sorted(state.seen_at.items())),
         }
         target = self._path(state.uuid)
         handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")

@@ -9,10 +9,10 @@ Layers that appear (new snapshots) or a chain replaced wholesale commit nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Commit", "detect_commits", "grew_on_top"]
+__all__ = ["Commit", "LayersAbove", "detect_commits", "grew_on_top", "layers_above"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,3 +53,33 @@ def detect_commits(old: Sequence[str], new: Sequence[str]) -> tuple[Commit, ...]
 def grew_on_top(old: Sequence[str], new: Sequence[str]) -> bool:
     """Whether ``new`` is ``old`` with layers added above it (snapshots), nothing else changed."""
     return len(new) > len(old) > 0 and tuple(new[len(new) - len(old) :]) == tuple(old)
+
+
+@dataclass(frozen=True, slots=True)
+class LayersAbove:
+    """Images made on top of a layer, as one run (top first, ending just above it); or, where
+    more than one image backs onto the same layer, the ones that make the run unclear."""
+
+    run: tuple[str, ...] = ()
+    unclear: tuple[str, ...] = ()
+
+
+def layers_above(layer: str, backing_of: Mapping[str, str]) -> LayersAbove:
+    """Follow ``backing_of`` (image -> its backing file) upwards from ``layer``.
+
+    A commit that took the top of a known chain away may have taken layers made on it since
+    (snapshots never seen) as well; their files still say what they were made on."""
+    run: list[str] = []
+    current = layer
+    while len(run) < len(backing_of):
+        children = sorted(
+            image for image, backing in backing_of.items() if backing == current and image != layer
+        )
+        children = [child for child in children if child not in run]
+        if not children:
+            break
+        if len(children) > 1:
+            return LayersAbove(tuple(reversed(run)), unclear=tuple(children))
+        run.append(children[0])
+        current = children[0]
+    return LayersAbove(tuple(reversed(run)))

@@ -20,9 +20,13 @@ from helpers.images import (
     K64,
     ChainBuilder,
     MiB,
+    add_bitmap,
+    create,
     dirty_extents,
     expected,
+    run,
     state,
+    write,
 )
 from helpers.libvirt_env import Domains, connect, start_libvirtd, stop_gracefully, virsh
 from helpers.scenarios import (
@@ -100,7 +104,7 @@ def test_snapshot_just_before_an_active_commit_is_part_of_it(
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "already_consistent", entry
     assert entry["removed"] == [str(overlay), str(c.layers[2]), str(c.layers[1])]
-    assert sorted(entry["bitmaps"]) == ["cp1", "cp2", "cp3"] and entry["skipped"] == []
+    assert sorted(entry["bitmaps"]) == ["cp1", "cp2", "cp3"] and entry["skipped"] == [], entry
     stop_gracefully(dom)
     everything = [(0, K64), (2 * MiB, 2 * K64), (9 * MiB, K64)]
     assert dirty_extents(c.layers[0], "cp3") == expected(everything[2:])
@@ -180,16 +184,26 @@ def test_offline_commit_found_after_the_domain_started_is_repaired_live(
     assert_base_holds_the_data(c)
 
 
+@pytest.mark.parametrize("snapshot_first", [False, True], ids=["commit", "snapshot-then-commit"])
 def test_live_commit_while_daemon_stopped_is_verified_at_startup(
-    tmp_path: Path, domains: Domains, daemon_factory: Any
+    tmp_path: Path, domains: Domains, daemon_factory: Any, snapshot_first: bool
 ) -> None:
     c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
     assert daemon.stop() == 0
+    removed = [str(c.layers[2]), str(c.layers[1])]
+    if snapshot_first:  # a layer the daemon never saw: found by its file, which backs onto ours
+        overlay = tmp_path / "images" / "overlay.qcow2"
+        virsh(
+            "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
+            "--diskspec", f"vda,file={overlay}",
+        )  # fmt: skip
+        removed.insert(0, str(overlay))
     virsh("blockcommit", dom.name(), "vda", "--active", "--pivot", "--wait")
     daemon.start()
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "already_consistent" and entry["trigger"] == "startup", entry
-    assert sorted(entry["bitmaps"]) == ["cp1", "cp2", "cp3"]
+    assert entry["removed"] == removed
+    assert sorted(entry["bitmaps"]) == ["cp1", "cp2", "cp3"] and entry["skipped"] == []
     stop_gracefully(dom)
     everything = [(0, K64), (2 * MiB, 2 * K64), (9 * MiB, K64)]
     assert dirty_extents(c.layers[0], "cp2") == expected(everything[1:])
@@ -221,6 +235,57 @@ def test_cold_merge_of_the_active_layer_then_domain_pointed_at_the_base(
     else:  # the chain is s1 over base now: the union of the two is what a backup reads
         assert dirty_extents(s1, "cp2") == expected(everything[1:])
         assert dirty_extents(s1, "cp3") == expected(everything[2:])
+
+
+def unseen_overlay(c: ChainBuilder, name: str, offset: int) -> Path:
+    """A snapshot the daemon never saw: made on the active layer, its checkpoints continued as
+    libvirt continues them, a new one begun, and a write."""
+    overlay = create(c.folder / name, backing=c.layers[-1])
+    for bitmap in ("cp1", "cp2", "cp3", "cp4"):
+        add_bitmap(overlay, bitmap)
+    write(overlay, offset, K64, 0xDD)
+    return overlay
+
+
+def point_disk_at(domains: Domains, dom: Any, old: Path, new: Path) -> Any:
+    return domains.conn.defineXML(dom.XMLDesc(0).replace(f"file='{old}'", f"file='{new}'"))
+
+
+def test_unseen_snapshot_committed_while_daemon_stopped_joins_the_commit(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
+    assert daemon.stop() == 0
+    _, s1, active = c.layers
+    overlay = unseen_overlay(c, "unseen.qcow2", 20 * MiB)
+    dom = point_disk_at(domains, dom, active, overlay)
+    run("qemu-img", "commit", "-q", "-b", str(s1), str(overlay))  # overlay + active into s1
+    dom = point_disk_at(domains, dom, overlay, s1)
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled", entry
+    assert entry["removed"] == [str(overlay), str(active)] and entry["base"] == str(s1)
+    assert dirty_extents(s1, "cp3") == expected([(9 * MiB, K64), (20 * MiB, K64)])
+    assert dirty_extents(s1, "cp4") == expected([(20 * MiB, K64)])
+
+
+def test_two_unseen_snapshots_on_the_committed_top_are_reported_not_guessed(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
+    assert daemon.stop() == 0
+    _, s1, active = c.layers
+    first = unseen_overlay(c, "unseen-1.qcow2", 20 * MiB)
+    second = unseen_overlay(c, "unseen-2.qcow2", 30 * MiB)
+    run("qemu-img", "commit", "-q", "-b", str(s1), str(first))
+    dom = point_disk_at(domains, dom, active, s1)
+    before = state(s1)
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "unrecoverable" and entry["level"] == "error", entry
+    assert str(first) in entry["error"] and str(second) in entry["error"]
+    assert "cp4" in entry["bitmaps"]
+    assert state(s1) == before
 
 
 def test_committed_layers_already_deleted_is_unrecoverable(

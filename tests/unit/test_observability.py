@@ -104,11 +104,14 @@ def test_state_store_round_trip_and_corruption(tmp_path: Path) -> None:
         untrusted=("cp1",),
         bitmaps={"/b": (bitmap,)},
     )
-    store.put_disk("u1", name="vm1", disk="vdb", chain=("/c",), untrusted=(), bitmaps={})
+    store.put_disk(
+        "u1", name="vm1", disk="vdb", chain=("/c",), untrusted=(), bitmaps={}, seen_at=12.5
+    )
     state = store.load("u1")
     assert state is not None and state.chains == {"vda": ("/a", "/b"), "vdb": ("/c",)}
     assert state.untrusted["vda"] == ("cp1",)
     assert state.bitmaps["vda"] == {"/b": (bitmap,)}
+    assert state.seen_at == {"vdb": 12.5}
     store.drop_disk("u1", "vdb")
     assert store.load("u1").chains == {"vda": ("/a", "/b")}  # type: ignore[union-attr]
     assert store.known() == ["u1"]

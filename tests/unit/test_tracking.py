@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virt_bitmapd.tracking import Commit, detect_commits, grew_on_top
+from virt_bitmapd.tracking import Commit, LayersAbove, detect_commits, grew_on_top, layers_above
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,19 @@ def test_removing_layers_is_explained_by_commits(chain: list[int], data: st.Data
 )
 def test_grew_on_top(old: str, new: str, grew: bool) -> None:
     assert grew_on_top(old.split(), new.split()) is grew
+
+
+@pytest.mark.parametrize(
+    ("backing_of", "found"),
+    [
+        ({}, LayersAbove()),
+        ({"x": "elsewhere"}, LayersAbove()),
+        ({"u1": "a"}, LayersAbove(("u1",))),
+        ({"u1": "a", "u2": "u1", "x": "b"}, LayersAbove(("u2", "u1"))),
+        ({"u1": "a", "u2": "a"}, LayersAbove(unclear=("u1", "u2"))),
+        ({"u1": "a", "u2": "u1", "u3": "u1"}, LayersAbove(("u1",), unclear=("u2", "u3"))),
+        ({"u1": "a", "a": "u1"}, LayersAbove(("u1",))),  # a loop cannot hang it
+    ],
+)
+def test_layers_above(backing_of: dict[str, str], found: LayersAbove) -> None:
+    assert layers_above("a", backing_of) == found

@@ -5,7 +5,8 @@ Blocking code (libvirt calls, QEMU tools), run off the event loop by the daemon.
 1. The disk's chain now: from the live domain XML when the domain runs, from the image headers
    when it does not.  Paths are compared with symlinks resolved.
 2. Against the chain kept in the state directory, layers that went away are commits
-   (``tracking.detect_commits``).
+   (``tracking.detect_commits``).  A commit that took the known top away also takes any run
+   of layers made on that top since the last look (``_with_unseen_layers``).
 3. Each commit is reconciled: live through the QEMU monitor when the domain runs, at rest with
    qemu-storage-daemon when it does not.  Committed layers already deleted make the base's bits
    unprovable: that is reported loudly and those bitmaps are remembered as untrusted.
@@ -26,9 +27,12 @@ import libvirt
 from .. import images
 from ..domain_xml import Disk, parse_domain
 from ..errors import (
+    BitsUnprovable,
+    ChainError,
     CommittedLayersGone,
     LibvirtFailed,
     OutsideStorageRoots,
+    UnseenLayersUnclear,
     VirtBitmapdError,
 )
 from ..live import reconcile_live
@@ -38,7 +42,7 @@ from ..qmp import node_bitmaps, query_nodes
 from ..reconcile import reconcile_at_rest
 from ..state import DomainState, StateStore
 from ..storage_roots import require_inside
-from ..tracking import Commit, detect_commits, grew_on_top
+from ..tracking import Commit, detect_commits, grew_on_top, layers_above
 from ..transports.libvirt_monitor import LibvirtMonitor
 
 __all__ = ["CommitReport", "DiskChecker", "DiskReport", "result_label"]
@@ -69,7 +73,7 @@ class CommitReport:
 
 def result_label(result: Result | None, error: VirtBitmapdError | None) -> str:
     """The metric label of how a reconciliation ended."""
-    if isinstance(error, CommittedLayersGone):
+    if isinstance(error, BitsUnprovable):
         return "unrecoverable"
     if isinstance(error, OutsideStorageRoots):
         return "skipped"
@@ -142,6 +146,7 @@ class DiskChecker:
         return grown
 
     def check(self, domain: libvirt.virDomain, target: str) -> DiskReport:
+        started_at = time.time()  # files changed after this are news to the next look
         try:
             uuid = domain.UUIDString()
             generation = self._store.generation(uuid)  # before anything is read
@@ -164,13 +169,14 @@ class DiskChecker:
         except OutsideStorageRoots as error:
             return replace(base, skipped=str(error))
         try:
-            paths, live_images = self._current_chain(domain, disk, running)
+            disk, paths, live_images, busy = self._current_chain(domain, disk, running)
         except VirtBitmapdError as error:
             return replace(base, error=error)
-        old = state.chains.get(target)
+        first_sight = target not in state.chains
+        old = state.chains.get(target, ())
         reports = []
         seen_before = state.bitmaps.get(target, {})
-        for commit in detect_commits(old, paths) if old is not None else ():
+        for commit in detect_commits(old, paths):
             reports.append(
                 self._reconcile(
                     domain,
@@ -179,11 +185,12 @@ class DiskChecker:
                     running=running,
                     seen_before=seen_before,
                     chain_now=live_images,
+                    previous=(old, paths, state.seen_at.get(target)),
                 )
             )
         if any(r.outcome is not None and r.outcome.changed for r in reports):
             with contextlib.suppress(VirtBitmapdError):  # remember the base as changed
-                paths, live_images = self._current_chain(domain, disk, running)
+                _, paths, live_images, busy = self._current_chain(domain, disk, running)
         untrusted = set(state.untrusted.get(target, ())) | _untrusted_after(reports)
         states, invalid = _bitmap_states(live_images)
         present = {bitmap.name for image in live_images for bitmap in image.bitmaps}
@@ -195,25 +202,44 @@ class DiskChecker:
                 disk=target,
                 chain=paths,
                 untrusted=tuple(sorted(untrusted)),
-                bitmaps={image.path: image.bitmaps for image in live_images},
+                bitmaps={
+                    image.path: seen_before[image.path]
+                    if busy and image.path in seen_before
+                    else image.bitmaps
+                    for image in live_images
+                },
+                seen_at=started_at,
                 generation=generation,
             )
         return replace(
             base,
             chain=paths,
             commits=tuple(reports),
-            first_sight=old is None,
-            previous_chain=old or (),
+            first_sight=first_sight,
+            previous_chain=old,
             bitmap_states=states,
             untrusted=tuple(sorted(untrusted | invalid)),
         )
 
     def _current_chain(
         self, domain: libvirt.virDomain, disk: Disk, running: bool
-    ) -> tuple[tuple[str, ...], tuple[Image, ...]]:
-        """The chain's paths, and its images with bitmaps as they really are now."""
+    ) -> tuple[Disk, tuple[str, ...], tuple[Image, ...], bool]:
+        """The disk as libvirt shows it, the chain's paths, its images with bitmaps as they
+        really are now, and whether a block job was running on it meanwhile (then the bitmaps
+        may be caught half-way through the job's own bitmap handling)."""
         if running:
-            nodes = LibvirtMonitor(domain).execute(query_nodes())
+            for _ in range(CHAIN_READ_ATTEMPTS):
+                busy = _block_job_running(domain, disk.target)
+                nodes = LibvirtMonitor(domain).execute(query_nodes())
+                busy = busy or _block_job_running(domain, disk.target)
+                again = _live_disk(domain, disk.target)
+                if again == disk:
+                    break
+                disk = again  # the chain moved under us (a pivot): read it again
+            else:
+                raise ChainMoving(
+                    f"{disk.layers[0].path}: the chain of {disk.target} kept changing"
+                )
             result = []
             for layer in disk.layers:
                 bitmaps: tuple[Bitmap, ...] = ()
@@ -222,9 +248,9 @@ class DiskChecker:
                 result.append(
                     Image(path=layer.path, format=layer.format or "qcow2", bitmaps=bitmaps)
                 )
-            return disk.paths, tuple(result)
+            return disk, disk.paths, tuple(result), busy
         chain: Chain = images.read_chain(disk.layers[0].path)
-        return tuple(image.path for image in chain), chain.images
+        return disk, tuple(image.path for image in chain), chain.images, False
 
     def _reconcile(
         self,
@@ -235,8 +261,10 @@ class DiskChecker:
         running: bool,
         seen_before: Mapping[str, tuple[Bitmap, ...]],
         chain_now: tuple[Image, ...],
+        previous: tuple[tuple[str, ...], tuple[str, ...], float | None],
     ) -> CommitReport:
-        """``seen_before``: each layer's bitmaps at the previous look, before the commit."""
+        """``seen_before``: each layer's bitmaps at the previous look, before the commit.
+        ``previous``: the chain then, the chain now, and when the previous look began."""
         remembered = seen_before.get(commit.base)
         base_before = (
             None
@@ -244,7 +272,12 @@ class DiskChecker:
             else Image(path=commit.base, format="qcow2", bitmaps=remembered)
         )
         started = time.monotonic()
+        old, now, since = previous
         try:
+            if since is not None and commit.top == old[0]:
+                commit = _with_unseen_layers(
+                    commit, set(old) | set(now), since, seen_before, live=running
+                )
             _require_layers(commit, seen_before, chain_now)
             if running:
                 done = reconcile_live(
@@ -286,11 +319,74 @@ def _untrusted_after(reports: Sequence[CommitReport]) -> set[str]:
     """Bitmaps these commits leave untrustworthy."""
     names: set[str] = set()
     for report in reports:
-        if isinstance(report.error, CommittedLayersGone):
+        if isinstance(report.error, BitsUnprovable):
             names.update(report.error.bitmaps)
         if report.plan is not None:
             names.update(s.bitmap for s in report.plan.skipped if s.reason in _BROKEN_BY_COMMIT)
     return names
+
+
+CHAIN_READ_ATTEMPTS = 3
+
+
+class ChainMoving(ChainError):
+    """The chain changed each time it was read; the next look will find it settled."""
+
+    retryable = True
+
+
+def _block_job_running(domain: libvirt.virDomain, target: str) -> bool:
+    try:
+        return bool(domain.blockJobInfo(target, 0))
+    except libvirt.libvirtError as error:
+        raise LibvirtFailed(f"cannot ask about block jobs on {target}: {error}") from error
+
+
+def _live_disk(domain: libvirt.virDomain, target: str) -> Disk:
+    try:
+        disks = parse_domain(domain.XMLDesc(0))
+    except libvirt.libvirtError as error:
+        raise LibvirtFailed(f"cannot read the domain: {error}") from error
+    disk = next((d for d in disks.disks if d.target == target), None)
+    if disk is None:
+        raise ChainMoving(f"disk {target} went away while it was read")
+    return _resolved(disk)
+
+
+def _with_unseen_layers(
+    commit: Commit,
+    known: set[str],
+    since: float,
+    seen_before: Mapping[str, tuple[Bitmap, ...]],
+    *,
+    live: bool,
+) -> Commit:
+    """The commit took the top of the chain we knew away.  Layers may have been made on that
+    top since the last look (a snapshot just before an active commit, snapshots while the
+    daemon was stopped) and committed with it: a plan from the known top alone would give the
+    base bitmaps that miss their bits.  Their files still name what they were made on, so look
+    for recent images backing onto the top, beside the chain's own.  One run of them joins the
+    commit.  A fork cannot be resolved: at rest that is unrecoverable; live, libvirt merged
+    from every layer itself, so the commit is verified on the layers known."""
+    directories = {os.path.dirname(path) for path in known}
+    backing_of = {}
+    for path in images.recent_qcow2_files(directories, newer_than=since, exclude=known):
+        with contextlib.suppress(VirtBitmapdError):  # unreadable: not evidence of anything
+            backing = images.backing_file(path)
+            if backing is not None:
+                backing_of[path] = backing
+    above = layers_above(commit.top, backing_of)
+    if above.unclear and live:
+        return commit
+    if above.unclear:
+        suspects = {b.name for path in commit.removed for b in seen_before.get(path, ())}
+        for path in above.unclear:
+            with contextlib.suppress(VirtBitmapdError):
+                suspects.update(b.name for b in images.read_image(path, force_share=True).bitmaps)
+        raise UnseenLayersUnclear(commit.base, commit.top, above.unclear, tuple(sorted(suspects)))
+    if not above.run:
+        return commit
+    return Commit(removed=above.run + commit.removed, base=commit.base)
 
 
 def _require_layers(
