@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 from collections.abc import Iterable, Set
 from typing import Any
@@ -17,9 +18,12 @@ from typing import Any
 from .errors import ImageCorrupt, ImageUnreadable, ToolFailed, image_error_from_qemu
 from .model import Bitmap, Chain, Image
 
-__all__ = ["backing_file", "parse_chain", "read_chain", "read_image", "recent_qcow2_files"]
+__all__ = ["parse_chain", "read_chain", "read_image", "recent_overlays"]
 
 QCOW2_MAGIC = b"QFI\xfb"
+# magic, version, backing_file_offset, backing_file_size (big endian, at the start of the header)
+QCOW2_HEADER = struct.Struct(">4sIQI")
+MAX_BACKING_NAME = 1023  # QEMU's own limit
 
 TOOL = "qemu-img"
 
@@ -39,22 +43,16 @@ def read_image(
     return _parse_image(_info(path, [], force_share, binary, timeout))
 
 
-def backing_file(path: str, *, binary: str = TOOL, timeout: float = 60.0) -> str | None:
-    """The file ``path`` names as its backing file (absolute, symlinks resolved), or None.
-    Read with ``-U``: only the header is needed, and the backing file need not exist."""
-    entry = _info(path, [], True, binary, timeout)
-    name = entry.get("full-backing-filename") or entry.get("backing-filename")
-    if not name or str(name).startswith("json:"):
-        return None
-    return os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(path)), str(name)))
-
-
-def recent_qcow2_files(
+def recent_overlays(
     directories: Iterable[str], *, newer_than: float, exclude: Set[str]
-) -> list[str]:
-    """qcow2 files directly in ``directories`` modified after ``newer_than`` (a time.time()),
-    other than ``exclude``; real paths.  Only the magic bytes are read."""
-    found = set()
+) -> dict[str, str]:
+    """qcow2 files directly in ``directories``, modified after ``newer_than`` (a time.time()),
+    other than ``exclude``, each with the backing file it names (absolute, symlinks resolved).
+
+    Only the first bytes of each header are read (qcow2's backing_file_offset and _size), so
+    scanning a busy directory costs no process per file.  Unreadable files are left out: they
+    are evidence of nothing."""
+    found = {}
     for directory in set(directories):
         try:
             entries = list(os.scandir(directory))
@@ -67,12 +65,24 @@ def recent_qcow2_files(
                 path = os.path.realpath(entry.path)
                 if path in exclude:
                     continue
-                with open(path, "rb") as stream:
-                    if stream.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC:
-                        found.add(path)
+                backing = _qcow2_backing_name(path)
             except OSError:
-                continue  # gone or unreadable meanwhile: not evidence of anything
-    return sorted(found)
+                continue
+            if backing and not backing.startswith("json:"):
+                found[path] = os.path.realpath(os.path.join(os.path.dirname(path), backing))
+    return found
+
+
+def _qcow2_backing_name(path: str) -> str | None:
+    with open(path, "rb") as stream:
+        header = stream.read(QCOW2_HEADER.size)
+        if len(header) < QCOW2_HEADER.size:
+            return None
+        magic, _version, offset, size = QCOW2_HEADER.unpack(header)
+        if magic != QCOW2_MAGIC or not offset or not 0 < size <= MAX_BACKING_NAME:
+            return None
+        stream.seek(offset)
+        return stream.read(size).decode("utf-8", errors="replace")
 
 
 def _info(path: str, options: list[str], force_share: bool, binary: str, timeout: float) -> Any:

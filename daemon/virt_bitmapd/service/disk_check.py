@@ -369,12 +369,7 @@ def _with_unseen_layers(
     commit.  A fork cannot be resolved: at rest that is unrecoverable; live, libvirt merged
     from every layer itself, so the commit is verified on the layers known."""
     directories = {os.path.dirname(path) for path in known}
-    backing_of = {}
-    for path in images.recent_qcow2_files(directories, newer_than=since, exclude=known):
-        with contextlib.suppress(VirtBitmapdError):  # unreadable: not evidence of anything
-            backing = images.backing_file(path)
-            if backing is not None:
-                backing_of[path] = backing
+    backing_of = images.recent_overlays(directories, newer_than=since, exclude=known)
     above = layers_above(commit.top, backing_of)
     if above.unclear and live:
         return commit
