@@ -378,6 +378,20 @@ class Daemon:
             return
         for commit in report.commits:
             self._publish_commit(bound, commit, trigger, job_type)
+        if job_type in COMMIT_TYPES and not report.commits and not report.first_sight:
+            # Layers made and committed away between two looks: libvirt merged their bitmaps
+            # itself, but nothing here saw them, so nothing could be verified.
+            self.metrics.reconciliations.labels(trigger, "skipped").inc()
+            bound.warning(
+                "reconciliation",
+                trigger=trigger,
+                job_type=job_type,
+                result="skipped",
+                reason="no layer known to virt-bitmapd left the chain; the committed layers "
+                "were made after its last look, so the commit was not verified",
+                chain=list(report.chain),
+                previous=list(report.previous_chain),
+            )
         if report.generation != self.store.generation(report.uuid):
             return  # the domain was undefined while it was looked at: nothing left to track
         if report.first_sight:
