@@ -82,3 +82,24 @@ def test_grew_on_top(old: str, new: str, grew: bool) -> None:
 )
 def test_layers_above(backing_of: dict[str, str], found: LayersAbove) -> None:
     assert layers_above("a", backing_of) == found
+
+
+@given(
+    st.integers(0, 6),
+    st.dictionaries(st.sampled_from([f"x{i}" for i in range(8)]), st.sampled_from(["y", "z"])),
+)
+def test_layers_above_finds_exactly_a_run_made_on_the_layer(
+    length: int, unrelated: dict[str, str]
+) -> None:
+    """A run of snapshots on ``a`` among files made on other images is found whole, top first;
+    a second image made on a layer of the run makes it unclear there, never a guess."""
+    run = [f"u{i}" for i in range(length)]
+    backing_of = dict(unrelated)
+    below = "a"
+    for layer in run:
+        backing_of[layer] = below
+        below = layer
+    assert layers_above("a", backing_of) == LayersAbove(tuple(reversed(run)))
+    if length > 1:
+        backing_of["fork"] = "u0"  # u1 and fork were both made on u0
+        assert layers_above("a", backing_of) == LayersAbove(("u0",), unclear=("fork", "u1"))
