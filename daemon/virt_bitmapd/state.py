@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,6 +170,16 @@ class StateStore:
                 self._path(uuid).unlink(missing_ok=True)
             except OSError as error:
                 raise StateUnusable(f"{self._path(uuid)}: cannot remove: {error}") from error
+
+    def age(self, uuid: str) -> float | None:
+        """Seconds since the domain's state was last written (by a look at one of its disks);
+        None when there is none."""
+        try:
+            return time.time() - self._path(uuid).stat().st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise StateUnusable(f"{self._path(uuid)}: cannot read the state: {error}") from error
 
     def known(self) -> list[str]:
         if not self.directory.is_dir():

@@ -86,9 +86,11 @@ class Domains:
                 dom = self.conn.lookupByName(name)
             except libvirt.libvirtError:
                 continue
+            persistent = dom.isPersistent()
             if dom.isActive():
                 dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            if persistent:  # a transient domain is gone once destroyed
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
 
 
 def stop_gracefully(dom: Any, timeout: float = 30) -> None:
@@ -96,9 +98,18 @@ def stop_gracefully(dom: Any, timeout: float = 30) -> None:
     cannot answer an ACPI shutdown)."""
     dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
     deadline = time.monotonic() + timeout
-    while dom.isActive():
+    while _active(dom):
         assert time.monotonic() < deadline, f"{dom.name()} did not stop"
         time.sleep(0.1)
+
+
+def _active(dom: Any) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError as error:
+        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False  # a transient domain is gone once stopped
+        raise
 
 
 def virsh(*args: str) -> str:

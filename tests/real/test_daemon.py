@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,14 @@ from helpers.images import (
     state,
     write,
 )
-from helpers.libvirt_env import Domains, connect, start_libvirtd, stop_gracefully, virsh
+from helpers.libvirt_env import (
+    Domains,
+    connect,
+    domain_xml,
+    start_libvirtd,
+    stop_gracefully,
+    virsh,
+)
 from helpers.scenarios import (
     assert_base_holds_the_data,
     build,
@@ -438,6 +446,31 @@ def test_undefined_domain_is_forgotten(
     dom.undefine()
     daemon.wait_event("domain_forgotten", domain=name, reason="undefined")
     assert not state_file.exists()
+
+
+def test_transient_domain_keeps_its_chain_while_down_and_a_cold_merge_is_found(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """oVirt's way: VMs are transient domains, gone from libvirt while down, and cold merges
+    happen then. The chain is kept across the absence, so the merge is found at the next start."""
+    c = build(tmp_path / "images")
+    name = f"vbd-test-{uuid.uuid4().hex[:8]}"
+    xml = domain_xml(name, c.active).replace("<name>", f"<uuid>{uuid.uuid4()}</uuid><name>")
+    dom = domains.conn.createXML(xml)
+    domains.adopt(name)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    state_file = daemon.state_dir / "domains" / f"{dom.UUIDString()}.json"
+    stop_gracefully(dom)  # a transient domain vanishes: no UNDEFINED event
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("domain_absent", domain=name)
+    assert state_file.exists()
+    commit_offline(c)
+    dom = domains.conn.createXML(xml)
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled" and entry["removed"] == [str(c.layers[1])], entry
+    stop_gracefully(dom)
+    assert_base_holds_the_data(c)
 
 
 def test_corrupt_image_is_named_and_left_alone(

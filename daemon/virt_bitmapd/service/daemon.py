@@ -55,6 +55,8 @@ COMMIT_TYPES = ("commit", "active_commit")
 # How often running domains' XML is compared with their known chains, to learn of snapshots
 # (libvirt announces none) before a commit can take their layers away again.
 SNAPSHOT_WATCH_INTERVAL = 5.0
+# How long the chains of a domain libvirt no longer lists are kept (seconds).
+ABSENT_RETENTION = 90 * 86400
 STOP_TIMEOUT = 8.0  # seconds for running looks to finish; systemd waits 10
 RETRY_DELAY = 5.0  # seconds before looking again at a disk whose look may succeed later
 BACKOFF_START = 1.0
@@ -85,6 +87,7 @@ class Daemon:
         self._job_of_event: dict[DiskKey, str] = {}
         self._warned_skips: set[DiskKey] = set()
         self._retry_delays: dict[DiskKey, float] = {}
+        self._absent_logged: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -288,12 +291,28 @@ class Daemon:
             present.add(dom.UUIDString())
             await self._rescan_domain(dom, trigger)
         for uuid in self.store.known():
-            if uuid not in present:  # undefined while we were not listening
-                try:
-                    known = self.store.load(uuid)
-                except VirtBitmapdError:
-                    known = None
-                self._forget(uuid, known.name if known else uuid, "gone")
+            if uuid not in present:
+                self._absent(uuid)
+        self._absent_logged -= present
+
+    def _absent(self, uuid: str) -> None:
+        """A known domain libvirt does not list: a transient domain that stopped (oVirt runs
+        its VMs so, and cold-merges while they are down), or one undefined while we were not
+        listening.  Its chains are kept, so that a commit made meanwhile is found when it comes
+        back; its metrics go now, and its state after ABSENT_RETENTION without a look."""
+        try:
+            known = self.store.load(uuid)
+            age = self.store.age(uuid)
+        except VirtBitmapdError:
+            known, age = None, None
+        name = known.name if known else uuid
+        if known is None or age is None or age > ABSENT_RETENTION:
+            self._forget(uuid, name, "absent")
+            return
+        self.metrics.forget_domain(name)
+        if uuid not in self._absent_logged:
+            self._absent_logged.add(uuid)
+            log.info("domain_absent", domain=name, chains_kept_for_days=ABSENT_RETENTION // 86400)
 
     def _forget(self, uuid: str, name: str, reason: str) -> None:
         self.metrics.forget_domain(name)
