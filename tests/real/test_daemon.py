@@ -422,6 +422,26 @@ def test_live_commit_with_missing_bits_is_repaired_through_qemu(
         assert_base_holds_the_data(c)
 
 
+def test_a_repair_that_cannot_be_done_leaves_the_bitmaps_untrusted(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """libvirt's merge went missing and the committed layer cannot be read any more: nothing
+    proves the base complete, so its bitmaps must not count as trustworthy."""
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
+    assert daemon.stop() == 0
+    commit_s1_live(dom, c)
+    damage_live_base_bitmap(dom, c.layers[0], "cp2", "remove")
+    with c.layers[1].open("r+b") as header:
+        header.seek(48)  # refcount table offset: far outside the file
+        header.write((0xFFFFFFFFFF00).to_bytes(8, "big"))
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "failed" and entry["level"] == "error", entry
+    assert str(c.layers[1]) in entry["error"] and "cp2" in entry["untrusted"]
+    known = json.loads((daemon.state_dir / "domains" / f"{dom.UUIDString()}.json").read_text())
+    assert "cp2" in known["untrusted"]["vda"]
+
+
 def test_live_commit_that_deletes_its_layers_is_reported_unprovable(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:

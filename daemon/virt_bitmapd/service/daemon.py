@@ -462,6 +462,8 @@ class Daemon:
         fields["error_kind"] = report.error.kind
         if hasattr(report.error, "bitmaps"):
             fields["bitmaps"] = list(report.error.bitmaps)
+        elif report.suspects:
+            fields["untrusted"] = list(report.suspects)
         if report.label == "skipped":
             bound.warning("reconciliation", **fields)
         else:

@@ -65,6 +65,8 @@ class CommitReport:
     plan: Plan | None = None
     outcome: Outcome | None = None
     error: VirtBitmapdError | None = None
+    #: On a failure no later look will retry: the bitmaps that may now miss the commit's bits.
+    suspects: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -293,7 +295,11 @@ class DiskChecker:
                 )
         except VirtBitmapdError as error:
             return CommitReport(
-                commit=commit, live=running, duration=time.monotonic() - started, error=error
+                commit=commit,
+                live=running,
+                duration=time.monotonic() - started,
+                error=error,
+                suspects=() if error.retryable else _suspects(commit, seen_before, chain_now),
             )
         return CommitReport(
             commit=commit,
@@ -321,6 +327,7 @@ def _untrusted_after(reports: Sequence[CommitReport]) -> set[str]:
     for report in reports:
         if isinstance(report.error, BitsUnprovable):
             names.update(report.error.bitmaps)
+        names.update(report.suspects)
         if report.plan is not None:
             names.update(s.bitmap for s in report.plan.skipped if s.reason in _BROKEN_BY_COMMIT)
     return names
@@ -390,19 +397,27 @@ def _require_layers(
     chain_now: tuple[Image, ...],
 ) -> None:
     """Refuse a commit whose layers are already deleted: their bits cannot be proven to be in
-    the base.  The bitmaps named are those the committed layers held when last seen (they may
-    look valid now and miss those bits) and the base's own; all of the chain's if the layers
-    were never seen."""
+    the base."""
     missing = tuple(path for path in commit.removed if not os.path.exists(path))
-    if not missing:
-        return
+    if missing:
+        raise CommittedLayersGone(commit.base, missing, _suspects(commit, seen_before, chain_now))
+
+
+def _suspects(
+    commit: Commit,
+    seen_before: Mapping[str, tuple[Bitmap, ...]],
+    chain_now: tuple[Image, ...],
+) -> tuple[str, ...]:
+    """Bitmaps that may miss the commit's bits when it could not be carried out: those the
+    committed layers held when last seen (they may look valid now), and the base's own; all of
+    the chain's if the layers were never seen."""
     suspects = {b.name for path in commit.removed for b in seen_before.get(path, ())}
     if not suspects:
         suspects = {b.name for image in chain_now for b in image.bitmaps}
     base = next((image for image in chain_now if image.path == commit.base), None)
     if base is not None:
         suspects.update(b.name for b in base.bitmaps)
-    raise CommittedLayersGone(commit.base, missing, tuple(sorted(suspects)))
+    return tuple(sorted(suspects))
 
 
 def _resolved(disk: Disk) -> Disk:
