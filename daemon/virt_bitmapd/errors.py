@@ -14,6 +14,7 @@ __all__ = [
     "ImageInUse",
     "ImageMissing",
     "ImageUnreadable",
+    "LayersOutOfQemuReach",
     "LibvirtFailed",
     "OutsideStorageRoots",
     "ReconcileFailed",
@@ -89,6 +90,14 @@ class ImageInUse(ImageError):
 
 class OutsideStorageRoots(ImageError):
     kind = "outside_storage_roots"
+
+
+class LayersOutOfQemuReach(ImageError):
+    """QEMU may not open a committed layer (libvirt's AppArmor or SELinux confinement revokes
+    its access once the commit ends), while the base already shows every bitmap the commit
+    concerns: libvirt's own merge cannot be checked bit by bit, and nothing needs adding."""
+
+    kind = "unverifiable"
 
 
 class ToolFailed(VirtBitmapdError):

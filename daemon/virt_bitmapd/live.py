@@ -12,6 +12,9 @@ How this works:
   Only when something is missing is the plan applied, as one transaction, the base reopened
   read-write around it when it is a read-only backing node (as libvirt does).
 * Probes and attached layers are removed whatever happens.
+* Under libvirt's AppArmor or SELinux confinement QEMU may not open the committed layers any
+  more.  If the base then shows every bitmap concerned, recording, that is reported as
+  unverifiable (libvirt merged, nobody can check the bits); otherwise the commit failed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 
 from . import images
 from .domain_xml import Disk
-from .errors import ChainError, ReconcileFailed, image_error_from_qemu
+from .errors import ChainError, LayersOutOfQemuReach, ReconcileFailed, image_error_from_qemu
 from .model import Chain, Image, Outcome, Plan, Reconciliation, Result
 from .planner import plan as make_plan
 from .qmp import (
@@ -81,14 +84,24 @@ def reconcile_live(
     }
     attached: list[str] = []
     try:
+        base_now = node_bitmaps(nodes, base_node)
         for path, node in source_nodes.items():
             try:
                 monitor.execute(blockdev_add_readonly_source(node, path))
             except QMPError as error:
+                if "permission denied" in error.description.lower() and _holds_every_bitmap(
+                    plan, base_now
+                ):
+                    raise LayersOutOfQemuReach(
+                        path,
+                        "QEMU may not open this committed layer (confined by libvirt's "
+                        "security driver?), so the merge libvirt made cannot be verified; the "
+                        f"base holds every bitmap concerned: {error.description}",
+                    ) from error
                 raise image_error_from_qemu(path, error.description) from error
             attached.append(node)
         # attaching layers changed nothing of the base: the first look at the nodes still holds
-        if _already_consistent(monitor, plan, node_bitmaps(nodes, base_node), source_nodes):
+        if _already_consistent(monitor, plan, base_now, source_nodes):
             return Reconciliation(plan=plan, result=Result.ALREADY_CONSISTENT)
         require_inside(commit.base, storage_roots)
         outcome = _apply(monitor, plan, disk, find_node(nodes, base_node), source_nodes)
@@ -128,6 +141,16 @@ def _live_images(disk: Disk, base: str, nodes: list[JSON]) -> tuple[str, tuple[I
     base_node = disk.layers[layer_index].format_node
     assert base_node is not None
     return base_node, tuple(result)
+
+
+def _holds_every_bitmap(plan: Plan, base: NodeBitmaps) -> bool:
+    """The base has each bitmap of the plan, recording and consistent: what libvirt's merge
+    leaves, though it says nothing of the bits."""
+    for merge in plan.merges:
+        copy = base.bitmap(merge.bitmap)
+        if copy is None or not copy.recording or copy.inconsistent:
+            return False
+    return True
 
 
 def _already_consistent(

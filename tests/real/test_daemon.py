@@ -8,10 +8,12 @@ After the commit the VM is stopped cleanly and the base's dirty extents are read
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +442,57 @@ def test_a_repair_that_cannot_be_done_leaves_the_bitmaps_untrusted(
     assert str(c.layers[1]) in entry["error"] and "cp2" in entry["untrusted"]
     known = json.loads((daemon.state_dir / "domains" / f"{dom.UUIDString()}.json").read_text())
     assert "cp2" in known["untrusted"]["vda"]
+
+
+@pytest.fixture
+def unprivileged_qemu_images() -> Iterator[Path]:
+    """A folder QEMU can reach when it runs as nobody (pytest's own tmp is root's alone)."""
+    folder = Path(f"/var/lib/libvirt/images/vbd-test-{uuid.uuid4().hex[:8]}")
+    folder.mkdir(mode=0o755, parents=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("libvirt_merged", [True, False], ids=["merged", "merge-missing"])
+def test_committed_layer_qemu_may_not_open(
+    tmp_path: Path,
+    domains: Domains,
+    daemon_factory: Any,
+    unprivileged_qemu_images: Path,
+    libvirt_merged: bool,
+) -> None:
+    """What libvirt's AppArmor/SELinux confinement does to a committed layer, made real with
+    QEMU running as nobody and the layer left readable by root alone: when the base shows every
+    bitmap, libvirt's merge is reported unverifiable (a warning, nothing untrusted); when one
+    is missing, the commit failed and its bitmaps are untrusted."""
+    c = build(unprivileged_qemu_images / "images")
+    for layer in c.layers:
+        layer.chmod(0o666)
+    name = f"vbd-test-{uuid.uuid4().hex[:8]}"
+    as_nobody = "<seclabel type='static' model='dac' relabel='no'><label>+65534:+65534</label>"
+    xml = domain_xml(name, c.active).replace("</devices>", f"</devices>{as_nobody}</seclabel>")
+    xml = xml.replace("type='kvm'", "type='qemu'")  # /dev/kvm is not nobody's
+    dom = domains.conn.defineXML(xml)
+    domains.adopt(name)
+    dom.create()
+    daemon = daemon_factory(roots=[unprivileged_qemu_images]).start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    assert daemon.stop() == 0
+    commit_s1_live(dom, c)
+    if not libvirt_merged:
+        damage_live_base_bitmap(dom, c.layers[0], "cp2", "remove")
+    c.layers[1].chmod(0o600)  # root's alone now, as a revoked label leaves it to QEMU
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert "Permission denied" in entry["error"] and str(c.layers[1]) in entry["error"], entry
+    known = json.loads((daemon.state_dir / "domains" / f"{dom.UUIDString()}.json").read_text())
+    if libvirt_merged:
+        assert entry["result"] == "skipped" and entry["level"] == "warning", entry
+        assert entry["error_kind"] == "unverifiable"
+        assert known.get("untrusted", {}).get("vda", []) == []
+    else:
+        assert entry["result"] == "failed" and entry["level"] == "error", entry
+        assert "cp2" in known["untrusted"]["vda"]
 
 
 def test_live_commit_that_deletes_its_layers_is_reported_unprovable(

@@ -30,6 +30,7 @@ from ..errors import (
     BitsUnprovable,
     ChainError,
     CommittedLayersGone,
+    LayersOutOfQemuReach,
     LibvirtFailed,
     OutsideStorageRoots,
     UnseenLayersUnclear,
@@ -77,7 +78,7 @@ def result_label(result: Result | None, error: VirtBitmapdError | None) -> str:
     """The metric label of how a reconciliation ended."""
     if isinstance(error, BitsUnprovable):
         return "unrecoverable"
-    if isinstance(error, OutsideStorageRoots):
+    if isinstance(error, OutsideStorageRoots | LayersOutOfQemuReach):
         return "skipped"
     if error is not None or result is None:
         return "failed"
@@ -299,7 +300,9 @@ class DiskChecker:
                 live=running,
                 duration=time.monotonic() - started,
                 error=error,
-                suspects=() if error.retryable else _suspects(commit, seen_before, chain_now),
+                suspects=()
+                if error.retryable or isinstance(error, LayersOutOfQemuReach)
+                else _suspects(commit, seen_before, chain_now),
             )
         return CommitReport(
             commit=commit,
