@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from structlog.testing import capture_logs
 
 from virt_bitmapd.config import Settings
+from virt_bitmapd.model import Result
 from virt_bitmapd.observability.metrics import Metrics
 from virt_bitmapd.service.daemon import Daemon
-from virt_bitmapd.service.disk_check import DiskReport
+from virt_bitmapd.service.disk_check import CommitReport, DiskReport
+from virt_bitmapd.tracking import Commit
 
 
 def test_a_commit_event_with_no_known_layer_gone_is_reported_unverified(tmp_path: Path) -> None:
@@ -38,3 +41,31 @@ def test_a_look_after_another_event_says_nothing_of_commits(tmp_path: Path) -> N
     with capture_logs() as logs:
         daemon._publish(report, "rescan", None)
     assert not [e for e in logs if e["event"] == "reconciliation"]
+
+
+def test_a_commit_already_handled_by_the_look_at_ready_is_not_reported_unverified(
+    tmp_path: Path,
+) -> None:
+    daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
+    handled = DiskReport(
+        domain="vm1",
+        uuid="u1",
+        disk="vda",
+        running=True,
+        chain=("/i/base",),
+        previous_chain=("/i/top", "/i/base"),
+        commits=(
+            CommitReport(
+                commit=Commit(removed=("/i/top",), base="/i/base"),
+                live=True,
+                duration=0.1,
+                result=Result.ALREADY_CONSISTENT,
+            ),
+        ),
+    )
+    unchanged = replace(handled, commits=(), previous_chain=("/i/base",))
+    with capture_logs() as logs:
+        daemon._publish(handled, "event", None)  # the look started at READY saw the pivot
+        daemon._publish(unchanged, "event", "active_commit")
+    results = [e["result"] for e in logs if e["event"] == "reconciliation"]
+    assert results == ["already_consistent"]

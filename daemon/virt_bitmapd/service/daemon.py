@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from typing import Any
 
 import libvirt
@@ -57,6 +58,8 @@ COMMIT_TYPES = ("commit", "active_commit")
 SNAPSHOT_WATCH_INTERVAL = 5.0
 # How long the chains of a domain libvirt no longer lists are kept (seconds).
 ABSENT_RETENTION = 90 * 86400
+# A commit found within this many seconds before its COMPLETED event belongs to that event.
+JOB_WINDOW = 60.0
 STOP_TIMEOUT = 8.0  # seconds for running looks to finish; systemd waits 10
 RETRY_DELAY = 5.0  # seconds before looking again at a disk whose look may succeed later
 BACKOFF_START = 1.0
@@ -88,6 +91,7 @@ class Daemon:
         self._warned_skips: set[DiskKey] = set()
         self._retry_delays: dict[DiskKey, float] = {}
         self._absent_logged: set[str] = set()
+        self._last_commit_seen: dict[DiskKey, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -397,7 +401,16 @@ class Daemon:
             return
         for commit in report.commits:
             self._publish_commit(bound, commit, trigger, job_type)
-        if job_type in COMMIT_TYPES and not report.commits and not report.first_sight:
+        if report.commits:
+            self._last_commit_seen[key] = time.monotonic()
+        # A look begun at READY may already have handled the commit the COMPLETED look finds.
+        just_handled = time.monotonic() - self._last_commit_seen.get(key, -1e9) < JOB_WINDOW
+        if (
+            job_type in COMMIT_TYPES
+            and not report.commits
+            and not report.first_sight
+            and not just_handled
+        ):
             # Layers made and committed away between two looks: libvirt merged their bitmaps
             # itself, but nothing here saw them, so nothing could be verified.
             self.metrics.reconciliations.labels(trigger, "skipped").inc()
