@@ -27,7 +27,7 @@ def test_a_commit_event_with_no_known_layer_gone_is_reported_unverified(tmp_path
         previous_chain=("/i/base",),
     )
     with capture_logs() as logs:
-        daemon._publish(report, "event", "commit")
+        daemon._publish(report, "event", "commit", completed=True)
     entry = next(e for e in logs if e["event"] == "reconciliation")
     assert entry["result"] == "skipped" and entry["log_level"] == "warning"
     assert "not verified" in entry["reason"]
@@ -66,6 +66,16 @@ def test_a_commit_already_handled_by_the_look_at_ready_is_not_reported_unverifie
     unchanged = replace(handled, commits=(), previous_chain=("/i/base",))
     with capture_logs() as logs:
         daemon._publish(handled, "event", None)  # the look started at READY saw the pivot
-        daemon._publish(unchanged, "event", "active_commit")
+        daemon._publish(unchanged, "event", "active_commit", completed=True)
     results = [e["result"] for e in logs if e["event"] == "reconciliation"]
     assert results == ["already_consistent"]
+
+
+def test_the_look_at_ready_finds_no_commit_and_says_nothing_of_it(tmp_path: Path) -> None:
+    daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
+    grown = DiskReport(
+        domain="vm1", uuid="u1", disk="vda", chain=("/i/o", "/i/a"), previous_chain=("/i/a",)
+    )
+    with capture_logs() as logs:
+        daemon._publish(grown, "event", "active_commit", completed=False)
+    assert [e["event"] for e in logs] == ["chain_changed"]

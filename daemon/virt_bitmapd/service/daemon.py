@@ -87,7 +87,8 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._lost = asyncio.Event()
         self._scheduler = Scheduler(self._look_at_disk, settings.concurrency)
-        self._job_of_event: dict[DiskKey, str] = {}
+        #: the block job an event announced for a disk: its type, and whether it completed
+        self._job_of_event: dict[DiskKey, tuple[str, bool]] = {}
         self._warned_skips: set[DiskKey] = set()
         self._retry_delays: dict[DiskKey, float] = {}
         self._absent_logged: set[str] = set()
@@ -232,9 +233,8 @@ class Daemon:
             action="look at the disk" if completed else "remember the chain" if ready else "none",
         )
         key = (dom.UUIDString(), disk)
-        if completed:
-            self._job_of_event[key] = type_name
-        if completed or ready:
+        if completed or ready:  # the look at READY may already find the pivot done
+            self._job_of_event[key] = (type_name, completed)
             self._scheduler.submit(key, "event")
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
@@ -348,7 +348,7 @@ class Daemon:
 
     async def _look_at_disk(self, key: DiskKey, trigger: str) -> None:
         uuid, target = key
-        job_type = self._job_of_event.pop(key, None)
+        job_type, completed = self._job_of_event.pop(key, (None, False))
         conn = self._conn
         if conn is None:
             return  # everything is looked at again after the reconnect
@@ -371,11 +371,14 @@ class Daemon:
                 error_kind=error.kind,
             )
             return
-        self._publish(report, trigger, job_type)
+        self._publish(report, trigger, job_type, completed=completed)
 
     # ------------------------------------------------------------------ reporting
 
-    def _publish(self, report: DiskReport, trigger: str, job_type: str | None) -> None:
+    def _publish(
+        self, report: DiskReport, trigger: str, job_type: str | None, *, completed: bool = False
+    ) -> None:
+        """``job_type``: the block job an event announced; ``completed``: that it ended."""
         bound = log.bind(domain=report.domain, disk=report.disk)
         key = (report.uuid, report.disk)
         if report.skipped is not None:
@@ -406,7 +409,8 @@ class Daemon:
         # A look begun at READY may already have handled the commit the COMPLETED look finds.
         just_handled = time.monotonic() - self._last_commit_seen.get(key, -1e9) < JOB_WINDOW
         if (
-            job_type in COMMIT_TYPES
+            completed
+            and job_type in COMMIT_TYPES
             and not report.commits
             and not report.first_sight
             and not just_handled
