@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rescan-interval", type=float, metavar="SECONDS", help="full rescan period (default 300)"
     )
+    run.add_argument(
+        "--snapshot-watch-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often running domains' XML is checked for new snapshots (default 5; 0: off)",
+    )
     run.add_argument("--concurrency", type=int, help="disks handled at once (default 4)")
     run.add_argument(
         "--metrics-listen",
@@ -116,6 +122,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "state_dir": args.state_dir,
             "storage_roots": tuple(args.storage_root) if args.storage_root else None,
             "rescan_interval": args.rescan_interval,
+            "snapshot_watch_interval": args.snapshot_watch_interval,
             "concurrency": args.concurrency,
             "metrics_listen": args.metrics_listen,
             "log_format": args.log_format,
@@ -138,6 +145,7 @@ def _check_config(args: argparse.Namespace) -> int:
         "storage_roots",
         "state_dir",
         "rescan_interval",
+        "snapshot_watch_interval",
         "concurrency",
         "metrics_listen",
         "log_format",

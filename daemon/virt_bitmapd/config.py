@@ -32,6 +32,7 @@ class Settings:
     storage_roots: tuple[str, ...] = ("/var/lib/libvirt/images",)
     state_dir: str = "/var/lib/virt-bitmapd"
     rescan_interval: float = 300.0
+    snapshot_watch_interval: float = 5.0
     concurrency: int = 4
     metrics_listen: str = "127.0.0.1:9411"
     log_format: str = "auto"
@@ -94,6 +95,14 @@ def _interval(value: Any) -> float:
     return float(value)
 
 
+def _watch_interval(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("must be a number of seconds")
+    if value != 0 and not 1 <= value <= 3600:
+        raise ValueError(f"{value} is not 0 (off) or between 1 and 3600 seconds")
+    return float(value)
+
+
 def _concurrency(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("must be a whole number")
@@ -126,6 +135,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
     "daemon": {
         "state_dir": ("state_dir", _absolute),
         "rescan_interval": ("rescan_interval", _interval),
+        "snapshot_watch_interval": ("snapshot_watch_interval", _watch_interval),
         "concurrency": ("concurrency", _concurrency),
     },
     "metrics": {"listen": ("metrics_listen", _listen)},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_bitmapd.config import ConfigError, Settings, load
+from virt_bitmapd.config import SCHEMA, ConfigError, Settings, load
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config" / "config.toml"
@@ -40,6 +40,10 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("[daemon]\nconcurrency = '2'\n", "daemon.concurrency: must be a whole number"),
         ("[daemon]\nconcurrency = 0\n", "daemon.concurrency: 0 is not between 1 and 64"),
         ("[daemon]\nrescan_interval = true\n", "daemon.rescan_interval: must be a number"),
+        (
+            "[daemon]\nsnapshot_watch_interval = 0.5\n",
+            "daemon.snapshot_watch_interval: 0.5 is not 0 (off) or between 1 and 3600",
+        ),
         (
             "[daemon]\nstate_dir = 'relative/dir'\n",
             "daemon.state_dir: 'relative/dir' is not an absolute",
@@ -75,6 +79,20 @@ def test_broken_toml_and_missing_file(tmp_path: Path) -> None:
         load(write(tmp_path, "[daemon\n"))
     with pytest.raises(ConfigError, match="no such file"):
         load(str(tmp_path / "absent.toml"))
+
+
+def test_every_setting_is_documented_in_the_shipped_config() -> None:
+    text = SHIPPED.read_text()
+    for section, keys in SCHEMA.items():
+        assert f"[{section}]" in text
+        for key in keys:
+            assert f"#{key} = " in text, f"{section}.{key} is not shown with its default"
+
+
+def test_snapshot_watch_can_be_turned_off(tmp_path: Path) -> None:
+    path = write(tmp_path, "[daemon]\nsnapshot_watch_interval = 0\n")
+    assert load(path).snapshot_watch_interval == 0
+    assert load(None, {"snapshot_watch_interval": 10}).snapshot_watch_interval == 10
 
 
 def test_bad_flag_is_named() -> None:

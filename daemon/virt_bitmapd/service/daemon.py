@@ -53,9 +53,6 @@ JOB_STATUSES = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
 }
 COMMIT_TYPES = ("commit", "active_commit")
-# How often running domains' XML is compared with their known chains, to learn of snapshots
-# (libvirt announces none) before a commit can take their layers away again.
-SNAPSHOT_WATCH_INTERVAL = 5.0
 # How long the chains of a domain libvirt no longer lists are kept (seconds).
 ABSENT_RETENTION = 90 * 86400
 # A commit found within this many seconds before its COMPLETED event belongs to that event.
@@ -117,10 +114,9 @@ class Daemon:
             state_dir=self.settings.state_dir,
             metrics=self.settings.metrics_listen or "off",
         )
-        helpers = [
-            loop.create_task(self._rescan_periodically()),
-            loop.create_task(self._watch_for_snapshots()),
-        ]
+        helpers = [loop.create_task(self._rescan_periodically())]
+        if self.settings.snapshot_watch_interval:
+            helpers.append(loop.create_task(self._watch_for_snapshots()))
         if self.notifier.watchdog_interval:
             helpers.append(loop.create_task(self._ping_watchdog(self.notifier.watchdog_interval)))
         try:
@@ -263,8 +259,10 @@ class Daemon:
                 await self._rescan_all("rescan")
 
     async def _watch_for_snapshots(self) -> None:
+        """libvirt announces no snapshot: compare the running domains' XML with their known
+        chains now and then, so a layer is known before a commit can take it away again."""
         while True:
-            await asyncio.sleep(SNAPSHOT_WATCH_INTERVAL)
+            await asyncio.sleep(self.settings.snapshot_watch_interval)
             conn = self._conn
             if conn is None:
                 continue
