@@ -83,6 +83,13 @@ def leave_inconsistent(path: Path, name: str) -> None:
     writer.wait()
 
 
+def corrupt(path: Path) -> None:
+    """Point the qcow2 refcount table far outside the file: QEMU refuses the image as corrupt."""
+    with path.open("r+b") as header:
+        header.seek(48)  # refcount_table_offset
+        header.write((0xFFFFFFFFFF00).to_bytes(8, "big"))
+
+
 def dirty_extents(path: Path, name: str) -> list[tuple[int, int]]:
     """The (offset, length) runs bitmap ``name`` of ``path`` marks dirty, merged and sorted."""
     with tempfile.TemporaryDirectory() as folder:

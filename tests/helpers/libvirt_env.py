@@ -67,11 +67,17 @@ class Domains:
         self.conn = conn
         self._names: list[str] = []
 
+    def xml(self, *disks: Path, prefix: str = "vbd-test") -> tuple[str, str]:
+        """The name and XML of a domain with these disks as vda, vdb, ...; removed at teardown
+        under that name, however the test creates it."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self._names.append(name)
+        return name, domain_xml(name, *disks)
+
     def define(self, *disks: Path, start: bool = False, prefix: str = "vbd-test") -> Any:
         """A domain with these disks as vda, vdb, ..."""
-        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        dom = self.conn.defineXML(domain_xml(name, *disks))
-        self._names.append(name)
+        _, xml = self.xml(*disks, prefix=prefix)
+        dom = self.conn.defineXML(xml)
         if start:
             dom.create()
         return dom

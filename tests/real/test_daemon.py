@@ -24,6 +24,7 @@ from helpers.images import (
     ChainBuilder,
     MiB,
     add_bitmap,
+    corrupt,
     create,
     dirty_extents,
     expected,
@@ -34,7 +35,6 @@ from helpers.images import (
 from helpers.libvirt_env import (
     Domains,
     connect,
-    domain_xml,
     start_libvirtd,
     stop_gracefully,
     virsh,
@@ -219,6 +219,10 @@ def test_live_commit_while_daemon_stopped_is_verified_at_startup(
     assert dirty_extents(c.layers[0], "cp2") == expected(everything[1:])
 
 
+def point_disk_at(domains: Domains, dom: Any, old: Path, new: Path) -> Any:
+    return domains.conn.defineXML(dom.XMLDesc(0).replace(f"file='{old}'", f"file='{new}'"))
+
+
 @pytest.mark.parametrize("into", ["s1", "base"])
 def test_cold_merge_of_the_active_layer_then_domain_pointed_at_the_base(
     tmp_path: Path, domains: Domains, daemon_factory: Any, into: str
@@ -231,8 +235,7 @@ def test_cold_merge_of_the_active_layer_then_domain_pointed_at_the_base(
     subprocess.run(
         ["qemu-img", "commit", "-q", "-b", str(target), str(active)], check=True, timeout=60
     )
-    xml = dom.XMLDesc(0).replace(f"file='{active}'", f"file='{target}'")
-    dom = domains.conn.defineXML(xml)
+    dom = point_disk_at(domains, dom, active, target)
     daemon.signal(signal.SIGHUP)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "reconciled" and entry["base"] == str(target), entry
@@ -255,10 +258,6 @@ def unseen_overlay(c: ChainBuilder, name: str, offset: int) -> Path:
         add_bitmap(overlay, bitmap)
     write(overlay, offset, K64, 0xDD)
     return overlay
-
-
-def point_disk_at(domains: Domains, dom: Any, old: Path, new: Path) -> Any:
-    return domains.conn.defineXML(dom.XMLDesc(0).replace(f"file='{old}'", f"file='{new}'"))
 
 
 def test_unseen_snapshot_committed_while_daemon_stopped_joins_the_commit(
@@ -433,9 +432,7 @@ def test_a_repair_that_cannot_be_done_leaves_the_bitmaps_untrusted(
     assert daemon.stop() == 0
     commit_s1_live(dom, c)
     damage_live_base_bitmap(dom, c.layers[0], "cp2", "remove")
-    with c.layers[1].open("r+b") as header:
-        header.seek(48)  # refcount table offset: far outside the file
-        header.write((0xFFFFFFFFFF00).to_bytes(8, "big"))
+    corrupt(c.layers[1])
     daemon.start()
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "failed" and entry["level"] == "error", entry
@@ -468,12 +465,11 @@ def test_committed_layer_qemu_may_not_open(
     c = build(unprivileged_qemu_images / "images")
     for layer in c.layers:
         layer.chmod(0o666)
-    name = f"vbd-test-{uuid.uuid4().hex[:8]}"
+    _, xml = domains.xml(c.active)
     as_nobody = "<seclabel type='static' model='dac' relabel='no'><label>+65534:+65534</label>"
-    xml = domain_xml(name, c.active).replace("</devices>", f"</devices>{as_nobody}</seclabel>")
+    xml = xml.replace("</devices>", f"</devices>{as_nobody}</seclabel>")
     xml = xml.replace("type='kvm'", "type='qemu'")  # /dev/kvm is not nobody's
     dom = domains.conn.defineXML(xml)
-    domains.adopt(name)
     dom.create()
     daemon = daemon_factory(roots=[unprivileged_qemu_images]).start()
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
@@ -527,10 +523,9 @@ def test_transient_domain_keeps_its_chain_while_down_and_a_cold_merge_is_found(
     """oVirt's way: VMs are transient domains, gone from libvirt while down, and cold merges
     happen then. The chain is kept across the absence, so the merge is found at the next start."""
     c = build(tmp_path / "images")
-    name = f"vbd-test-{uuid.uuid4().hex[:8]}"
-    xml = domain_xml(name, c.active).replace("<name>", f"<uuid>{uuid.uuid4()}</uuid><name>")
+    name, xml = domains.xml(c.active)
+    xml = xml.replace("<name>", f"<uuid>{uuid.uuid4()}</uuid><name>")
     dom = domains.conn.createXML(xml)
-    domains.adopt(name)
     daemon = daemon_factory().start()
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
     state_file = daemon.state_dir / "domains" / f"{dom.UUIDString()}.json"
@@ -551,9 +546,7 @@ def test_corrupt_image_is_named_and_left_alone(
 ) -> None:
     c = build(tmp_path / "images")
     dom = domains.define(c.active)
-    with c.layers[1].open("r+b") as header:
-        header.seek(48)  # refcount table offset: far outside the file
-        header.write((0xFFFFFFFFFF00).to_bytes(8, "big"))
+    corrupt(c.layers[1])
     before = c.layers[1].read_bytes()
     daemon = daemon_factory().start()
     entry = daemon.wait_for(is_for(dom, "disk_check_failed"), what="disk check failed")

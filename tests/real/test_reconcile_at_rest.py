@@ -23,6 +23,7 @@ from helpers.images import (
     add_bitmap,
     bitmap_names,
     bitmaps,
+    corrupt,
     create,
     dirty_extents,
     expected,
@@ -244,9 +245,7 @@ def test_missing_backing_file_is_named(tmp_path: Path) -> None:
 def test_corrupt_image_is_named(tmp_path: Path) -> None:
     base = create(tmp_path / "base.qcow2")
     top = create(tmp_path / "top.qcow2", backing=base)
-    with base.open("r+b") as header:
-        header.seek(48)  # refcount table offset: point it far outside the file
-        header.write((0xFFFFFFFFFF00).to_bytes(8, "big"))
+    corrupt(base)
     result = cli("reconcile", "--top", str(top), "--base", str(base), "--json")
     assert result.returncode == 1
     error = json.loads(result.stdout)["error"]

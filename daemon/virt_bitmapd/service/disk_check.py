@@ -188,7 +188,8 @@ class DiskChecker:
                     running=running,
                     seen_before=seen_before,
                     chain_now=live_images,
-                    previous=(old, paths, state.seen_at.get(target)),
+                    old_chain=old,
+                    last_look=state.seen_at.get(target),
                 )
             )
         if any(r.outcome is not None and r.outcome.changed for r in reports):
@@ -264,10 +265,11 @@ class DiskChecker:
         running: bool,
         seen_before: Mapping[str, tuple[Bitmap, ...]],
         chain_now: tuple[Image, ...],
-        previous: tuple[tuple[str, ...], tuple[str, ...], float | None],
+        old_chain: tuple[str, ...],
+        last_look: float | None,
     ) -> CommitReport:
-        """``seen_before``: each layer's bitmaps at the previous look, before the commit.
-        ``previous``: the chain then, the chain now, and when the previous look began."""
+        """``seen_before``: each layer's bitmaps at the previous look, before the commit;
+        ``old_chain``: the chain then; ``last_look``: when that look began."""
         remembered = seen_before.get(commit.base)
         base_before = (
             None
@@ -275,12 +277,10 @@ class DiskChecker:
             else Image(path=commit.base, format="qcow2", bitmaps=remembered)
         )
         started = time.monotonic()
-        old, now, since = previous
         try:
-            if since is not None and commit.top == old[0]:
-                commit = _with_unseen_layers(
-                    commit, set(old) | set(now), since, seen_before, live=running
-                )
+            if last_look is not None and commit.top == old_chain[0]:
+                known = set(old_chain) | {image.path for image in chain_now}
+                commit = _with_unseen_layers(commit, known, last_look, seen_before, live=running)
             _require_layers(commit, seen_before, chain_now)
             if running:
                 done = reconcile_live(
