@@ -15,6 +15,7 @@ from .model import Result
 from .observability.logs import configure as configure_logging
 from .reconcile import reconcile_at_rest
 from .service.daemon import Daemon
+from .storage_roots import root_problem
 
 __all__ = ["main"]
 
@@ -36,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         help="show an image's backing chain, its bitmaps and whether each bitmap chain is valid",
         description="Show IMAGE's backing chain, every bitmap with its granularity and flags, "
         "and whether each bitmap's chain is valid from the top (libvirt's rule). Works on "
-        "images open in a running VM too (their in-use flags are then stale).",
+        "images open in a running VM too (their in-use flags are then stale). IMAGE is opened "
+        "as qcow2, never probed; each layer below as the format its overlay records, and a "
+        "backing file whose format is not recorded, or that is not a plain file, is refused.",
     )
     inspect.add_argument("image", metavar="IMAGE")
     inspect.add_argument("--json", action="store_true", help="print JSON")
@@ -47,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         description="For images no process holds open, after a commit done outside libvirt "
         "(TOP still exists and still backs onto BASE, as after 'qemu-img commit -d'): add to "
         "BASE every valid checkpoint bitmap of TOP and merge in the bits of the committed "
-        "layers, in one atomic transaction. Exit 0 when BASE ends reconciled (nothing to do "
-        "included), 1 with a one-line reason otherwise.",
+        "layers, in one atomic transaction. TOP is opened as qcow2 and every layer below as "
+        "the format its overlay records (never probed). Exit 0 when BASE ends reconciled "
+        "(nothing to do included), 1 with a one-line reason otherwise.",
     )
     reconcile.add_argument("--top", required=True, help="the commit top (an image path)")
     reconcile.add_argument("--base", required=True, help="the commit base, below TOP")
@@ -173,6 +177,13 @@ def _reconcile_roots(args: argparse.Namespace) -> tuple[str, ...] | None:
     """The flags' roots; else the config file's (the host's rule applies to people too); else
     none, for images a person names on a machine where nothing is configured."""
     if args.storage_root:
+        problems = [
+            f"--storage-root: {problem}"
+            for problem in map(root_problem, args.storage_root)
+            if problem is not None
+        ]
+        if problems:
+            raise ConfigError(problems)
         return tuple(args.storage_root)
     settings = load(args.config or DEFAULT_PATH)
     return settings.storage_roots if settings.source != "defaults" else None

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .storage_roots import root_problem
+
 __all__ = ["DEFAULT_PATH", "ConfigError", "Settings", "load", "parse_listen"]
 
 DEFAULT_PATH = "/etc/virt-bitmapd/config.toml"
@@ -81,10 +83,11 @@ def _absolute(value: Any) -> str:
 def _roots(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise TypeError("must be a list of absolute paths")
-    roots = tuple(_absolute(item) for item in value)
-    if "/" in roots:
-        raise ValueError("'/' would allow changing every image on the host")
-    return roots
+    for item in value:
+        problem = root_problem(_text(item))
+        if problem is not None:
+            raise ValueError(problem)
+    return tuple(_absolute(item) for item in value)
 
 
 def _interval(value: Any) -> float:

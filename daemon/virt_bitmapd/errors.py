@@ -8,7 +8,9 @@ __all__ = [
     "BaseCannotHoldBitmaps",
     "BitsUnprovable",
     "ChainError",
+    "CleanupFailed",
     "CommittedLayersGone",
+    "DomainXMLInvalid",
     "ImageCorrupt",
     "ImageError",
     "ImageInUse",
@@ -17,6 +19,7 @@ __all__ = [
     "LayersOutOfQemuReach",
     "LibvirtFailed",
     "OutsideStorageRoots",
+    "QMPError",
     "ReconcileFailed",
     "StateUnusable",
     "ToolFailed",
@@ -212,3 +215,32 @@ class LibvirtFailed(VirtBitmapdError):
 
     kind = "libvirt_failed"
     retryable = True
+
+
+class DomainXMLInvalid(VirtBitmapdError):
+    """libvirt answered with XML that is not a domain description."""
+
+    kind = "domain_xml_invalid"
+
+
+class CleanupFailed(VirtBitmapdError):
+    """Temporary nodes or probe bitmaps could not be removed from a running QEMU (or its base
+    put back read-only); the daemon removes its leftovers when it next connects."""
+
+    kind = "cleanup_failed"
+    retryable = True
+
+    def __init__(self, domain: str, failures: list[str]) -> None:
+        super().__init__(f"{domain}: cleanup after the check failed: {'; '.join(failures)}")
+        self.failures = tuple(failures)
+
+
+class QMPError(VirtBitmapdError):
+    """QEMU answered a command with an error."""
+
+    kind = "qmp_error"
+
+    def __init__(self, command: str, description: str) -> None:
+        super().__init__(f"{command}: {description}")
+        self.command = command
+        self.description = description

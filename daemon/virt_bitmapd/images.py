@@ -1,8 +1,20 @@
-"""Read backing chains of images at rest with ``qemu-img info --backing-chain``.
+"""Read images at rest: qcow2 headers, bitmaps, backing chains.  Never lets QEMU guess.
+
+How this works: a raw disk's bytes are its guest's, so nothing here ever asks QEMU to probe a
+format or to follow a backing name.  A chain is walked one layer at a time:
+
+* every layer is opened with an explicit format: the top's is given (libvirt's ``<driver
+  type>``, or qcow2 for a person naming an image), a lower one's comes from libvirt's XML where it
+  describes that layer, else from the backing format recorded in the header above it; a backing
+  whose format is recorded nowhere is refused, as libvirt refuses it;
+* a qcow2 layer's header is read here first (``qcow2_header.parse``: a plain file name, no
+  protocol, no external data file), then ``qemu-img info -f qcow2`` reads its bitmaps without
+  opening its backing file, and both must agree on the backing name;
+* a layer of another format (a raw base) ends the chain and is never opened at all.
 
 Without ``force_share``, qemu-img takes QEMU's image locks, so an image another process holds
 open (a running VM, a writer) is refused as ImageInUse: exactly what must be known before
-changing anything.  With it, the chain is read anyway; the in-use flags QEMU leaves on the bitmaps
+changing anything.  With it, the image is read anyway; the in-use flags QEMU leaves on the bitmaps
 of an open image then say nothing about their consistency.
 """
 
@@ -10,48 +22,132 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+import stat
 import subprocess
-from collections.abc import Iterable, Set
+from collections.abc import Collection, Iterable, Mapping, Sequence, Set
 from typing import Any
 
-from .errors import ImageCorrupt, ImageUnreadable, ToolFailed, image_error_from_qemu
-from .model import Bitmap, Chain, Image
+from . import qcow2_header
+from .errors import (
+    ChainError,
+    ImageCorrupt,
+    ImageMissing,
+    ImageUnreadable,
+    ToolFailed,
+    image_error_from_qemu,
+)
+from .model import QCOW2, Bitmap, Chain, Image
+from .qcow2_header import NotQcow2, Qcow2Header
+from .storage_roots import is_inside
 
-__all__ = ["parse_chain", "read_chain", "read_image", "recent_overlays"]
-
-QCOW2_MAGIC = b"QFI\xfb"
-# magic, version, backing_file_offset, backing_file_size (big endian, at the start of the header)
-QCOW2_HEADER = struct.Struct(">4sIQI")
-MAX_BACKING_NAME = 1023  # QEMU's own limit
+__all__ = ["backing_path", "read_chain", "read_header", "read_image", "recent_overlays"]
 
 TOOL = "qemu-img"
+RAW = "raw"
+#: Formats a chain may end with; their layers are never opened.
+LEAF_FORMATS = (RAW,)
+FIRST_READ = 4096
+MAX_CHAIN_LENGTH = 256
 
 
-def read_chain(
-    path: str, *, force_share: bool = False, binary: str = TOOL, timeout: float = 60.0
-) -> Chain:
-    """The backing chain that starts at ``path``, top first, every path absolute and real."""
-    entries = _info(path, ["--backing-chain"], force_share, binary, timeout)
-    return parse_chain(entries)
+def read_header(path: str) -> Qcow2Header:
+    """The qcow2 header of the regular file ``path``.  Raises ImageMissing, ImageUnreadable,
+    or ImageCorrupt (saying why it is no qcow2 image QEMU would open as one)."""
+    try:
+        # O_NONBLOCK: a FIFO planted under the name must not hang the reader
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError as error:
+        raise ImageMissing(path, "No such file or directory") from error
+    except OSError as error:
+        raise ImageUnreadable(path, f"cannot be opened: {error.strerror}") from error
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageUnreadable(path, "not a regular file")
+        data = os.pread(fd, FIRST_READ, 0)
+        cluster_bits = int.from_bytes(data[20:24], "big") if len(data) >= 24 else 0
+        if data[:4] == qcow2_header.MAGIC and 1 << cluster_bits > FIRST_READ:
+            wanted = min(1 << cluster_bits, qcow2_header.MAX_HEADER_READ)
+            data += os.pread(fd, wanted - len(data), len(data))
+    except OSError as error:
+        raise ImageUnreadable(path, f"cannot be read: {error.strerror}") from error
+    finally:
+        os.close(fd)
+    try:
+        return qcow2_header.parse(data)
+    except NotQcow2 as error:
+        raise ImageCorrupt(path, f"not a qcow2 image QEMU may open: {error}") from error
+
+
+def backing_path(image: str, name: str) -> str:
+    """Where backing name ``name``, recorded in ``image``, points: relative names are relative
+    to the image's folder (as QEMU reads them), symlinks resolved."""
+    return os.path.realpath(os.path.join(os.path.dirname(image), name))
 
 
 def read_image(
     path: str, *, force_share: bool = False, binary: str = TOOL, timeout: float = 60.0
 ) -> Image:
-    """One image by itself (its backing file is neither opened nor needed)."""
-    return _parse_image(_info(path, [], force_share, binary, timeout))
+    """One qcow2 image by itself (its backing file is neither opened nor needed)."""
+    return _read_qcow2(os.path.realpath(path), force_share, binary, timeout)[0]
+
+
+def read_chain(
+    top: str,
+    *,
+    formats: Mapping[str, str] | None = None,
+    force_share: bool = False,
+    binary: str = TOOL,
+    timeout: float = 60.0,
+) -> Chain:
+    """The backing chain that starts at the qcow2 image ``top``, top first, every path absolute
+    and real.  ``formats``: what libvirt says of layers it describes (real path -> format),
+    which wins over a header's record."""
+    known = formats or {}
+    layers: list[Image] = []
+    path, image_format = os.path.realpath(top), QCOW2
+    while True:
+        if any(layer.path == path for layer in layers):
+            raise ChainError(
+                f"{path}: backing loop: the chain from {layers[0].path} comes back here"
+            )
+        if len(layers) >= MAX_CHAIN_LENGTH:
+            raise ChainError(f"{top}: the backing chain is longer than {MAX_CHAIN_LENGTH} layers")
+        if image_format in LEAF_FORMATS:
+            layers.append(_leaf(path, image_format))
+            break
+        if image_format != QCOW2:
+            raise ChainError(f"{path}: format {image_format!r} is not supported (qcow2 or raw)")
+        image, header = _read_qcow2(path, force_share, binary, timeout)
+        layers.append(image)
+        if header.backing_name is None:
+            break
+        below = backing_path(path, header.backing_name)
+        recorded = known.get(below) or header.backing_format
+        if recorded is None:
+            raise ChainError(
+                f"{path}: the format of its backing file {below} is not recorded in its header; "
+                "refusing to guess it (record it: qemu-img rebase -u -b BACKING -F FORMAT)"
+            )
+        path, image_format = below, recorded
+    return Chain(tuple(layers))
 
 
 def recent_overlays(
-    directories: Iterable[str], *, newer_than: float, exclude: Set[str]
+    directories: Iterable[str],
+    *,
+    newer_than: float,
+    exclude: Set[str],
+    storage_roots: Sequence[str],
+    not_overlays: Collection[str] = (),
 ) -> dict[str, str]:
-    """qcow2 files directly in ``directories``, modified after ``newer_than`` (a time.time()),
-    other than ``exclude``, each with the backing file it names (absolute, symlinks resolved).
+    """Regular files directly in ``directories`` and under ``storage_roots``, modified after
+    ``newer_than`` (a time.time()), other than ``exclude`` and ``not_overlays`` (disks a domain
+    uses as raw: their header is their guest's), whose qcow2 header names a plain backing file
+    with the format qcow2 recorded: each with that backing file (absolute, symlinks resolved).
 
-    Only the first bytes of each header are read (qcow2's backing_file_offset and _size), so
-    scanning a busy directory costs no process per file.  Unreadable files are left out: they
-    are evidence of nothing."""
+    Only the headers are read (no process per file).  A file that is not such an overlay, or
+    cannot be read, is left out: it is evidence of nothing."""
+    skip = set(exclude) | {os.path.realpath(path) for path in not_overlays}
     found = {}
     for directory in set(directories):
         try:
@@ -63,91 +159,83 @@ def recent_overlays(
                 if not entry.is_file() or entry.stat().st_mtime <= newer_than:
                     continue
                 path = os.path.realpath(entry.path)
-                if path in exclude:
+                if path in skip or not is_inside(path, storage_roots):
                     continue
-                backing = _qcow2_backing_name(path)
-            except OSError:
+                header = read_header(path)
+            except (OSError, ImageCorrupt, ImageMissing, ImageUnreadable):
                 continue
-            if backing and not backing.startswith("json:"):
-                found[path] = os.path.realpath(os.path.join(os.path.dirname(path), backing))
+            if header.backing_name is not None and header.backing_format == QCOW2:
+                found[path] = backing_path(path, header.backing_name)
     return found
 
 
-def _qcow2_backing_name(path: str) -> str | None:
-    with open(path, "rb") as stream:
-        header = stream.read(QCOW2_HEADER.size)
-        if len(header) < QCOW2_HEADER.size:
-            return None
-        magic, _version, offset, size = QCOW2_HEADER.unpack(header)
-        if magic != QCOW2_MAGIC or not offset or not 0 < size <= MAX_BACKING_NAME:
-            return None
-        stream.seek(offset)
-        return stream.read(size).decode("utf-8", errors="replace")
+def _leaf(path: str, image_format: str) -> Image:
+    """A layer of a format without bitmaps or backing file: checked to exist, never opened."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError as error:
+        raise ImageMissing(path, "No such file or directory") from error
+    except OSError as error:
+        raise ImageUnreadable(path, f"cannot be read: {error.strerror}") from error
+    return Image(path=path, format=image_format, virtual_size=size)
 
 
-def _info(path: str, options: list[str], force_share: bool, binary: str, timeout: float) -> Any:
-    real = os.path.realpath(path)
-    command = [binary, "info", *options, "--output=json"]
+def _read_qcow2(
+    path: str, force_share: bool, binary: str, timeout: float
+) -> tuple[Image, Qcow2Header]:
+    header = read_header(path)
+    if header.corrupt:
+        raise ImageCorrupt(path, "qcow2 header is marked corrupt; run 'qemu-img check -r'")
+    info = _info(path, force_share, binary, timeout)
+    if info.get("format") != QCOW2 or info.get("backing-filename") != header.backing_name:
+        raise ImageCorrupt(path, "QEMU reads its header differently; not touched")
+    return _parse_image(path, info), header
+
+
+def _info(path: str, force_share: bool, binary: str, timeout: float) -> dict[str, Any]:
+    # -f qcow2: never a probe.  Without --backing-chain, qemu-img opens no backing file.
+    command = [binary, "info", "-f", QCOW2, "--output=json"]
     if force_share:
         command.append("-U")
-    command += ["--", real]
+    command += ["--", path]
     try:
         result = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
     except OSError as error:
         raise ToolFailed(f"cannot run {binary}: {error}") from error
     except subprocess.TimeoutExpired as error:
-        raise ToolFailed(f"{binary} info {real} did not finish within {timeout:.0f} s") from error
+        raise ToolFailed(f"{binary} info {path} did not finish within {timeout:.0f} s") from error
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip()
-        raise image_error_from_qemu(_failed_image(message, real), _without_prefix(message))
+        raise image_error_from_qemu(path, message.removeprefix(f"{binary}: ").replace("\n", " "))
     try:
-        return json.loads(result.stdout)
+        info = json.loads(result.stdout)
     except json.JSONDecodeError as error:
-        raise ToolFailed(f"{binary} info {real} printed no JSON: {error}") from error
+        raise ToolFailed(f"{binary} info {path} printed no JSON: {error}") from error
+    if not isinstance(info, dict):
+        raise ToolFailed(f"{binary} info {path} printed no JSON object")
+    return info
 
 
-def parse_chain(entries: list[dict[str, Any]]) -> Chain:
-    """Build a Chain from the JSON list ``qemu-img info --backing-chain`` prints."""
-    return Chain(tuple(_parse_image(entry) for entry in entries))
-
-
-def _parse_image(entry: dict[str, Any]) -> Image:
-    filename = str(entry["filename"])
-    if filename.startswith("json:"):
-        raise ImageUnreadable(filename, "not a plain file (a json: pseudo-filename)")
-    path = os.path.realpath(filename)
+def _parse_image(path: str, entry: Mapping[str, Any]) -> Image:
     specific = entry.get("format-specific", {})
-    data = specific.get("data", {}) if specific.get("type") == "qcow2" else {}
+    data = specific.get("data", {}) if specific.get("type") == QCOW2 else {}
     if data.get("corrupt"):
         raise ImageCorrupt(path, "qcow2 header is marked corrupt; run 'qemu-img check -r'")
-    bitmaps = tuple(
-        Bitmap(
-            name=str(raw["name"]),
-            granularity=int(raw["granularity"]),
-            recording="auto" in raw.get("flags", []),
-            inconsistent="in-use" in raw.get("flags", []),
+    try:
+        bitmaps = tuple(
+            Bitmap(
+                name=str(raw["name"]),
+                granularity=int(raw["granularity"]),
+                recording="auto" in raw.get("flags", []),
+                inconsistent="in-use" in raw.get("flags", []),
+            )
+            for raw in data.get("bitmaps", [])
         )
-        for raw in data.get("bitmaps", [])
-    )
-    return Image(
-        path=path,
-        format=str(entry["format"]),
-        virtual_size=int(entry.get("virtual-size", 0)),
-        bitmaps=bitmaps,
-    )
-
-
-def _failed_image(message: str, default: str) -> str:
-    """The innermost image qemu-img names in "Could not open 'X': ..." (a missing backing
-    file is named in the inner part)."""
-    marker = "Could not open '"
-    start = message.rfind(marker)
-    if start < 0:
-        return default
-    start += len(marker)
-    end = message.find("'", start)
-    return message[start:end] if end > start else default
-
-
-def _without_prefix(message: str) -> str:
-    return message.removeprefix("qemu-img: ").replace("\n", " ")
+        return Image(
+            path=path,
+            format=QCOW2,
+            virtual_size=int(entry.get("virtual-size", 0)),
+            bitmaps=bitmaps,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ImageCorrupt(path, f"its bitmaps cannot be read: {error}") from error

@@ -252,3 +252,6 @@ class Reconciliation:
     plan: Plan
     result: Result
     outcome: Outcome | None = None
+    #: Bitmaps left out because their bits cannot be proven (and why): never reported fine.
+    untrusted: tuple[str, ...] = ()
+    why_untrusted: str = ""

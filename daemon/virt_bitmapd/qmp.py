@@ -14,18 +14,26 @@ from typing import Any
 from .model import Bitmap, Plan
 
 __all__ = [
+    "OWN_PREFIX",
+    "PROBE_PREFIX",
+    "Leftovers",
     "NodeBitmaps",
     "blockdev_add_readonly_source",
     "blockdev_add_writable_base",
     "blockdev_del",
     "blockdev_reopen",
     "find_node",
+    "leftovers",
     "node_bitmaps",
     "probe_transaction",
     "query_nodes",
     "remove_bitmaps",
     "transaction",
 ]
+
+#: Node names and temporary bitmaps of our own start with these, never with libvirt's.
+OWN_PREFIX = "vbd-"
+PROBE_PREFIX = "vbd-probe-"
 
 JSON = dict[str, Any]
 
@@ -122,12 +130,20 @@ def query_nodes() -> JSON:
 
 
 def blockdev_reopen(
-    *, node: str, file_node: str, backing_node: str | None, read_only: bool, current: JSON
+    *,
+    node: str,
+    file_node: str,
+    backing_node: str | None,
+    read_only: bool,
+    current: JSON,
+    discard: str | None = None,
 ) -> JSON:
-    """Reopen a qcow2 format node read-write or read-only.
+    """Reopen a qcow2 format node read-write or read-only, changing nothing else.
 
-    ``blockdev-reopen`` resets every option it is not given, so the node's current cache and
-    zero-detection settings (``current``: its ``query-named-block-nodes`` entry) are passed on.
+    ``blockdev-reopen`` resets every option it is not given, so the caller names the node's
+    backing exactly (``None`` only for a node that has none), and the options libvirt gave the
+    node are passed again: ``discard`` from the domain XML (QEMU does not show it), cache and
+    zero detection from the node's ``query-named-block-nodes`` entry ``current``.
     """
     options: JSON = {
         "driver": "qcow2",
@@ -136,6 +152,8 @@ def blockdev_reopen(
         "file": file_node,
         "backing": backing_node,
     }
+    if discard in ("unmap", "ignore"):
+        options["discard"] = discard
     cache = current.get("cache")
     if isinstance(cache, dict):
         options["cache"] = {
@@ -220,3 +238,27 @@ def node_bitmaps(named_block_nodes: Sequence[JSON], node: str) -> NodeBitmaps:
         )
         dirty[name] = int(raw.get("count", 0))
     return NodeBitmaps(node=node, bitmaps=tuple(bitmaps), dirty_bytes=dirty)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leftovers:
+    """What an interrupted run of ours left in a QEMU: attached nodes and probe bitmaps."""
+
+    nodes: tuple[str, ...] = ()
+    #: (node, bitmap name)
+    bitmaps: tuple[tuple[str, str], ...] = ()
+
+
+def leftovers(named_block_nodes: Sequence[JSON]) -> Leftovers:
+    """Our own nodes and probe bitmaps in a ``query-named-block-nodes`` answer."""
+    nodes = []
+    bitmaps = []
+    for entry in named_block_nodes:
+        name = str(entry.get("node-name", ""))
+        if name.startswith(OWN_PREFIX):
+            nodes.append(name)
+            continue  # deleting the node removes its bitmaps
+        for raw in entry.get("dirty-bitmaps", []):
+            if str(raw.get("name", "")).startswith(PROBE_PREFIX):
+                bitmaps.append((name, str(raw["name"])))
+    return Leftovers(nodes=tuple(nodes), bitmaps=tuple(bitmaps))

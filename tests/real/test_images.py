@@ -28,7 +28,14 @@ def test_recent_overlays_name_their_backing_files(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "sub").mkdir()
     create(tmp_path / "sub" / "deeper.qcow2", backing=base)
-    found = recent_overlays([str(tmp_path)], newer_than=since, exclude={str(on_relative)})
+    found = recent_overlays(
+        [str(tmp_path)], newer_than=since, exclude={str(on_relative)}, storage_roots=[str(tmp_path)]
+    )
     # old-overlay is older than the last look; standalone names no backing file
     assert found == {str(relative): str(base)}
-    assert recent_overlays([str(tmp_path / "missing")], newer_than=0, exclude=set()) == {}
+    assert (
+        recent_overlays(
+            [str(tmp_path / "missing")], newer_than=0, exclude=set(), storage_roots=["/"]
+        )
+        == {}
+    )

@@ -49,7 +49,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
             "daemon.state_dir: 'relative/dir' is not an absolute",
         ),
         ("[storage]\nroots = '/x'\n", "storage.roots: must be a list"),
-        ("[storage]\nroots = ['/']\n", "storage.roots: '/' would allow"),
+        ("[storage]\nroots = ['/']\n", "storage.roots: '/' is the whole file system"),
         ("[libvirt]\nuri = 'qemu'\n", "libvirt.uri: 'qemu' is not a libvirt URI"),
         ("[metrics]\nlisten = '127.0.0.1'\n", "metrics.listen: expected HOST:PORT"),
         ("[metrics]\nlisten = 'example.org:80'\n", "metrics.listen: 'example.org' is not an IP"),

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from virt_bitmapd.model import BitmapMerge, Plan
-from virt_bitmapd.qmp import blockdev_reopen, node_bitmaps, probe_transaction, transaction
+from virt_bitmapd.qmp import (
+    blockdev_reopen,
+    leftovers,
+    node_bitmaps,
+    probe_transaction,
+    transaction,
+)
 
 PLAN = Plan(
     top="/i/top",
@@ -110,3 +116,18 @@ def test_node_bitmaps_reads_flags_and_counts() -> None:
     assert data.dirty_bytes == {"a": 131072, "b": 0}
     a, b = data.bitmaps
     assert a.usable and not b.usable and b.inconsistent
+
+
+def test_leftovers_are_only_our_own_nodes_and_probes() -> None:
+    nodes: list[dict[str, Any]] = [
+        {"node-name": "libvirt-1-format", "dirty-bitmaps": [{"name": "cp1"}]},
+        {
+            "node-name": "libvirt-2-format",
+            "dirty-bitmaps": [{"name": "vbd-probe-00aa"}, {"name": "vbd-probe"}, {"name": "cp2"}],
+        },
+        {"node-name": "vbd-src-0-abc", "dirty-bitmaps": [{"name": "vbd-probe-1"}]},
+        {"node-name": "vbdx"},
+    ]
+    found = leftovers(nodes)
+    assert found.nodes == ("vbd-src-0-abc",)
+    assert found.bitmaps == (("libvirt-2-format", "vbd-probe-00aa"),)

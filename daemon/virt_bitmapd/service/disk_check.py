@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import libvirt
 
 from .. import images
-from ..domain_xml import Disk, parse_domain
+from ..domain_xml import Disk, SkippedDisk, parse_domain
 from ..errors import (
     BitsUnprovable,
     ChainError,
@@ -110,10 +110,10 @@ class DiskChecker:
         self._store = store
         self._roots = tuple(storage_roots)
 
-    def targets(self, domain: libvirt.virDomain) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Every file-backed disk target the domain has now, plus those known from before (to
-        forget them); and the targets of disks whose chains cannot be followed (network, block
-        devices), which are left alone."""
+    def targets(self, domain: libvirt.virDomain) -> tuple[tuple[str, ...], tuple[SkippedDisk, ...]]:
+        """Every file-backed qcow2 disk target the domain has now, plus those known from before
+        (to forget them); and the disks left alone, with the reason (raw disks, which hold no
+        checkpoints and are never opened; network and block devices)."""
         try:
             disks = parse_domain(domain.XMLDesc(0))
             uuid = domain.UUIDString()
@@ -122,7 +122,7 @@ class DiskChecker:
         known = self._store.load(uuid)
         names = [disk.target for disk in disks.disks]
         names += [t for t in (known.chains if known else {}) if t not in names]
-        return tuple(names), disks.unsupported
+        return tuple(names), disks.skipped
 
     def grown_chains(self, conn: libvirt.virConnect) -> list[tuple[str, str]]:
         """(domain UUID, disk target) of running disks whose chain gained layers on top since
@@ -163,7 +163,7 @@ class DiskChecker:
             domain=name, uuid=uuid, disk=target, running=running, generation=generation
         )
         disk = next((d for d in disks.disks if d.target == target), None)
-        if disk is None:  # detached, or not a file-backed disk any more
+        if disk is None:  # detached, or not a file-backed qcow2 disk any more
             self._store.drop_disk(uuid, target, generation)
             return replace(base, skipped="no such file-backed disk")
         disk = _resolved(disk)
@@ -246,14 +246,15 @@ class DiskChecker:
                 )
             result = []
             for layer in disk.layers:
+                if layer.format is None:
+                    raise ChainError(f"{layer.path}: libvirt names no format for this layer")
                 bitmaps: tuple[Bitmap, ...] = ()
                 with contextlib.suppress(KeyError):  # a layer QEMU does not show: no bitmaps
                     bitmaps = node_bitmaps(nodes, str(layer.format_node)).bitmaps
-                result.append(
-                    Image(path=layer.path, format=layer.format or "qcow2", bitmaps=bitmaps)
-                )
+                result.append(Image(path=layer.path, format=layer.format, bitmaps=bitmaps))
             return disk, disk.paths, tuple(result), busy
-        chain: Chain = images.read_chain(disk.layers[0].path)
+        formats = {layer.path: layer.format for layer in disk.layers if layer.format}
+        chain: Chain = images.read_chain(disk.layers[0].path, formats=formats)
         return disk, tuple(image.path for image in chain), chain.images, False
 
     def _reconcile(
@@ -280,7 +281,15 @@ class DiskChecker:
         try:
             if last_look is not None and commit.top == old_chain[0]:
                 known = set(old_chain) | {image.path for image in chain_now}
-                commit = _with_unseen_layers(commit, known, last_look, seen_before, live=running)
+                commit = _with_unseen_layers(
+                    commit,
+                    known,
+                    last_look,
+                    seen_before,
+                    live=running,
+                    storage_roots=self._roots,
+                    raw_files=_raw_files_of_every_domain(domain),
+                )
             _require_layers(commit, seen_before, chain_now)
             if running:
                 done = reconcile_live(
@@ -289,6 +298,7 @@ class DiskChecker:
                     commit,
                     storage_roots=self._roots,
                     base_before=base_before,
+                    domain=domain.name(),
                 )
             else:
                 done = reconcile_at_rest(
@@ -311,12 +321,17 @@ class DiskChecker:
             result=done.result,
             plan=done.plan,
             outcome=done.outcome,
+            error=BitsUnprovable(commit.base, done.why_untrusted, done.untrusted)
+            if done.untrusted
+            else None,
         )
 
 
 # A bitmap skipped for these reasons may still look valid once the committed layers are gone
-# (the gap, or the layer that did not record, leaves the chain), yet it misses their bits.
+# (the gap, or the layer that did not record, leaves the chain), yet it misses their bits.  One
+# missing from the commit top but present below it ends in the base without the top's bits.
 _BROKEN_BY_COMMIT = (
+    SkipReason.NOT_IN_TOP,
     SkipReason.GAP,
     SkipReason.DISABLED,
     SkipReason.INCONSISTENT,
@@ -363,6 +378,24 @@ def _live_disk(domain: libvirt.virDomain, target: str) -> Disk:
     return _resolved(disk)
 
 
+def _raw_files_of_every_domain(domain: libvirt.virDomain) -> set[str]:
+    """Files any domain of the host uses as a disk in a format other than qcow2: their first
+    bytes are a guest's, so a qcow2 header found there is believed by nobody."""
+    try:
+        domains = domain.connect().listAllDomains(0)
+        documents = []
+        for other in domains:
+            documents.append(other.XMLDesc(0))
+            if other.isActive() and other.isPersistent():  # the next boot's disks too
+                documents.append(other.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    except libvirt.libvirtError as error:
+        raise LibvirtFailed(f"cannot list the host's disks: {error}") from error
+    raw: set[str] = set()
+    for document in documents:
+        raw.update(os.path.realpath(path) for path in parse_domain(document).raw_files)
+    return raw
+
+
 def _with_unseen_layers(
     commit: Commit,
     known: set[str],
@@ -370,6 +403,8 @@ def _with_unseen_layers(
     seen_before: Mapping[str, tuple[Bitmap, ...]],
     *,
     live: bool,
+    storage_roots: Sequence[str],
+    raw_files: set[str],
 ) -> Commit:
     """The commit took the top of the chain we knew away.  Layers may have been made on that
     top since the last look (a snapshot just before an active commit, snapshots while the
@@ -377,9 +412,20 @@ def _with_unseen_layers(
     base bitmaps that miss their bits.  Their files still name what they were made on, so look
     for recent images backing onto the top, beside the chain's own.  One run of them joins the
     commit.  A fork cannot be resolved: at rest that is unrecoverable; live, libvirt merged
-    from every layer itself, so the commit is verified on the layers known."""
+    from every layer itself, so the commit is verified on the layers known.
+
+    Only qcow2 files under the storage roots that record qcow2 as their backing format count,
+    never a file a domain uses as a raw disk (its header is its guest's).  A file that joins is
+    then read as qcow2 like every layer; one that lacks a bitmap of the known top leaves that
+    bitmap untrusted (see _BROKEN_BY_COMMIT), never silently short."""
     directories = {os.path.dirname(path) for path in known}
-    backing_of = images.recent_overlays(directories, newer_than=since, exclude=known)
+    backing_of = images.recent_overlays(
+        directories,
+        newer_than=since,
+        exclude=known,
+        storage_roots=storage_roots,
+        not_overlays=raw_files,
+    )
     above = layers_above(commit.top, backing_of)
     if above.unclear and live:
         return commit

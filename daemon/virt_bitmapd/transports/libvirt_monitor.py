@@ -13,8 +13,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from ..errors import LibvirtFailed
-from .qmp_stream import QMPError
+from ..errors import LibvirtFailed, QMPError
 
 __all__ = ["LibvirtMonitor"]
 
@@ -32,5 +31,5 @@ class LibvirtMonitor:
         message = json.loads(reply)
         if "error" in message:
             failure = message["error"]
-            raise QMPError(name, str(failure.get("class")), str(failure.get("desc")))
+            raise QMPError(name, str(failure.get("desc")))
         return message.get("return")

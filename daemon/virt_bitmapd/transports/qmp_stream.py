@@ -14,23 +14,11 @@ import subprocess
 import time
 from typing import IO, Any
 
-from ..errors import ToolFailed, VirtBitmapdError
+from ..errors import QMPError, ToolFailed
 
-__all__ = ["QMPError", "QMPStream"]
+__all__ = ["QMPStream"]
 
 JSON = dict[str, Any]
-
-
-class QMPError(VirtBitmapdError):
-    """QEMU answered a command with an error."""
-
-    kind = "qmp_error"
-
-    def __init__(self, command: str, error_class: str, description: str) -> None:
-        super().__init__(f"{command}: {description}")
-        self.command = command
-        self.error_class = error_class
-        self.description = description
 
 
 class QMPStream:
@@ -68,7 +56,7 @@ class QMPStream:
                 continue
             if "error" in message:
                 failure = message["error"]
-                raise QMPError(name, str(failure.get("class")), str(failure.get("desc")))
+                raise QMPError(name, str(failure.get("desc")))
             if "return" in message:
                 return message["return"]
             raise ToolFailed(f"{self._tool}: unexpected answer to {name}: {message!r}")

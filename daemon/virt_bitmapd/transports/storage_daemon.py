@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from typing import IO
 
-from ..errors import ReconcileFailed, ToolFailed, image_error_from_qemu
+from ..errors import QMPError, ReconcileFailed, ToolFailed, image_error_from_qemu
 from ..model import Outcome, Plan
 from ..qmp import (
     NodeBitmaps,
@@ -26,7 +26,7 @@ from ..qmp import (
     query_nodes,
     transaction,
 )
-from .qmp_stream import QMPError, QMPStream
+from .qmp_stream import QMPStream
 
 __all__ = ["apply_at_rest"]
 
