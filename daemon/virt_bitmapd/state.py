@@ -16,7 +16,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,41 @@ class DomainState:
 
 
 def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Bitmap, ...]]:
-    return {path: tuple(Bitmap(**item) for item in items) for path, items in raw.items()}
+    return {str(path): tuple(Bitmap(**item) for item in items) for path, items in raw.items()}
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"expected a list of strings, got {value!r:.80}")
+    return tuple(value)
+
+
+def _state_from_json(uuid: str, raw: Any) -> DomainState:
+    """A DomainState from a parsed file; raises KeyError, TypeError or ValueError when the
+    document does not have the shape this version writes."""
+    if not isinstance(raw, dict):
+        raise TypeError("the document is not an object")
+    if raw.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(f"version {raw.get('version')!r} is not {FORMAT_VERSION}")
+    return DomainState(
+        uuid=uuid,
+        name=str(raw["name"]),
+        chains={str(disk): _strings(chain) for disk, chain in raw["chains"].items()},
+        untrusted={str(disk): _strings(names) for disk, names in raw.get("untrusted", {}).items()},
+        bitmaps={
+            str(disk): _bitmaps_from_json(layers) for disk, layers in raw.get("bitmaps", {}).items()
+        },
+        seen_at={str(disk): float(when) for disk, when in raw.get("seen_at", {}).items()},
+    )
 
 
 class StateStore:
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(
+        self, directory: str | Path, *, on_quarantine: Callable[[str, str], None] | None = None
+    ) -> None:
+        """``on_quarantine(path, why)`` is told of each state file set aside as unreadable."""
         self.directory = Path(directory) / "domains"
+        self._on_quarantine = on_quarantine
         self._lock = threading.Lock()
         self._generations: dict[str, int] = {}
 
@@ -69,22 +98,29 @@ class StateStore:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            # Writes are atomic, so only outside hands do this; keep the file for them to see.
-            path.replace(path.with_suffix(".json.corrupt"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            self._quarantine(path, f"not JSON: {error}")
             return None
         except OSError as error:
             raise StateUnusable(f"{path}: cannot read the state: {error}") from error
-        return DomainState(
-            uuid=uuid,
-            name=str(raw["name"]),
-            chains={disk: tuple(chain) for disk, chain in raw["chains"].items()},
-            untrusted={disk: tuple(names) for disk, names in raw.get("untrusted", {}).items()},
-            bitmaps={
-                disk: _bitmaps_from_json(layers) for disk, layers in raw.get("bitmaps", {}).items()
-            },
-            seen_at={disk: float(when) for disk, when in raw.get("seen_at", {}).items()},
-        )
+        try:
+            return _state_from_json(uuid, raw)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            self._quarantine(path, f"not a state file of this version: {error!r}")
+            return None
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        """Writes are atomic, so only outside hands make a file unreadable: set it aside for
+        them to see, and start afresh for the domain (its disks are tracked anew)."""
+        target = path.with_suffix(".json.corrupt")
+        try:
+            path.replace(target)
+        except OSError as error:
+            raise StateUnusable(
+                f"{path}: cannot set the unreadable state aside: {error}"
+            ) from error
+        if self._on_quarantine is not None:
+            self._on_quarantine(str(target), why)
 
     def put_disk(
         self,

@@ -20,6 +20,12 @@ from typing import Any
 import libvirt
 
 REPO = Path(__file__).resolve().parents[2]
+ASYNCIO_REPORTS = (
+    "Non-thread-safe operation",
+    "exception was never retrieved",
+    "was never awaited",
+    "Task was destroyed but it is pending",
+)
 URI = "qemu:///system"
 
 
@@ -152,10 +158,14 @@ class DaemonProcess:
 
     def start(self, *extra: str) -> DaemonProcess:
         self._log = self.log_path.open("ab")
+        # asyncio's debug mode reports any loop call from another thread and any task whose
+        # exception nobody retrieved; stop() fails the test on either.
+        environment = {**os.environ, "PYTHONASYNCIODEBUG": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "virt_bitmapd.cli", "run", "--config", str(self.config), *extra],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=environment,
         )
         return self
 
@@ -175,7 +185,15 @@ class DaemonProcess:
                 self.process.wait()
             self._log.close()
             self.process = None
+        self.assert_no_asyncio_reports()
         return code
+
+    def assert_no_asyncio_reports(self) -> None:
+        """Fail on what asyncio's debug mode reports as a bug in the daemon."""
+        text = self.log_path.read_text(errors="replace")
+        for report in ASYNCIO_REPORTS:
+            if report in text:
+                raise AssertionError(f"asyncio reported {report!r}; log:\n{text}")
 
     def entries(self) -> list[dict[str, Any]]:
         result = []

@@ -87,6 +87,24 @@ class Metrics:
             ["domain"],
             registry=r,
         )
+        self.disks_in_error = Gauge(
+            "virt_bitmapd_disks_in_error",
+            "Disks whose last look failed, by error kind",
+            ["kind"],
+            registry=r,
+        )
+        self.background_errors = Counter(
+            "virt_bitmapd_background_errors_total",
+            "Exceptions raised by a background task (it goes on), by task",
+            ["task"],
+            registry=r,
+        )
+        self.leftovers_removed = Counter(
+            "virt_bitmapd_leftovers_removed_total",
+            "Temporary QEMU nodes and probe bitmaps of an earlier run removed, by kind",
+            ["kind"],
+            registry=r,
+        )
         self.last_success = Gauge(
             "virt_bitmapd_last_success_timestamp_seconds",
             "Unix time of the last reconciliation that ended well",
@@ -100,6 +118,7 @@ class Metrics:
         self.libvirt_connected.set(0)
         self._bitmaps_by_disk: dict[tuple[str, str], Mapping[str, int]] = {}
         self._untrusted_by_disk: dict[tuple[str, str], int] = {}
+        self._error_kinds: set[str] = set()
 
     def record(
         self, *, trigger: str, result: str, duration: float, added: int = 0, merged: int = 0
@@ -141,6 +160,12 @@ class Metrics:
         else:
             with contextlib.suppress(KeyError):  # never published
                 self.untrusted.remove(domain)
+
+    def set_disks_in_error(self, kinds: Mapping[str, int]) -> None:
+        """How many disks are in error now, per kind; kinds seen before and gone go to 0."""
+        self._error_kinds.update(kinds)
+        for kind in self._error_kinds:
+            self.disks_in_error.labels(kind).set(kinds.get(kind, 0))
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)  # noqa: S104

@@ -1,30 +1,28 @@
-"""`virt-bitmapd run`: the asyncio service.
+"""`virt-bitmapd run`: the asyncio service, wiring the connection, events, looks and reports.
 
-asyncio's standard loop drives libvirt through libvirtaio (registered before any connection is
-opened).  Blocking work (libvirt calls, QEMU tools) runs in threads; the loop only routes:
+libvirt's events arrive on libvirt's own event thread and are handed to the loop
+(``libvirt_events``); blocking work (libvirt calls, QEMU tools) runs in worker threads.  The loop
+only routes:
 
 * block job events (BLOCK_JOB_2): every one is logged and counted; a COMPLETED commit or active
-  commit asks for a look at that disk;
+  commit asks for a look at that disk, an active commit's READY one that remembers its chain;
 * lifecycle events ask for a look at the domain's disks (an undefined domain is forgotten);
 * a full rescan happens at startup, after every reconnect, on SIGHUP and every rescan interval,
   which is how commits done outside libvirt (which send no event) are found;
 * looks are serialized per disk and coalesced (``Scheduler``), several disks at once.
 
-The connection is kept alive with libvirt keepalives and a close callback; when libvirtd goes
-away it is reopened with capped exponential backoff, callbacks registered again, and everything
-rescanned.  SIGTERM stops taking work, lets running looks finish, and exits within 10 s.
+Background work is supervised (``TaskSupervisor``): an exception is logged, counted, and the work
+goes on.  SIGTERM stops taking work, lets running looks finish, and exits within 10 s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from typing import Any
 
 import libvirt
-import libvirtaio
 import structlog
 
 from ..config import Settings, parse_listen
@@ -32,8 +30,13 @@ from ..errors import LibvirtFailed, VirtBitmapdError
 from ..observability.metrics import Metrics
 from ..observability.sdnotify import Notifier
 from ..state import StateStore
+from .connection import BACKOFF_MAX, Connection, EventHandlers
 from .disk_check import CommitReport, DiskChecker, DiskReport
+from .disk_memory import DiskKey, DiskMemory, commit_retry_delay, look_retry_delay
+from .leftovers import remove_leftovers
+from .libvirt_events import LibvirtEventThread, silence_default_error_handler
 from .scheduler import Scheduler
+from .tasks import TaskSupervisor
 
 __all__ = ["Daemon"]
 
@@ -58,11 +61,6 @@ ABSENT_RETENTION = 90 * 86400
 # A commit found within this many seconds before its COMPLETED event belongs to that event.
 JOB_WINDOW = 60.0
 STOP_TIMEOUT = 8.0  # seconds for running looks to finish; systemd waits 10
-RETRY_DELAY = 5.0  # seconds before looking again at a disk whose look may succeed later
-BACKOFF_START = 1.0
-BACKOFF_MAX = 30.0
-
-DiskKey = tuple[str, str]  # (domain UUID, disk target)
 
 
 class Daemon:
@@ -77,36 +75,31 @@ class Daemon:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
-        self.store = StateStore(settings.state_dir)
+        self.store = StateStore(settings.state_dir, on_quarantine=self._state_quarantined)
         self.checker = DiskChecker(self.store, settings.storage_roots)
-        self._backoff_max = backoff_max
-        self._conn: libvirt.virConnect | None = None
+        self._connection = Connection(
+            settings.uri,
+            EventHandlers(block_job=self._on_block_job, lifecycle=self._on_lifecycle),
+            metrics=self.metrics,
+            notifier=self.notifier,
+            backoff_max=backoff_max,
+        )
         self._stopping = asyncio.Event()
-        self._lost = asyncio.Event()
         self._scheduler = Scheduler(self._look_at_disk, settings.concurrency)
-        #: the block job an event announced for a disk: its type, and whether it completed
-        self._job_of_event: dict[DiskKey, tuple[str, bool]] = {}
-        self._warned_skips: set[DiskKey] = set()
-        self._retry_delays: dict[DiskKey, float] = {}
-        self._absent_logged: set[str] = set()
-        self._last_commit_seen: dict[DiskKey, float] = {}
+        self._tasks = TaskSupervisor(self._background_failed)
+        self._memory = DiskMemory()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        silence_default_error_handler()
+        events = LibvirtEventThread()
+        events.start()  # before any connection is opened
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_rescan, "manual")
-        if self.settings.metrics_listen:
-            host, port = parse_listen(self.settings.metrics_listen)
-            try:
-                self.metrics.serve(host, port)
-            except OSError as error:  # keeping bitmaps whole matters more than being watched
-                log.error(
-                    "metrics_unavailable", listen=self.settings.metrics_listen, error=str(error)
-                )
+        self._serve_metrics()
         log.info(
             "daemon_started",
             uri=self.settings.uri,
@@ -114,22 +107,25 @@ class Daemon:
             state_dir=self.settings.state_dir,
             metrics=self.settings.metrics_listen or "off",
         )
-        helpers = [loop.create_task(self._rescan_periodically())]
-        if self.settings.snapshot_watch_interval:
-            helpers.append(loop.create_task(self._watch_for_snapshots()))
+        settings = self.settings
+        self._tasks.every("rescan", lambda: settings.rescan_interval, self._periodic_rescan)
+        if settings.snapshot_watch_interval:
+            interval = settings.snapshot_watch_interval
+            self._tasks.every("snapshot_watch", lambda: interval, self._watch_for_snapshots)
         if self.notifier.watchdog_interval:
-            helpers.append(loop.create_task(self._ping_watchdog(self.notifier.watchdog_interval)))
+            self.notifier.watchdog()
+            watchdog = self.notifier.watchdog_interval
+            self._tasks.every("watchdog", lambda: watchdog, self._ping_watchdog)
         try:
-            await self._stay_connected()
+            await self._connection.stay_connected(self._stopping, self._on_connected)
         finally:
             self.notifier.stopping()
             log.info("daemon_stopping")
-            for task in helpers:
-                task.cancel()
-            finished = await self._scheduler.close(STOP_TIMEOUT)
-            if not finished:
+            self._tasks.cancel_all()
+            if not await self._scheduler.close(STOP_TIMEOUT):
                 log.error("daemon_stop_timeout", detail="looks still running were abandoned")
-            self._close_connection()
+            await asyncio.to_thread(self._connection.close)
+            events.stop()
             log.info("daemon_stopped")
         return 0
 
@@ -139,75 +135,38 @@ class Daemon:
     def request_rescan(self, trigger: str) -> None:
         """Look at every disk of every domain (SIGHUP: trigger "manual")."""
         log.info("rescan_requested", trigger=trigger)
-        asyncio.get_running_loop().create_task(self._rescan_all(trigger))
+        self._tasks.spawn("rescan", self._rescan_all(trigger))
 
-    # ------------------------------------------------------------------ connection
-
-    async def _stay_connected(self) -> None:
-        delay = BACKOFF_START
-        first = True
-        while not self._stopping.is_set():
-            try:
-                conn = await asyncio.to_thread(libvirt.open, self.settings.uri)
-                self._connected(conn, first)
-            except libvirt.libvirtError as error:
-                self._close_connection()
-                self.notifier.ready(f"waiting for libvirtd at {self.settings.uri}")
-                log.error(
-                    "libvirt_unreachable",
-                    uri=self.settings.uri,
-                    error=str(error),
-                    retry_in=delay,
-                )
-                await self._sleep_unless_stopping(delay)
-                delay = min(delay * 2, self._backoff_max)
-                continue
-            delay = BACKOFF_START
-            trigger = "startup" if first else "rescan"
-            first = False
-            await self._rescan_all(trigger)
-            self.notifier.ready(f"connected to {self.settings.uri}")
-            await self._wait_for(self._lost, self._stopping)
-            if self._stopping.is_set():
-                break
-            self.metrics.libvirt_connected.set(0)
-            self.notifier.status(f"libvirtd at {self.settings.uri} went away, reconnecting")
-            log.error("libvirt_connection_lost", uri=self.settings.uri)
-            self._close_connection()
-
-    def _connected(self, conn: libvirt.virConnect, first: bool) -> None:
-        """Set up a fresh connection; raises libvirtError if libvirtd refuses a step."""
-        self._conn = conn  # so that a failure below still closes it
-        loop = asyncio.get_running_loop()
-        self._lost = asyncio.Event()
-        lost = self._lost
-
-        def on_close(_conn: Any, reason: int, _opaque: Any) -> None:
-            loop.call_soon_threadsafe(lost.set)
-
-        conn.registerCloseCallback(on_close, None)
-        conn.setKeepAlive(5, 3)
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
-        )
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
-        )
-        self.metrics.libvirt_connected.set(1)
-        if not first:
-            self.metrics.libvirt_reconnects.inc()
-        log.info("libvirt_connected", uri=self.settings.uri, reconnect=not first)
-
-    def _close_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
+    def _serve_metrics(self) -> None:
+        if not self.settings.metrics_listen:
             return
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.unregisterCloseCallback()
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
+        host, port = parse_listen(self.settings.metrics_listen)
+        try:
+            self.metrics.serve(host, port)
+        except OSError as error:  # keeping bitmaps whole matters more than being watched
+            log.error("metrics_unavailable", listen=self.settings.metrics_listen, error=str(error))
 
-    # ------------------------------------------------------------------ events
+    async def _on_connected(self, conn: libvirt.virConnect, first: bool) -> None:
+        for removed in await asyncio.to_thread(remove_leftovers, conn):
+            self.metrics.leftovers_removed.labels("node").inc(len(removed.nodes))
+            self.metrics.leftovers_removed.labels("bitmap").inc(len(removed.bitmaps))
+            log.warning(
+                "leftovers_removed",
+                domain=removed.domain,
+                nodes=list(removed.nodes),
+                bitmaps=list(removed.bitmaps),
+                failures=list(removed.failures),
+            )
+        await self._rescan_all("startup" if first else "rescan")
+
+    def _background_failed(self, task: str) -> None:
+        self.metrics.background_errors.labels(task).inc()
+
+    def _state_quarantined(self, path: str, why: str) -> None:
+        self.metrics.disk_errors.labels("state_corrupt").inc()
+        log.error("state_quarantined", path=path, error=why)
+
+    # ------------------------------------------------------------------ events (on the loop)
 
     def _on_block_job(
         self, _conn: Any, dom: Any, disk: str, job_type: int, status: int, _opaque: Any
@@ -230,7 +189,7 @@ class Daemon:
         )
         key = (dom.UUIDString(), disk)
         if completed or ready:  # the look at READY may already find the pivot done
-            self._job_of_event[key] = (type_name, completed)
+            self._memory.job_of_event[key] = (type_name, completed)
             self._scheduler.submit(key, "event")
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
@@ -248,39 +207,32 @@ class Daemon:
             libvirt.VIR_DOMAIN_EVENT_STARTED,
             libvirt.VIR_DOMAIN_EVENT_STOPPED,
         ):
-            asyncio.get_running_loop().create_task(self._rescan_domain(dom, "rescan"))
+            self._tasks.spawn("rescan_domain", self._rescan_domain(dom, "rescan"))
 
     # ------------------------------------------------------------------ looking
 
-    async def _rescan_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.rescan_interval)
-            if self._conn is not None:
-                await self._rescan_all("rescan")
+    async def _periodic_rescan(self) -> None:
+        await self._rescan_all("rescan")
 
     async def _watch_for_snapshots(self) -> None:
         """libvirt announces no snapshot: compare the running domains' XML with their known
         chains now and then, so a layer is known before a commit can take it away again."""
-        while True:
-            await asyncio.sleep(self.settings.snapshot_watch_interval)
-            conn = self._conn
-            if conn is None:
-                continue
-            try:
-                grown = await asyncio.to_thread(self.checker.grown_chains, conn)
-            except VirtBitmapdError as error:  # the connection's own handling reports it
-                log.debug("snapshot_watch_failed", error=str(error))
-                continue
-            for key in grown:
-                self._scheduler.submit(key, "rescan")
+        conn = self._connection.conn
+        if conn is None:
+            return
+        try:
+            grown = await asyncio.to_thread(self.checker.grown_chains, conn)
+        except VirtBitmapdError as error:  # the connection's own handling reports it
+            log.debug("snapshot_watch_failed", error=str(error))
+            return
+        for key in grown:
+            self._scheduler.submit(key, "rescan")
 
-    async def _ping_watchdog(self, interval: float) -> None:
-        while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
+    async def _ping_watchdog(self) -> None:
+        self.notifier.watchdog()
 
     async def _rescan_all(self, trigger: str) -> None:
-        conn = self._conn
+        conn = self._connection.conn
         if conn is None:
             return
         try:
@@ -295,13 +247,12 @@ class Daemon:
         for uuid in self.store.known():
             if uuid not in present:
                 self._absent(uuid)
-        self._absent_logged -= present
 
     def _absent(self, uuid: str) -> None:
         """A known domain libvirt does not list: a transient domain that stopped (oVirt runs
         its VMs so, and cold-merges while they are down), or one undefined while we were not
         listening.  Its chains are kept, so that a commit made meanwhile is found when it comes
-        back; its metrics go now, and its state after ABSENT_RETENTION without a look."""
+        back; its metrics and in-memory state go now, its chains after ABSENT_RETENTION."""
         try:
             known = self.store.load(uuid)
             age = self.store.age(uuid)
@@ -312,12 +263,17 @@ class Daemon:
             self._forget(uuid, name, "absent")
             return
         self.metrics.forget_domain(name)
-        if uuid not in self._absent_logged:
-            self._absent_logged.add(uuid)
+        logged = uuid in self._memory.absent_logged
+        self._memory.forget_domain(uuid)
+        self._memory.absent_logged.add(uuid)
+        self._publish_errors()
+        if not logged:
             log.info("domain_absent", domain=name, chains_kept_for_days=ABSENT_RETENTION // 86400)
 
     def _forget(self, uuid: str, name: str, reason: str) -> None:
         self.metrics.forget_domain(name)
+        self._memory.forget_domain(uuid)
+        self._publish_errors()
         try:
             self.store.forget(uuid)
         except VirtBitmapdError as error:
@@ -327,27 +283,23 @@ class Daemon:
 
     async def _rescan_domain(self, dom: Any, trigger: str) -> None:
         try:
-            targets, unsupported = await asyncio.to_thread(self.checker.targets, dom)
+            targets, skipped = await asyncio.to_thread(self.checker.targets, dom)
         except VirtBitmapdError as error:
             log.warning("domain_unreadable", domain=dom.name(), error=str(error))
             return
         uuid = dom.UUIDString()
-        for target in unsupported:
-            if (uuid, target) not in self._warned_skips:
-                self._warned_skips.add((uuid, target))
-                log.info(
-                    "disk_skipped",
-                    domain=dom.name(),
-                    disk=target,
-                    reason="not a file-backed qcow2 chain (network or block device)",
-                )
+        self._memory.absent_logged.discard(uuid)
+        for disk in skipped:
+            if (uuid, disk.target) not in self._memory.skip_logged:
+                self._memory.skip_logged.add((uuid, disk.target))
+                log.info("disk_skipped", domain=dom.name(), disk=disk.target, reason=disk.reason)
         for target in targets:
             self._scheduler.submit((uuid, target), trigger)
 
     async def _look_at_disk(self, key: DiskKey, trigger: str) -> None:
         uuid, target = key
-        job_type, completed = self._job_of_event.pop(key, (None, False))
-        conn = self._conn
+        job_type, completed = self._memory.job_of_event.pop(key, (None, False))
+        conn = self._connection.conn
         if conn is None:
             return  # everything is looked at again after the reconnect
         try:
@@ -356,22 +308,36 @@ class Daemon:
         except libvirt.libvirtError as error:
             if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return  # undefined meanwhile: the lifecycle event forgets it
-            self.metrics.disk_errors.labels(LibvirtFailed.kind).inc()
-            log.error("disk_check_failed", domain=uuid, disk=target, error=str(error))
+            self._disk_failed(key, uuid, LibvirtFailed(str(error)), trigger)
             return
         except VirtBitmapdError as error:  # libvirtd gone, state directory unwritable, ...
-            self.metrics.disk_errors.labels(error.kind).inc()
-            log.error(
-                "disk_check_failed",
-                domain=uuid,
-                disk=target,
-                error=str(error),
-                error_kind=error.kind,
-            )
+            self._disk_failed(key, uuid, error, trigger)
             return
         self._publish(report, trigger, job_type, completed=completed)
 
     # ------------------------------------------------------------------ reporting
+
+    def _disk_failed(
+        self, key: DiskKey, domain: str, error: VirtBitmapdError, trigger: str
+    ) -> None:
+        """A look failed before any commit could be judged: counted every time, logged once per
+        change of the error, looked at again later when it may pass."""
+        self.metrics.disk_errors.labels(error.kind).inc()
+        changed = self._memory.record_error(key, error.kind, str(error))
+        self._publish_errors()
+        bound = log.bind(domain=domain, disk=key[1], error=str(error), error_kind=error.kind)
+        if error.retryable:  # e.g. QEMU still closing the images: look again soon
+            delay = look_retry_delay(
+                self._memory.look_delays.get(key), self.settings.rescan_interval
+            )
+            self._memory.look_delays[key] = delay
+            (bound.warning if changed else bound.debug)("disk_check_deferred", retry_in=delay)
+            asyncio.get_running_loop().call_later(delay, self._scheduler.submit, key, trigger)
+        else:
+            (bound.error if changed else bound.debug)("disk_check_failed")
+
+    def _publish_errors(self) -> None:
+        self.metrics.set_disks_in_error(self._memory.errors_by_kind())
 
     def _publish(
         self, report: DiskReport, trigger: str, job_type: str | None, *, completed: bool = False
@@ -380,32 +346,27 @@ class Daemon:
         bound = log.bind(domain=report.domain, disk=report.disk)
         key = (report.uuid, report.disk)
         if report.skipped is not None:
-            if key not in self._warned_skips and report.skipped != "no such file-backed disk":
-                self._warned_skips.add(key)
+            if key not in self._memory.skip_logged and report.skipped != "no such file-backed disk":
+                self._memory.skip_logged.add(key)
                 bound.warning("disk_skipped", reason=report.skipped)
                 self.metrics.reconciliations.labels(trigger, "skipped").inc()
             self.metrics.forget_disk(report.domain, report.disk)
             return
-        self._warned_skips.discard(key)
-        if report.error is None:
-            self._retry_delays.pop(key, None)
         if report.error is not None:
-            self.metrics.disk_errors.labels(report.error.kind).inc()
-            fields = {"error": str(report.error), "error_kind": report.error.kind}
-            if report.error.retryable:  # e.g. QEMU still closing the images: look again soon
-                delay = self._retry_delays.get(key, RETRY_DELAY)
-                self._retry_delays[key] = min(delay * 2, self.settings.rescan_interval)
-                bound.warning("disk_check_deferred", retry_in=delay, **fields)
-                asyncio.get_running_loop().call_later(delay, self._scheduler.submit, key, trigger)
-            else:
-                bound.error("disk_check_failed", **fields)
+            self._disk_failed(key, report.domain, report.error, trigger)
             return
-        for commit in report.commits:
-            self._publish_commit(bound, commit, trigger, job_type)
+        self._memory.skip_logged.discard(key)
+        self._memory.look_delays.pop(key, None)
+        ended = self._memory.clear_error(key)
+        if ended is not None:
+            self._publish_errors()
+            bound.info("disk_check_recovered", previous_error=ended[1])
+        deferred = self._publish_commits(bound, key, report, trigger, job_type)
         if report.commits:
-            self._last_commit_seen[key] = time.monotonic()
+            self._memory.last_commit_seen[key] = time.monotonic()
         # A look begun at READY may already have handled the commit the COMPLETED look finds.
-        just_handled = time.monotonic() - self._last_commit_seen.get(key, -1e9) < JOB_WINDOW
+        last = self._memory.last_commit_seen.get(key, -1e9)
+        just_handled = time.monotonic() - last < JOB_WINDOW
         if (
             completed
             and job_type in COMMIT_TYPES
@@ -432,7 +393,7 @@ class Daemon:
             bound.info(
                 "disk_tracked", chain=list(report.chain), running=report.running, trigger=trigger
             )
-        elif report.chain != report.previous_chain:
+        elif report.chain != report.previous_chain and not deferred:
             bound.info(
                 "chain_changed",
                 chain=list(report.chain),
@@ -442,6 +403,37 @@ class Daemon:
         self.metrics.set_disk_bitmaps(
             report.domain, report.disk, report.bitmap_states, len(report.untrusted)
         )
+
+    def _publish_commits(
+        self, bound: Any, key: DiskKey, report: DiskReport, trigger: str, job_type: str | None
+    ) -> bool:
+        """Report each commit; True when some will be tried again (their chain was not saved).
+
+        A failure that may pass (an image briefly held by another process) is retried with a
+        growing delay and counted as failed only when the tries run out."""
+        retry = [c for c in report.commits if c.error is not None and c.error.retryable]
+        failures = self._memory.commit_failures.get(key, 0) + 1 if retry else 0
+        delay = commit_retry_delay(failures) if retry else None
+        if delay is None:
+            self._memory.commit_failures.pop(key, None)
+        else:
+            self._memory.commit_failures[key] = failures
+            asyncio.get_running_loop().call_later(delay, self._scheduler.submit, key, trigger)
+        for commit in report.commits:
+            if delay is not None and commit in retry:
+                bound.warning(
+                    "reconciliation_deferred",
+                    trigger=trigger,
+                    top=commit.commit.top,
+                    base=commit.commit.base,
+                    error=str(commit.error),
+                    error_kind=commit.error.kind if commit.error else None,
+                    attempt=failures,
+                    retry_in=delay,
+                )
+            else:
+                self._publish_commit(bound, commit, trigger, job_type)
+        return bool(retry)
 
     def _publish_commit(
         self, bound: Any, report: CommitReport, trigger: str, job_type: str | None
@@ -476,25 +468,12 @@ class Daemon:
         fields["error"] = str(report.error)
         fields["error_kind"] = report.error.kind
         if hasattr(report.error, "bitmaps"):
-            fields["bitmaps"] = list(report.error.bitmaps)
+            fields["untrusted"] = list(report.error.bitmaps)
+            if plan is None:
+                fields["bitmaps"] = list(report.error.bitmaps)
         elif report.suspects:
             fields["untrusted"] = list(report.suspects)
         if report.label == "skipped":
             bound.warning("reconciliation", **fields)
         else:
             bound.error("reconciliation", **fields)
-
-    # ------------------------------------------------------------------ helpers
-
-    @staticmethod
-    async def _wait_for(*events: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(event.wait()) for event in events]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
