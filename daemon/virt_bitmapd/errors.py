@@ -18,6 +18,7 @@ __all__ = [
     "ImageUnreadable",
     "LayersOutOfQemuReach",
     "LibvirtFailed",
+    "NoSpace",
     "OutsideStorageRoots",
     "QMPError",
     "ReconcileFailed",
@@ -88,6 +89,13 @@ class ImageInUse(ImageError):
     """Another process (usually a running QEMU) holds the image; change it only through that."""
 
     kind = "image_in_use"
+    retryable = True
+
+
+class NoSpace(ImageError):
+    """The image's file system cannot take what a change needs; space may be freed later."""
+
+    kind = "no_space"
     retryable = True
 
 
@@ -192,12 +200,19 @@ class UnseenLayersUnclear(BitsUnprovable):
     could have been committed with it: which bits the base needs cannot be told."""
 
     def __init__(
-        self, base: str, top: str, candidates: tuple[str, ...], bitmaps: tuple[str, ...]
+        self,
+        base: str,
+        top: str,
+        candidates: tuple[str, ...],
+        bitmaps: tuple[str, ...],
+        *,
+        why: str = "",
     ) -> None:
         super().__init__(
             base,
             f"layers made since the last look back onto the committed {top} "
-            f"({', '.join(candidates)}) and which of them went into the base cannot be told",
+            f"({', '.join(candidates)}) and which of them went into the base cannot be told"
+            + (f": {why}" if why else ""),
             bitmaps,
         )
         self.candidates = candidates

@@ -9,10 +9,10 @@ consistent there, or the run fails.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from . import images
-from .errors import ReconcileFailed
+from .errors import ImageUnreadable, NoSpace, ReconcileFailed
 from .model import Image, Plan, Reconciliation, Result
 from .planner import plan as make_plan
 from .storage_roots import require_inside
@@ -41,10 +41,44 @@ def reconcile_at_rest(
         return Reconciliation(plan=plan, result=Result.NOTHING_TO_DO)
     if dry_run:
         return Reconciliation(plan=plan, result=Result.PLANNED)
+    _require_space(plan, chain.images[chain.index_of(real_base) or 0])
     outcome = apply_at_rest(plan)
     _verify_base(plan)
     result = Result.RECONCILED if outcome.changed else Result.ALREADY_CONSISTENT
     return Reconciliation(plan=plan, result=result, outcome=outcome)
+
+
+def stored_bitmaps_size(
+    virtual_size: int, granularities: Iterable[int], cluster_size: int
+) -> int:
+    """Bytes QEMU may allocate to store bitmaps of these granularities when it closes an image
+    of ``virtual_size``: it writes every bitmap anew before freeing the old clusters, each
+    bitmap's data and table in whole clusters, plus the directory and refcount growth."""
+    total = 4 * cluster_size
+    for granularity in granularities:
+        data = -(-virtual_size // granularity) // 8 + 1
+        total += (-(-data // cluster_size) + 1) * cluster_size
+    return total
+
+
+def _require_space(plan: Plan, base: Image) -> None:
+    """Refuse before opening BASE when its file system cannot hold its bitmaps after the
+    transaction: QEMU would fail to store them on close and leave every one flagged in-use."""
+    header = images.read_header(base.path)
+    granularities = {b.name: b.granularity for b in base.bitmaps}
+    granularities.update({m.bitmap: m.granularity for m in plan.merges})
+    needed = stored_bitmaps_size(base.virtual_size, granularities.values(), header.cluster_size)
+    try:
+        info = os.statvfs(os.path.dirname(base.path))
+    except OSError as error:
+        raise ImageUnreadable(base.path, f"its file system cannot be read: {error}") from error
+    free = info.f_bavail * info.f_frsize
+    if free < needed:
+        raise NoSpace(
+            base.path,
+            f"its file system has {free} bytes free and storing its bitmaps may need {needed}; "
+            "nothing was changed",
+        )
 
 
 def _verify_base(plan: Plan) -> None:

@@ -437,7 +437,27 @@ def _with_unseen_layers(
         raise UnseenLayersUnclear(commit.base, commit.top, above.unclear, tuple(sorted(suspects)))
     if not above.run:
         return commit
+    if not live:
+        _require_bitmaps_continued(commit, above.run[0], seen_before)
     return Commit(removed=above.run + commit.removed, base=commit.base)
+
+
+def _require_bitmaps_continued(
+    commit: Commit, new_top: str, seen_before: Mapping[str, tuple[Bitmap, ...]]
+) -> None:
+    """An overlay made on the committed top continues its recording bitmaps (libvirt's
+    snapshots do); one that lacks some was not made so, or is not what its header claims.
+    Either way which bits the base needs cannot be told: refuse rather than plan from it."""
+    had = {b.name for b in seen_before.get(commit.top, ()) if b.recording}
+    lacking = had - {b.name for b in images.read_image(new_top, force_share=True).bitmaps}
+    if lacking:
+        raise UnseenLayersUnclear(
+            commit.base,
+            commit.top,
+            (new_top,),
+            tuple(sorted(had)),
+            why=f"it lacks {', '.join(repr(name) for name in sorted(lacking))}",
+        )
 
 
 def _require_layers(
