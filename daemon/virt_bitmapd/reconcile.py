@@ -48,9 +48,7 @@ def reconcile_at_rest(
     return Reconciliation(plan=plan, result=result, outcome=outcome)
 
 
-def stored_bitmaps_size(
-    virtual_size: int, granularities: Iterable[int], cluster_size: int
-) -> int:
+def stored_bitmaps_size(virtual_size: int, granularities: Iterable[int], cluster_size: int) -> int:
     """Bytes QEMU may allocate to store bitmaps of these granularities when it closes an image
     of ``virtual_size``: it writes every bitmap anew before freeing the old clusters, each
     bitmap's data and table in whole clusters, plus the directory and refcount growth."""
