@@ -45,11 +45,11 @@ def domain_type() -> str:
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
 
 
-def domain_xml(name: str, *disks: Path) -> str:
+def domain_xml(name: str, *disks: Path, fmt: str = "qcow2") -> str:
     devices = "".join(
         f"""
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='{fmt}'/>
       <source file='{disk}'/>
       <target dev='vd{chr(ord("a") + index)}' bus='virtio'/>
     </disk>"""
@@ -73,16 +73,18 @@ class Domains:
         self.conn = conn
         self._names: list[str] = []
 
-    def xml(self, *disks: Path, prefix: str = "vbd-test") -> tuple[str, str]:
-        """The name and XML of a domain with these disks as vda, vdb, ...; removed at teardown
-        under that name, however the test creates it."""
+    def xml(self, *disks: Path, prefix: str = "vbd-test", fmt: str = "qcow2") -> tuple[str, str]:
+        """The name and XML of a domain with these disks (of format ``fmt``) as vda, vdb, ...;
+        removed at teardown under that name, however the test creates it."""
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self._names.append(name)
-        return name, domain_xml(name, *disks)
+        return name, domain_xml(name, *disks, fmt=fmt)
 
-    def define(self, *disks: Path, start: bool = False, prefix: str = "vbd-test") -> Any:
+    def define(
+        self, *disks: Path, start: bool = False, prefix: str = "vbd-test", fmt: str = "qcow2"
+    ) -> Any:
         """A domain with these disks as vda, vdb, ..."""
-        _, xml = self.xml(*disks, prefix=prefix)
+        _, xml = self.xml(*disks, prefix=prefix, fmt=fmt)
         dom = self.conn.defineXML(xml)
         if start:
             dom.create()

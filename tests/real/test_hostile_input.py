@@ -39,7 +39,7 @@ from helpers.images import (
     run,
     write,
 )
-from helpers.libvirt_env import Domains, domain_type, stop_gracefully
+from helpers.libvirt_env import Domains, stop_gracefully
 from helpers.scenarios import build, is_for
 
 pytestmark = pytest.mark.real
@@ -155,31 +155,6 @@ def overlay_of(path: Path, backing: Path) -> Path:
     return create(path, backing=backing)
 
 
-def raw_disk_xml(name: str, disk: Path) -> str:
-    return f"""
-<domain type='{domain_type()}'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>"""
-
-
-def define_raw(domains: Domains, disk: Path, *, start: bool = False) -> Any:
-    name, _ = domains.xml(disk)
-    dom = domains.conn.defineXML(raw_disk_xml(name, disk))
-    if start:
-        dom.create()
-    return dom
-
-
 def assert_refused(result: subprocess.CompletedProcess[str], image: Path, why: str) -> None:
     """Exit 1 and one line on stderr that names the image and says why."""
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
@@ -204,7 +179,7 @@ def test_raw_disk_with_a_forged_header_naming_an_nbd_socket_is_never_opened(
     (tmp_path / "images").mkdir()
     disk = forged_header(tmp_path / "images" / "guest.img", trap.url)
     before = digest(disk)
-    dom = define_raw(domains, disk, start=running)
+    dom = domains.define(disk, start=running, fmt="raw")
     daemon = daemon_factory(rescan_interval=1).start()
     entry = daemon.wait_for(is_for(dom, "disk_skipped"), what="raw disk skipped")
     assert "raw disk holds no checkpoints" in entry["reason"], entry
@@ -509,7 +484,7 @@ def stray(folder: Path, kind: str, active: Path, trap: NbdTrap, domains: Domains
     path = folder / f"stray-{kind}.qcow2"
     if kind == "raw-disk-of-another-domain":
         forged_header(path, str(active), "qcow2")
-        define_raw(domains, path)
+        domains.define(path, fmt="raw")
     elif kind == "backing-format-not-recorded":
         forged_header(path, str(active), None)
     elif kind == "nul-in-backing-name":

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
 from structlog.testing import capture_logs
 
 from virt_bitmapd.config import Settings
+from virt_bitmapd.errors import ImageCorrupt, ImageInUse, VirtBitmapdError
 from virt_bitmapd.model import Result
 from virt_bitmapd.observability.metrics import Metrics
 from virt_bitmapd.service.daemon import Daemon
 from virt_bitmapd.service.disk_check import CommitReport, DiskReport
+from virt_bitmapd.service.disk_memory import COMMIT_ATTEMPTS
+from virt_bitmapd.service.tasks import TaskSupervisor
 from virt_bitmapd.tracking import Commit
 
 
@@ -79,3 +83,88 @@ def test_the_look_at_ready_finds_no_commit_and_says_nothing_of_it(tmp_path: Path
     with capture_logs() as logs:
         daemon._publish(grown, "event", "active_commit", completed=False)
     assert [e["event"] for e in logs] == ["chain_changed"]
+
+
+def _failing(error: VirtBitmapdError) -> DiskReport:
+    return DiskReport(domain="vm1", uuid="u1", disk="vda", error=error)
+
+
+def test_a_disk_failing_the_same_way_is_logged_once_and_counted_in_a_gauge(
+    tmp_path: Path,
+) -> None:
+    metrics = Metrics()
+    daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=metrics)
+    corrupt = ImageCorrupt("/i/a.qcow2", "not a qcow2 image QEMU may open: no qcow2 magic")
+    with capture_logs() as logs:
+        for _ in range(3):
+            daemon._publish(_failing(corrupt), "rescan", None)
+        daemon._publish(_failing(ImageCorrupt("/i/a.qcow2", "other")), "rescan", None)
+    levels = [(e["event"], e["log_level"]) for e in logs]
+    assert levels == [
+        ("disk_check_failed", "error"),
+        ("disk_check_failed", "debug"),
+        ("disk_check_failed", "debug"),
+        ("disk_check_failed", "error"),  # a new error is news again
+    ]
+    gauge = metrics.registry.get_sample_value
+    assert gauge("virt_bitmapd_disks_in_error", {"kind": "image_corrupt"}) == 1
+    assert gauge("virt_bitmapd_disk_errors_total", {"kind": "image_corrupt"}) == 4
+    healthy = DiskReport(domain="vm1", uuid="u1", disk="vda", chain=("/i/a",))
+    with capture_logs() as logs:
+        daemon._publish(healthy, "rescan", None)
+    assert [e["event"] for e in logs] == ["disk_check_recovered", "chain_changed"]
+    assert gauge("virt_bitmapd_disks_in_error", {"kind": "image_corrupt"}) == 0
+
+
+def test_a_commit_that_may_pass_is_retried_then_counted_failed(tmp_path: Path) -> None:
+    metrics = Metrics()
+    daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=metrics)
+    held = CommitReport(
+        commit=Commit(removed=("/i/top",), base="/i/base"),
+        live=False,
+        duration=0.1,
+        error=ImageInUse("/i/base", "in use by another process"),
+    )
+    report = DiskReport(
+        domain="vm1",
+        uuid="u1",
+        disk="vda",
+        chain=("/i/base",),
+        previous_chain=("/i/top", "/i/base"),
+        commits=(held,),
+    )
+    failed = {"trigger": "rescan", "result": "failed"}
+
+    async def publish_all() -> list[str]:
+        events = []
+        for _ in range(COMMIT_ATTEMPTS):
+            with capture_logs() as logs:
+                daemon._publish(report, "rescan", None)
+            events += [e["event"] for e in logs]
+        return events
+
+    events = asyncio.run(publish_all())
+    assert events.count("reconciliation_deferred") == COMMIT_ATTEMPTS - 1
+    assert events.count("reconciliation") == 1 and "chain_changed" not in events
+    assert metrics.registry.get_sample_value("virt_bitmapd_reconciliations_total", failed) == 1
+
+
+def test_a_background_step_that_raises_is_logged_counted_and_runs_again() -> None:
+    failures: list[str] = []
+    runs = []
+
+    async def step() -> None:
+        runs.append(1)
+        raise RuntimeError("boom")
+
+    async def main() -> None:
+        supervisor = TaskSupervisor(failures.append)
+        supervisor.every("snapshot_watch", lambda: 0.01, step)
+        await asyncio.sleep(0.2)
+        supervisor.cancel_all()
+        await asyncio.sleep(0)
+
+    with capture_logs() as logs:
+        asyncio.run(main())
+    assert len(runs) >= 3 and failures == ["snapshot_watch"] * len(runs)
+    assert logs[0]["event"] == "background_task_failed" and logs[0]["exc_info"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["COMMIT_ATTEMPTS", "DiskKey", "DiskMemory", "commit_retry_delay", "look_retry_delay"]
 
@@ -61,27 +62,22 @@ class DiskMemory:
     def errors_by_kind(self) -> dict[str, int]:
         return dict(Counter(kind for kind, _ in self.errors.values()))
 
-    def forget_disk(self, key: DiskKey) -> None:
-        for mapping in (
+    def _per_disk(self) -> tuple[dict[DiskKey, Any], ...]:
+        return (
             self.job_of_event,
             self.look_delays,
             self.commit_failures,
             self.last_commit_seen,
             self.errors,
-        ):
+        )
+
+    def forget_disk(self, key: DiskKey) -> None:
+        for mapping in self._per_disk():
             mapping.pop(key, None)
         self.skip_logged.discard(key)
 
     def forget_domain(self, uuid: str) -> None:
-        keys = set(self.skip_logged)
-        for mapping in (
-            self.job_of_event,
-            self.look_delays,
-            self.commit_failures,
-            self.last_commit_seen,
-            self.errors,
-        ):
-            keys.update(mapping)
+        keys = set(self.skip_logged).union(*self._per_disk())
         for key in keys:
             if key[0] == uuid:
                 self.forget_disk(key)
@@ -89,12 +85,4 @@ class DiskMemory:
 
     def size(self) -> int:
         """Entries held, for tests that check the memory shrinks."""
-        return (
-            len(self.job_of_event)
-            + len(self.skip_logged)
-            + len(self.look_delays)
-            + len(self.commit_failures)
-            + len(self.last_commit_seen)
-            + len(self.errors)
-            + len(self.absent_logged)
-        )
+        return sum(map(len, self._per_disk())) + len(self.skip_logged) + len(self.absent_logged)
