@@ -1,4 +1,12 @@
-"""One family of errors.  Each names what it is about and says whether a retry can help."""
+"""One family of errors, for the whole program.
+
+Each class's name says what went wrong and its ``kind`` (used in metric labels, logs and JSON)
+says the same in snake case.  Each message names the image, bitmap or domain it is about.
+``retryable`` says whether trying the same thing later may succeed; it follows the cause (a lock
+held by another process, a tool that did not answer in time), so a few classes decide it per
+instance.  ``image_error_from_qemu`` turns what QEMU says about an image into one of these, by
+patterns checked against QEMU's own messages.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,13 @@ import re
 
 __all__ = [
     "BaseCannotHoldBitmaps",
-    "BitsUnprovable",
+    "BaseChanged",
+    "BitmapUnusableAfter",
+    "BitsUnrecoverable",
     "ChainError",
+    "ChainMoving",
     "CleanupFailed",
+    "CommitUnverifiable",
     "CommittedLayersGone",
     "DomainXMLInvalid",
     "ImageCorrupt",
@@ -16,15 +28,15 @@ __all__ = [
     "ImageInUse",
     "ImageMissing",
     "ImageUnreadable",
-    "LayersOutOfQemuReach",
     "LibvirtFailed",
     "NoSpace",
     "OutsideStorageRoots",
     "QMPError",
-    "ReconcileFailed",
+    "RepairRefused",
     "StateUnusable",
     "ToolFailed",
-    "UnseenLayersUnclear",
+    "TransactionRefused",
+    "UnseenLayersForked",
     "VirtBitmapdError",
     "image_error_from_qemu",
 ]
@@ -39,38 +51,31 @@ class VirtBitmapdError(Exception):
     kind: str = "error"
 
 
+# ------------------------------------------------------------------ chains and images
+
+
 class ChainError(VirtBitmapdError):
-    """TOP and BASE do not describe a commit in one backing chain."""
+    """TOP and BASE do not describe a commit in one backing chain, or the chain is malformed
+    (a loop, an unrecorded backing format, a layer QEMU does not show)."""
 
-    kind = "bad_chain"
+    kind = "chain_error"
 
 
-class BaseCannotHoldBitmaps(VirtBitmapdError):
-    """The commit base is not qcow2, so it cannot carry checkpoint bitmaps."""
+class ChainMoving(ChainError):
+    """The chain changed each time it was read; the next look will find it settled."""
 
-    kind = "base_not_qcow2"
-
-    def __init__(self, base: str, image_format: str, bitmaps: tuple[str, ...] = ()) -> None:
-        names = ", ".join(repr(name) for name in bitmaps)
-        super().__init__(
-            f"{base}: the commit base is {image_format}, not qcow2, and cannot hold bitmaps"
-            + (
-                f"; {names} cannot be carried: the next backup of each must be full"
-                if names
-                else ""
-            )
-        )
-        self.image = base
-        self.bitmaps = bitmaps
+    kind = "chain_moving"
+    retryable = True
 
 
 class ImageError(VirtBitmapdError):
-    """Something is wrong with one image."""
+    """Something is wrong with one image; the message starts with its path."""
+
+    kind = "image_error"
 
     def __init__(self, image: str, detail: str) -> None:
         super().__init__(f"{image}: {detail}")
         self.image = image
-        self.detail = detail
 
 
 class ImageMissing(ImageError):
@@ -103,7 +108,73 @@ class OutsideStorageRoots(ImageError):
     kind = "outside_storage_roots"
 
 
-class LayersOutOfQemuReach(ImageError):
+class BaseCannotHoldBitmaps(ImageError):
+    """The commit base is not qcow2, so it cannot carry checkpoint bitmaps."""
+
+    kind = "base_cannot_hold_bitmaps"
+
+    def __init__(self, base: str, image_format: str, bitmaps: tuple[str, ...] = ()) -> None:
+        names = ", ".join(repr(name) for name in bitmaps)
+        super().__init__(
+            base,
+            f"the commit base is {image_format}, not qcow2, and cannot hold bitmaps"
+            + (
+                f"; {names} cannot be carried: the next backup of each must be full"
+                if names
+                else ""
+            ),
+        )
+        self.bitmaps = bitmaps
+
+
+# ------------------------------------------------------------------ changing a base
+
+
+class TransactionRefused(ImageError):
+    """QEMU refused the bitmap transaction; being a transaction, it changed nothing."""
+
+    kind = "transaction_refused"
+
+    def __init__(self, base: str, description: str) -> None:
+        super().__init__(
+            base, f"QEMU refused the bitmap transaction, nothing was changed: {description}"
+        )
+
+
+class BaseChanged(ImageError):
+    """The base's bitmaps differ from those the plan was made from; nothing was changed."""
+
+    kind = "base_changed"
+    retryable = True
+
+    def __init__(self, base: str, bitmap: str, what: str) -> None:
+        super().__init__(
+            base, f"bitmap {bitmap!r} {what} since the chain was read; nothing was changed"
+        )
+        self.bitmap = bitmap
+
+
+class BitmapUnusableAfter(ImageError):
+    """After the transaction, a merged bitmap is not recording and consistent in the base."""
+
+    kind = "bitmap_unusable_after"
+
+    def __init__(self, base: str, bitmap: str) -> None:
+        super().__init__(
+            base,
+            f"bitmap {bitmap!r} is not recording and consistent after the transaction; "
+            "the next backup from it must be full",
+        )
+        self.bitmap = bitmap
+
+
+class RepairRefused(ImageError):
+    """A live repair that could change what the guest reads is not attempted."""
+
+    kind = "repair_refused"
+
+
+class CommitUnverifiable(ImageError):
     """QEMU may not open a committed layer (libvirt's AppArmor or SELinux confinement revokes
     its access once the commit ends), while the base already shows every bitmap the commit
     concerns: libvirt's own merge cannot be checked bit by bit, and nothing needs adding."""
@@ -111,62 +182,7 @@ class LayersOutOfQemuReach(ImageError):
     kind = "unverifiable"
 
 
-class ToolFailed(VirtBitmapdError):
-    """A QEMU tool could not be run or did not answer as expected."""
-
-    kind = "tool_failed"
-    retryable = True
-
-
-class ReconcileFailed(VirtBitmapdError):
-    """The transaction was refused; nothing was changed."""
-
-    kind = "reconcile_failed"
-
-    def __init__(self, message: str, *, image: str | None = None, bitmap: str | None = None):
-        super().__init__(message)
-        self.image = image
-        self.bitmap = bitmap
-
-    @classmethod
-    def transaction_refused(cls, base: str, description: str) -> ReconcileFailed:
-        return cls(
-            f"{base}: QEMU refused the bitmap transaction, nothing was changed: {description}",
-            image=base,
-        )
-
-    @classmethod
-    def not_usable_after(cls, base: str, bitmap: str) -> ReconcileFailed:
-        return cls(
-            f"{base}: bitmap {bitmap!r} is not recording and consistent after the transaction; "
-            "the next backup from it must be full",
-            image=base,
-            bitmap=bitmap,
-        )
-
-
-def _tidy_qemu_message(image: str, message: str) -> str:
-    """QEMU repeats "Could not open 'X': " once per block layer; once is enough, and not at all
-    when X is the image the error names already."""
-    message = re.sub(r"(Could not open '[^']*': )\1+", r"\1", message.strip())
-    own = f"Could not open '{image}': "
-    return message[len(own) :] if message.startswith(own) else message
-
-
-def image_error_from_qemu(image: str, message: str) -> ImageError:
-    """Classify what a QEMU tool said when it could not open ``image``."""
-    message = _tidy_qemu_message(image, message)
-    lowered = message.lower()
-    if "lock" in lowered and ("failed to get" in lowered or "another process" in lowered):
-        return ImageInUse(image, "in use by another process (a running VM?): " + message)
-    if "no such file or directory" in lowered:
-        return ImageMissing(image, message)
-    if "corrupt" in lowered or "invalid" in lowered or "not in qcow2 format" in lowered:
-        return ImageCorrupt(image, message)
-    return ImageUnreadable(image, message)
-
-
-class BitsUnprovable(VirtBitmapdError):
+class BitsUnrecoverable(VirtBitmapdError):
     """What a commit took from the base's bitmaps cannot be known any more: nothing is changed,
     and backups from the bitmaps named must start with a full one."""
 
@@ -182,8 +198,10 @@ class BitsUnprovable(VirtBitmapdError):
         self.bitmaps = bitmaps
 
 
-class CommittedLayersGone(BitsUnprovable):
+class CommittedLayersGone(BitsUnrecoverable):
     """The committed layers were deleted before their bitmaps reached the base."""
+
+    kind = "committed_layers_gone"
 
     def __init__(self, base: str, missing: tuple[str, ...], bitmaps: tuple[str, ...]) -> None:
         super().__init__(
@@ -195,9 +213,12 @@ class CommittedLayersGone(BitsUnprovable):
         self.missing = missing
 
 
-class UnseenLayersUnclear(BitsUnprovable):
-    """Layers made since the last look back onto the committed top, and more than one of them
-    could have been committed with it: which bits the base needs cannot be told."""
+class UnseenLayersForked(BitsUnrecoverable):
+    """Layers made since the last look back onto the committed top, and which of them were
+    committed with it cannot be told (several made on one layer, or one that does not continue
+    the top's bitmaps)."""
+
+    kind = "unseen_layers_forked"
 
     def __init__(
         self,
@@ -218,11 +239,41 @@ class UnseenLayersUnclear(BitsUnprovable):
         self.candidates = candidates
 
 
-class StateUnusable(VirtBitmapdError):
-    """The state directory cannot be read or written."""
+class CleanupFailed(VirtBitmapdError):
+    """Temporary nodes or probe bitmaps could not be removed from a running QEMU (or its base
+    put back read-only); the daemon removes its leftovers when it next connects."""
 
-    kind = "state_unusable"
+    kind = "cleanup_failed"
     retryable = True
+
+    def __init__(self, domain: str, failures: list[str]) -> None:
+        super().__init__(f"{domain}: cleanup after the check failed: {'; '.join(failures)}")
+        self.failures = tuple(failures)
+
+
+# ------------------------------------------------------------------ tools and services
+
+
+class ToolFailed(VirtBitmapdError):
+    """A QEMU tool could not be run or did not answer as expected.  A tool that is missing will
+    still be missing later; one that timed out or died may do better next time."""
+
+    kind = "tool_failed"
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class QMPError(VirtBitmapdError):
+    """QEMU answered a QMP command with an error."""
+
+    kind = "qmp_error"
+
+    def __init__(self, command: str, description: str) -> None:
+        super().__init__(f"{command}: {description}")
+        self.command = command
+        self.description = description
 
 
 class LibvirtFailed(VirtBitmapdError):
@@ -238,24 +289,42 @@ class DomainXMLInvalid(VirtBitmapdError):
     kind = "domain_xml_invalid"
 
 
-class CleanupFailed(VirtBitmapdError):
-    """Temporary nodes or probe bitmaps could not be removed from a running QEMU (or its base
-    put back read-only); the daemon removes its leftovers when it next connects."""
+class StateUnusable(VirtBitmapdError):
+    """The state directory cannot be read or written."""
 
-    kind = "cleanup_failed"
+    kind = "state_unusable"
     retryable = True
 
-    def __init__(self, domain: str, failures: list[str]) -> None:
-        super().__init__(f"{domain}: cleanup after the check failed: {'; '.join(failures)}")
-        self.failures = tuple(failures)
+
+# ------------------------------------------------------------------ QEMU's words
 
 
-class QMPError(VirtBitmapdError):
-    """QEMU answered a command with an error."""
+def _tidy_qemu_message(image: str, message: str) -> str:
+    """QEMU repeats "Could not open 'X': " once per block layer; once is enough, and not at all
+    when X is the image the error names already."""
+    message = re.sub(r"(Could not open '[^']*': )\1+", r"\1", message.strip())
+    own = f"Could not open '{image}': "
+    return message[len(own) :] if message.startswith(own) else message
 
-    kind = "qmp_error"
 
-    def __init__(self, command: str, description: str) -> None:
-        super().__init__(f"{command}: {description}")
-        self.command = command
-        self.description = description
+# What QEMU says, as seen from qemu-img 7.2 and qemu-storage-daemon (tests/real/test_errors.py
+# produces each of these and checks the kind).
+_IN_USE = re.compile(r"Failed to get \S+ \"?\w+\"? lock|Is another process using the image")
+_MISSING = re.compile(r"No such file or directory")
+_CORRUPT = re.compile(
+    r"offset invalid|[Ii]mage is corrupt|[Mm]arking image as corrupt|not in qcow2 format"
+    r"|Unsupported qcow2 version|Invalid backing file offset|Backing file name too long"
+    r"|Unsupported value|too large|Image too small"
+)
+
+
+def image_error_from_qemu(image: str, message: str) -> ImageError:
+    """Classify what a QEMU tool said when it could not open ``image``."""
+    message = _tidy_qemu_message(image, message)
+    if _IN_USE.search(message):
+        return ImageInUse(image, "in use by another process (a running VM?): " + message)
+    if _MISSING.search(message):
+        return ImageMissing(image, message)
+    if _CORRUPT.search(message):
+        return ImageCorrupt(image, message)
+    return ImageUnreadable(image, message)

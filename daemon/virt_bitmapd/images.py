@@ -201,7 +201,7 @@ def _info(path: str, force_share: bool, binary: str, timeout: float) -> dict[str
     try:
         result = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
     except OSError as error:
-        raise ToolFailed(f"cannot run {binary}: {error}") from error
+        raise ToolFailed(f"cannot run {binary}: {error}", retryable=False) from error
     except subprocess.TimeoutExpired as error:
         raise ToolFailed(f"{binary} info {path} did not finish within {timeout:.0f} s") from error
     if result.returncode != 0:

@@ -35,21 +35,24 @@ from typing import Any, Protocol
 from . import images
 from .domain_xml import Disk, Layer
 from .errors import (
+    BitmapUnusableAfter,
     ChainError,
     CleanupFailed,
-    LayersOutOfQemuReach,
+    CommitUnverifiable,
     QMPError,
-    ReconcileFailed,
+    RepairRefused,
+    TransactionRefused,
     VirtBitmapdError,
     image_error_from_qemu,
 )
-from .model import Chain, Image, Outcome, Plan, Reconciliation, Result
+from .model import Chain, Image, Outcome, Plan, Reconciliation, Result, find_bitmap
 from .planner import plan as make_plan
 from .qmp import (
+    JSON,
     OWN_PREFIX,
     PROBE_PREFIX,
     NodeBitmaps,
-    blockdev_add_readonly_source,
+    blockdev_add,
     blockdev_del,
     blockdev_reopen,
     find_node,
@@ -64,7 +67,6 @@ from .tracking import Commit
 
 __all__ = ["Monitor", "reconcile_live"]
 
-JSON = dict[str, Any]
 
 CREATED_AFTER_PIVOT = (
     "the base is the guest's active layer since the commit's pivot: a bitmap created there now "
@@ -172,13 +174,13 @@ def _attach(
     monitor: Monitor, undo: _Undo, plan: Plan, base: NodeBitmaps, *, path: str, node: str
 ) -> None:
     try:
-        monitor.execute(blockdev_add_readonly_source(node, path))
+        monitor.execute(blockdev_add(node, path, read_only=True))
     except QMPError as error:
         if (
             "permission denied" in error.description.lower()
             and plan.first_unusable(base.bitmaps) is None
         ):
-            raise LayersOutOfQemuReach(
+            raise CommitUnverifiable(
                 path,
                 "QEMU may not open this committed layer (confined by libvirt's security "
                 "driver?), so the merge libvirt made cannot be verified; the base holds every "
@@ -226,7 +228,7 @@ def _already_consistent(
     base_node = base.node
     probes = {}
     for merge in plan.merges:
-        copy = base.bitmap(merge.bitmap)
+        copy = find_bitmap(base.bitmaps, merge.bitmap)
         if copy is None:
             return False
         probes[merge.bitmap] = (f"{PROBE_PREFIX}{secrets.token_hex(6)}", copy.granularity)
@@ -249,17 +251,15 @@ def _backing_node(disk: Disk, base_layer: Layer) -> str | None:
     below = disk.layers[disk.layers.index(base_layer) + 1 :]
     if not below:
         if not disk.complete:
-            raise ReconcileFailed(
-                f"{base_layer.path}: libvirt does not describe the chain below this base, so it "
-                "cannot be reopened without changing what the guest reads; not repaired",
-                image=base_layer.path,
+            raise RepairRefused(
+                base_layer.path,
+                "libvirt does not describe the chain below this base, so it cannot be reopened "
+                "without changing what the guest reads; not repaired",
             )
         return None
     if below[0].format_node is None:
-        raise ReconcileFailed(
-            f"{base_layer.path}: its backing {below[0].path} has no node libvirt names; "
-            "not repaired",
-            image=base_layer.path,
+        raise RepairRefused(
+            base_layer.path, f"its backing {below[0].path} has no node libvirt names; not repaired"
         )
     return below[0].format_node
 
@@ -282,10 +282,10 @@ def _apply(
     if read_only:  # a backing node: its bitmaps cannot be changed until it is writable
         if base_layer.unreproducible or disk.metadata_cache:
             options = ", ".join(base_layer.unreproducible) or "a metadata cache size"
-            raise ReconcileFailed(
-                f"{plan.base}: libvirt opened this base with options a reopen cannot repeat "
-                f"({options}); not repaired",
-                image=plan.base,
+            raise RepairRefused(
+                plan.base,
+                f"libvirt opened this base with options a reopen cannot repeat ({options}); "
+                "not repaired",
             )
         backing = _backing_node(disk, base_layer)
 
@@ -304,9 +304,9 @@ def _apply(
     try:
         monitor.execute(transaction(plan, base_node=base_node, source_nodes=source_nodes))
     except QMPError as error:
-        raise ReconcileFailed.transaction_refused(plan.base, error.description) from error
+        raise TransactionRefused(plan.base, error.description) from error
     after = node_bitmaps(monitor.execute(query_nodes()), base_node)
     unusable = plan.first_unusable(after.bitmaps)
     if unusable is not None:
-        raise ReconcileFailed.not_usable_after(plan.base, unusable)
+        raise BitmapUnusableAfter(plan.base, unusable)
     return Outcome.from_counts(plan, before, after.dirty_bytes)

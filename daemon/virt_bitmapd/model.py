@@ -24,6 +24,7 @@ __all__ = [
     "Result",
     "Skip",
     "SkipReason",
+    "find_bitmap",
 ]
 
 MIN_GRANULARITY = 512
@@ -86,10 +87,12 @@ class Image:
         return self.format == QCOW2
 
     def bitmap(self, name: str) -> Bitmap | None:
-        for bitmap in self.bitmaps:
-            if bitmap.name == name:
-                return bitmap
-        return None
+        return find_bitmap(self.bitmaps, name)
+
+
+def find_bitmap(bitmaps: Iterable[Bitmap], name: str) -> Bitmap | None:
+    """The bitmap called ``name`` among ``bitmaps`` (one image's or one node's), if any."""
+    return next((bitmap for bitmap in bitmaps if bitmap.name == name), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +184,20 @@ class Plan:
         lack, or hold but not recording and consistent; None when all are fine."""
         usable = {bitmap.name for bitmap in base_bitmaps if bitmap.usable}
         return next((m.bitmap for m in self.merges if m.bitmap not in usable), None)
+
+    def mismatch(self, base_bitmaps: Iterable[Bitmap]) -> tuple[str, str] | None:
+        """The first merge that ``base_bitmaps`` (the base just before applying this plan) no
+        longer fit, and how; None when the base is as the plan assumed."""
+        present = {bitmap.name: bitmap for bitmap in base_bitmaps}
+        for merge in self.merges:
+            copy = present.get(merge.bitmap)
+            if merge.create_in_base and copy is not None:
+                return merge.bitmap, "appeared"
+            if not merge.create_in_base and copy is None:
+                return merge.bitmap, "is gone"
+            if not merge.create_in_base and copy is not None and not copy.usable:
+                return merge.bitmap, "is no longer recording and consistent"
+        return None
 
     @property
     def source_images(self) -> tuple[str, ...]:

@@ -14,12 +14,12 @@ from typing import Any
 from .model import Bitmap, Plan
 
 __all__ = [
+    "JSON",
     "OWN_PREFIX",
     "PROBE_PREFIX",
     "Leftovers",
     "NodeBitmaps",
-    "blockdev_add_readonly_source",
-    "blockdev_add_writable_base",
+    "blockdev_add",
     "blockdev_del",
     "blockdev_reopen",
     "find_node",
@@ -169,29 +169,20 @@ def blockdev_del(node: str) -> JSON:
     return {"execute": "blockdev-del", "arguments": {"node-name": node}}
 
 
-def blockdev_add_readonly_source(node: str, path: str) -> JSON:
-    """Open a committed layer by itself, read-only: its bitmaps are all we need from it."""
+def blockdev_add(node: str, path: str, *, read_only: bool) -> JSON:
+    """Open the qcow2 image ``path`` by itself as ``node``: without its backing chain (bitmaps
+    need none) and through the file driver named explicitly (a path is never read as a
+    protocol).  Committed layers are opened read-only, a base at rest read-write."""
+    file: JSON = {"driver": "file", "filename": path}
+    if read_only:
+        file["read-only"] = True
     return {
         "execute": "blockdev-add",
         "arguments": {
             "driver": "qcow2",
             "node-name": node,
-            "read-only": True,
-            "file": {"driver": "file", "filename": path, "read-only": True},
-            "backing": None,
-        },
-    }
-
-
-def blockdev_add_writable_base(node: str, path: str) -> JSON:
-    """Open the commit base read-write without its backing chain (bitmaps need no backing)."""
-    return {
-        "execute": "blockdev-add",
-        "arguments": {
-            "driver": "qcow2",
-            "node-name": node,
-            "read-only": False,
-            "file": {"driver": "file", "filename": path},
+            "read-only": read_only,
+            "file": file,
             "backing": None,
         },
     }
@@ -204,12 +195,6 @@ class NodeBitmaps:
     node: str
     bitmaps: tuple[Bitmap, ...]
     dirty_bytes: Mapping[str, int]
-
-    def bitmap(self, name: str) -> Bitmap | None:
-        for bitmap in self.bitmaps:
-            if bitmap.name == name:
-                return bitmap
-        return None
 
 
 def find_node(named_block_nodes: Sequence[JSON], node: str) -> JSON:

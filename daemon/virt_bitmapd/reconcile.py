@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from . import images
-from .errors import ImageUnreadable, NoSpace, ReconcileFailed
+from .errors import BitmapUnusableAfter, ImageUnreadable, NoSpace
 from .model import Image, Plan, Reconciliation, Result
 from .planner import plan as make_plan
 from .storage_roots import require_inside
@@ -82,4 +82,4 @@ def _require_space(plan: Plan, base: Image) -> None:
 def _verify_base(plan: Plan) -> None:
     unusable = plan.first_unusable(images.read_image(plan.base).bitmaps)
     if unusable is not None:
-        raise ReconcileFailed.not_usable_after(plan.base, unusable)
+        raise BitmapUnusableAfter(plan.base, unusable)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from .errors import VirtBitmapdError
 from .model import Bitmap, Chain, Image, Outcome, Plan
 from .planner import chain_problems
+from .qmp import JSON
 
 __all__ = [
     "chain_json",
@@ -15,8 +14,6 @@ __all__ = [
     "plan_json",
     "plan_text",
 ]
-
-JSON = dict[str, Any]
 
 
 def _bitmap_json(bitmap: Bitmap) -> JSON:

@@ -33,7 +33,7 @@ from helpers.images import (
     write,
 )
 from virt_bitmapd import images
-from virt_bitmapd.errors import ImageMissing, ReconcileFailed
+from virt_bitmapd.errors import ImageMissing, TransactionRefused
 from virt_bitmapd.model import BitmapMerge, Plan
 from virt_bitmapd.planner import plan
 from virt_bitmapd.transports.storage_daemon import apply_at_rest
@@ -316,7 +316,7 @@ def test_transaction_is_all_or_nothing(tmp_path: Path) -> None:
             BitmapMerge(bitmap="nope", granularity=K64, create_in_base=True, sources=(str(s1),)),
         ),
     )
-    with pytest.raises(ReconcileFailed, match="nothing was changed"):
+    with pytest.raises(TransactionRefused, match="nothing was changed"):
         apply_at_rest(bad)
     assert state(base) == before
 

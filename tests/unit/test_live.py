@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from virt_bitmapd.domain_xml import Disk, Layer
-from virt_bitmapd.errors import ChainError, CleanupFailed, LibvirtFailed, ReconcileFailed
+from virt_bitmapd.errors import (
+    BitmapUnusableAfter,
+    ChainError,
+    CleanupFailed,
+    LibvirtFailed,
+    RepairRefused,
+)
 from virt_bitmapd.live import reconcile_live
 from virt_bitmapd.model import Bitmap, Image, Result
 from virt_bitmapd.tracking import Commit
@@ -167,7 +173,7 @@ def test_everything_attached_is_removed_when_libvirt_fails_half_way(fail_on: str
 
 def test_the_reopen_gives_the_base_its_backing_and_options_exactly() -> None:
     monitor = FailingMonitor(chain_nodes([]), fail_on="never")
-    with pytest.raises(ReconcileFailed, match="not recording"):  # a script creates no bitmap
+    with pytest.raises(BitmapUnusableAfter, match="not recording"):  # a script creates no bitmap
         reconcile_live(
             monitor, THREE_LAYERS, COMMIT, storage_roots=["/i"], read_image=lambda _: TOP_WITH_CP1
         )
@@ -182,7 +188,7 @@ def test_the_reopen_gives_the_base_its_backing_and_options_exactly() -> None:
 def test_a_base_whose_backing_libvirt_does_not_describe_is_not_reopened() -> None:
     incomplete = Disk(target="vda", layers=THREE_LAYERS.layers[:2], complete=False)
     monitor = FailingMonitor(chain_nodes([]), fail_on="never")
-    with pytest.raises(ReconcileFailed, match="does not describe the chain below this base"):
+    with pytest.raises(RepairRefused, match="does not describe the chain below this base"):
         reconcile_live(
             monitor, incomplete, COMMIT, storage_roots=["/i"], read_image=lambda _: TOP_WITH_CP1
         )
@@ -195,7 +201,7 @@ def test_a_base_opened_with_encryption_is_not_reopened() -> None:
     layers[1] = Layer(path="/i/base", format="qcow2", index=3, unreproducible=("encryption",))
     disk = Disk(target="vda", layers=tuple(layers), complete=True)
     monitor = FailingMonitor(chain_nodes([]), fail_on="never")
-    with pytest.raises(ReconcileFailed, match="options a reopen cannot repeat"):
+    with pytest.raises(RepairRefused, match="options a reopen cannot repeat"):
         reconcile_live(
             monitor, disk, COMMIT, storage_roots=["/i"], read_image=lambda _: TOP_WITH_CP1
         )

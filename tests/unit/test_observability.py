@@ -77,7 +77,7 @@ def test_notifier_sends_datagrams(tmp_path: Path) -> None:
         assert notifier.watchdog_interval == 2.0
         notifier.ready("up")
         assert server.recv(100) == b"READY=1\nSTATUS=up"
-    assert not Notifier({}).enabled and Notifier({}).watchdog_interval is None
+    assert not Notifier({}).send("READY=1") and Notifier({}).watchdog_interval is None
 
 
 def test_untrusted_gauge_is_dropped_with_the_domain() -> None:

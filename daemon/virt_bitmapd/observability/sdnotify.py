@@ -25,10 +25,6 @@ class Notifier:
             self._watchdog_usec = int(usec)
 
     @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
-    @property
     def watchdog_interval(self) -> float | None:
         """How often to ping: half the watchdog timeout, or None when there is no watchdog."""
         return self._watchdog_usec / 2_000_000 if self._watchdog_usec else None

@@ -113,7 +113,8 @@ class Scheduler:
     async def close(self, timeout: float) -> bool:
         """Start nothing new, let running jobs finish; True if all did within ``timeout``."""
         self._closed = True
-        if not self._tasks:
-            return True
-        _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
-        return not pending
+        try:
+            await asyncio.wait_for(asyncio.shield(self.drain()), timeout)
+        except TimeoutError:
+            return False
+        return True

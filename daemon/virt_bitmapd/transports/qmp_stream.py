@@ -15,10 +15,9 @@ import time
 from typing import IO, Any
 
 from ..errors import QMPError, ToolFailed
+from ..qmp import JSON
 
 __all__ = ["QMPStream"]
-
-JSON = dict[str, Any]
 
 
 class QMPStream:
@@ -33,7 +32,6 @@ class QMPStream:
         self._tool = tool
         self._timeout = timeout
         self._buffer = b""
-        self.events: list[JSON] = []
 
     def handshake(self) -> None:
         greeting = self._read_message()
@@ -51,8 +49,7 @@ class QMPStream:
             raise ToolFailed(f"{self._tool} went away before {name}: {error}") from error
         while True:
             message = self._read_message()
-            if "event" in message:
-                self.events.append(message)
+            if "event" in message:  # asynchronous news, not the answer
                 continue
             if "error" in message:
                 failure = message["error"]

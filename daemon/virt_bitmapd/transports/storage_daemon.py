@@ -15,12 +15,17 @@ import subprocess
 import tempfile
 from typing import IO
 
-from ..errors import QMPError, ReconcileFailed, ToolFailed, image_error_from_qemu
+from ..errors import (
+    BaseChanged,
+    QMPError,
+    ToolFailed,
+    TransactionRefused,
+    image_error_from_qemu,
+)
 from ..model import Outcome, Plan
 from ..qmp import (
     NodeBitmaps,
-    blockdev_add_readonly_source,
-    blockdev_add_writable_base,
+    blockdev_add,
     blockdev_del,
     node_bitmaps,
     query_nodes,
@@ -51,22 +56,22 @@ def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> O
         )
     except OSError as error:
         errors.close()
-        raise ToolFailed(f"cannot run {binary}: {error}") from error
+        raise ToolFailed(f"cannot run {binary}: {error}", retryable=False) from error
     qmp = QMPStream(process, tool=binary, timeout=timeout)
     opened: list[str] = []
     try:
         qmp.handshake()
         for path, node in source_nodes.items():
-            _open(qmp, blockdev_add_readonly_source(node, path), path)
+            _open(qmp, blockdev_add(node, path, read_only=True), path)
             opened.append(node)
-        _open(qmp, blockdev_add_writable_base(BASE_NODE, plan.base), plan.base)
+        _open(qmp, blockdev_add(BASE_NODE, plan.base, read_only=False), plan.base)
         opened.append(BASE_NODE)
         before = _base_bitmaps(qmp)
         _check_base_matches_plan(plan, before)
         try:
             qmp.execute(transaction(plan, base_node=BASE_NODE, source_nodes=source_nodes))
         except QMPError as error:
-            raise ReconcileFailed.transaction_refused(plan.base, error.description) from error
+            raise TransactionRefused(plan.base, error.description) from error
         after = _base_bitmaps(qmp)
     except BaseException:
         # The first error is the one worth reporting; closing is best effort then.
@@ -89,23 +94,9 @@ def _base_bitmaps(qmp: QMPStream) -> NodeBitmaps:
 
 
 def _check_base_matches_plan(plan: Plan, base: NodeBitmaps) -> None:
-    for merge in plan.merges:
-        present = base.bitmap(merge.bitmap)
-        if merge.create_in_base and present is not None:
-            raise ReconcileFailed(
-                f"{plan.base}: bitmap {merge.bitmap!r} appeared since the chain was read; "
-                "nothing was changed, read the chain again",
-                image=plan.base,
-                bitmap=merge.bitmap,
-            )
-        if not merge.create_in_base and (present is None or not present.usable):
-            state = "is gone" if present is None else "is no longer recording and consistent"
-            raise ReconcileFailed(
-                f"{plan.base}: bitmap {merge.bitmap!r} {state} since the chain was read; "
-                "nothing was changed",
-                image=plan.base,
-                bitmap=merge.bitmap,
-            )
+    mismatch = plan.mismatch(base.bitmaps)
+    if mismatch is not None:
+        raise BaseChanged(plan.base, *mismatch)
 
 
 def _close(
