@@ -57,11 +57,12 @@ def grew_on_top(old: Sequence[str], new: Sequence[str]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class LayersAbove:
-    """Images made on top of a layer, as one run (top first, ending just above it); or, where
-    more than one image backs onto the same layer, the ones that make the run unclear."""
+    """Images made on top of a layer, as one run (top first, ending just above it); and, where
+    more than one image backs onto the same layer, those images (a fork: which of them the run
+    goes on with cannot be told)."""
 
     run: tuple[str, ...] = ()
-    unclear: tuple[str, ...] = ()
+    forks: tuple[str, ...] = ()
 
 
 def layers_above(layer: str, backing_of: Mapping[str, str]) -> LayersAbove:
@@ -79,7 +80,7 @@ def layers_above(layer: str, backing_of: Mapping[str, str]) -> LayersAbove:
         if not children:
             break
         if len(children) > 1:
-            return LayersAbove(tuple(reversed(run)), unclear=tuple(children))
+            return LayersAbove(tuple(reversed(run)), forks=tuple(children))
         run.append(children[0])
         current = children[0]
     return LayersAbove(tuple(reversed(run)))

@@ -13,8 +13,8 @@ from virt_bitmapd.errors import ImageCorrupt, ImageInUse, VirtBitmapdError
 from virt_bitmapd.model import Result
 from virt_bitmapd.observability.metrics import Metrics
 from virt_bitmapd.service.daemon import Daemon
-from virt_bitmapd.service.disk_check import CommitReport, DiskReport
 from virt_bitmapd.service.disk_memory import COMMIT_ATTEMPTS
+from virt_bitmapd.service.reports import CommitReport, DiskReport
 from virt_bitmapd.service.tasks import TaskSupervisor
 from virt_bitmapd.tracking import Commit
 
@@ -31,7 +31,7 @@ def test_a_commit_event_with_no_known_layer_gone_is_reported_unverified(tmp_path
         previous_chain=("/i/base",),
     )
     with capture_logs() as logs:
-        daemon._publish(report, "event", "commit", completed=True)
+        daemon.reporter.publish(report, "event", "commit", completed=True)
     entry = next(e for e in logs if e["event"] == "reconciliation")
     assert entry["result"] == "skipped" and entry["log_level"] == "warning"
     assert "not verified" in entry["reason"]
@@ -43,7 +43,7 @@ def test_a_look_after_another_event_says_nothing_of_commits(tmp_path: Path) -> N
     daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
     report = DiskReport(domain="vm1", uuid="u1", disk="vda", chain=("/i/a",), previous_chain=())
     with capture_logs() as logs:
-        daemon._publish(report, "rescan", None)
+        daemon.reporter.publish(report, "rescan", None)
     assert not [e for e in logs if e["event"] == "reconciliation"]
 
 
@@ -69,8 +69,8 @@ def test_a_commit_already_handled_by_the_look_at_ready_is_not_reported_unverifie
     )
     unchanged = replace(handled, commits=(), previous_chain=("/i/base",))
     with capture_logs() as logs:
-        daemon._publish(handled, "event", None)  # the look started at READY saw the pivot
-        daemon._publish(unchanged, "event", "active_commit", completed=True)
+        daemon.reporter.publish(handled, "event", None)  # the look started at READY saw the pivot
+        daemon.reporter.publish(unchanged, "event", "active_commit", completed=True)
     results = [e["result"] for e in logs if e["event"] == "reconciliation"]
     assert results == ["already_consistent"]
 
@@ -81,7 +81,7 @@ def test_the_look_at_ready_finds_no_commit_and_says_nothing_of_it(tmp_path: Path
         domain="vm1", uuid="u1", disk="vda", chain=("/i/o", "/i/a"), previous_chain=("/i/a",)
     )
     with capture_logs() as logs:
-        daemon._publish(grown, "event", "active_commit", completed=False)
+        daemon.reporter.publish(grown, "event", "active_commit", completed=False)
     assert [e["event"] for e in logs] == ["chain_changed"]
 
 
@@ -97,8 +97,8 @@ def test_a_disk_failing_the_same_way_is_logged_once_and_counted_in_a_gauge(
     corrupt = ImageCorrupt("/i/a.qcow2", "not a qcow2 image QEMU may open: no qcow2 magic")
     with capture_logs() as logs:
         for _ in range(3):
-            daemon._publish(_failing(corrupt), "rescan", None)
-        daemon._publish(_failing(ImageCorrupt("/i/a.qcow2", "other")), "rescan", None)
+            daemon.reporter.publish(_failing(corrupt), "rescan", None)
+        daemon.reporter.publish(_failing(ImageCorrupt("/i/a.qcow2", "other")), "rescan", None)
     levels = [(e["event"], e["log_level"]) for e in logs]
     assert levels == [
         ("disk_check_failed", "error"),
@@ -111,7 +111,7 @@ def test_a_disk_failing_the_same_way_is_logged_once_and_counted_in_a_gauge(
     assert gauge("virt_bitmapd_disk_errors_total", {"kind": "image_corrupt"}) == 4
     healthy = DiskReport(domain="vm1", uuid="u1", disk="vda", chain=("/i/a",))
     with capture_logs() as logs:
-        daemon._publish(healthy, "rescan", None)
+        daemon.reporter.publish(healthy, "rescan", None)
     assert [e["event"] for e in logs] == ["disk_check_recovered", "chain_changed"]
     assert gauge("virt_bitmapd_disks_in_error", {"kind": "image_corrupt"}) == 0
 
@@ -139,7 +139,7 @@ def test_a_commit_that_may_pass_is_retried_then_counted_failed(tmp_path: Path) -
         events = []
         for _ in range(COMMIT_ATTEMPTS):
             with capture_logs() as logs:
-                daemon._publish(report, "rescan", None)
+                daemon.reporter.publish(report, "rescan", None)
             events += [e["event"] for e in logs]
         return events
 

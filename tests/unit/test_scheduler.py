@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from virt_bitmapd.service.event_intake import Action, block_job_action
 from virt_bitmapd.service.scheduler import TRANSITIONS, Scheduler, Slot, TransitionError
 
 
@@ -102,3 +103,22 @@ def test_transition_table_names_state_and_event() -> None:
     scheduler = Scheduler(lambda key, trigger: asyncio.sleep(0), concurrency=1)
     with pytest.raises(TransitionError, match="'finish' does not fit state 'idle'"):
         scheduler._move("vda", "finish")
+
+
+@pytest.mark.parametrize(
+    ("job_type", "status", "action"),
+    [
+        ("commit", "completed", Action.LOOK),
+        ("active_commit", "completed", Action.LOOK),
+        ("active_commit", "ready", Action.REMEMBER_CHAIN),
+        ("commit", "ready", Action.NONE),
+        ("commit", "failed", Action.NONE),
+        ("active_commit", "canceled", Action.NONE),
+        ("pull", "completed", Action.NONE),
+        ("copy", "ready", Action.NONE),
+        ("backup", "completed", Action.NONE),
+        ("unknown_9", "unknown_7", Action.NONE),
+    ],
+)
+def test_what_a_block_job_event_asks_for(job_type: str, status: str, action: Action) -> None:
+    assert block_job_action(job_type, status) is action

@@ -75,8 +75,8 @@ def test_grew_on_top(old: str, new: str, grew: bool) -> None:
         ({"x": "elsewhere"}, LayersAbove()),
         ({"u1": "a"}, LayersAbove(("u1",))),
         ({"u1": "a", "u2": "u1", "x": "b"}, LayersAbove(("u2", "u1"))),
-        ({"u1": "a", "u2": "a"}, LayersAbove(unclear=("u1", "u2"))),
-        ({"u1": "a", "u2": "u1", "u3": "u1"}, LayersAbove(("u1",), unclear=("u2", "u3"))),
+        ({"u1": "a", "u2": "a"}, LayersAbove(forks=("u1", "u2"))),
+        ({"u1": "a", "u2": "u1", "u3": "u1"}, LayersAbove(("u1",), forks=("u2", "u3"))),
         ({"u1": "a", "a": "u1"}, LayersAbove(("u1",))),  # a loop cannot hang it
     ],
 )
@@ -92,7 +92,7 @@ def test_layers_above_finds_exactly_a_run_made_on_the_layer(
     length: int, unrelated: dict[str, str]
 ) -> None:
     """A run of snapshots on ``a`` among files made on other images is found whole, top first;
-    a second image made on a layer of the run makes it unclear there, never a guess."""
+    a second image made on a layer of the run makes a fork there, never a guess."""
     run = [f"u{i}" for i in range(length)]
     backing_of = dict(unrelated)
     below = "a"
@@ -102,4 +102,4 @@ def test_layers_above_finds_exactly_a_run_made_on_the_layer(
     assert layers_above("a", backing_of) == LayersAbove(tuple(reversed(run)))
     if length > 1:
         backing_of["fork"] = "u0"  # u1 and fork were both made on u0
-        assert layers_above("a", backing_of) == LayersAbove(("u0",), unclear=("fork", "u1"))
+        assert layers_above("a", backing_of) == LayersAbove(("u0",), forks=("fork", "u1"))

@@ -82,7 +82,3 @@ class DiskMemory:
             if key[0] == uuid:
                 self.forget_disk(key)
         self.absent_logged.discard(uuid)
-
-    def size(self) -> int:
-        """Entries held, for tests that check the memory shrinks."""
-        return sum(map(len, self._per_disk())) + len(self.skip_logged) + len(self.absent_logged)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import libvirt
 
-from ..domain_xml import parse_domain
 from ..errors import VirtBitmapdError
 from ..qmp import blockdev_del, leftovers, query_nodes, remove_bitmaps
 from ..transports.libvirt_monitor import LibvirtMonitor
+from .chain_reader import domain_disks
 
 __all__ = ["Removed", "remove_leftovers"]
 
@@ -38,7 +38,7 @@ def remove_leftovers(conn: libvirt.virConnect) -> list[Removed]:
     results = []
     for domain in running:
         try:
-            if not parse_domain(domain.XMLDesc(0)).disks:
+            if not domain_disks(domain).disks:
                 continue
             monitor = LibvirtMonitor(domain)
             found = leftovers(monitor.execute(query_nodes()))

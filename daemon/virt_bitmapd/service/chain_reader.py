@@ -1,0 +1,92 @@
+"""A disk's chain as it is now: live from libvirt's XML and QEMU's node data, at rest from the
+image headers.  Blocking I/O, run off the event loop.
+
+While QEMU runs, the on-disk bitmap flags are stale, so a running disk's bitmaps come from QEMU
+through libvirt's monitor passthrough; the chain is read until the XML is the same before and
+after (a pivot can move it in between), and whether a block job was running meanwhile is kept:
+then the bitmaps may be caught half-way through the job's own bitmap handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+
+import libvirt
+
+from .. import images
+from ..domain_xml import Disk, DomainDisks, parse_domain
+from ..errors import ChainError, ChainMoving, LibvirtFailed
+from ..model import Bitmap, Image
+from ..qmp import node_bitmaps, query_nodes
+from ..transports.libvirt_monitor import LibvirtMonitor
+
+__all__ = ["ChainNow", "current_chain", "domain_disks", "resolved"]
+
+READ_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChainNow:
+    #: The disk as libvirt shows it, paths with symlinks resolved.
+    disk: Disk
+    paths: tuple[str, ...]
+    #: Each layer with its bitmaps as they really are now.
+    images: tuple[Image, ...]
+    #: A block job ran on the disk while it was read.
+    job_running: bool = False
+
+
+def domain_disks(domain: libvirt.virDomain, flags: int = 0) -> DomainDisks:
+    """The domain's disks from its XML; LibvirtFailed when libvirt cannot give it."""
+    try:
+        return parse_domain(domain.XMLDesc(flags))
+    except libvirt.libvirtError as error:
+        raise LibvirtFailed(f"cannot read the domain: {error}") from error
+
+
+def resolved(disk: Disk) -> Disk:
+    """``disk`` with every layer's path as a real path (symlinks resolved)."""
+    layers = tuple(replace(layer, path=os.path.realpath(layer.path)) for layer in disk.layers)
+    return replace(disk, layers=layers)
+
+
+def current_chain(domain: libvirt.virDomain, disk: Disk, running: bool) -> ChainNow:
+    if not running:
+        formats = {layer.path: layer.format for layer in disk.layers if layer.format}
+        chain = images.read_chain(disk.layers[0].path, formats=formats)
+        return ChainNow(disk=disk, paths=tuple(i.path for i in chain), images=chain.images)
+    for _ in range(READ_ATTEMPTS):
+        job_running = _block_job_running(domain, disk.target)
+        nodes = LibvirtMonitor(domain).execute(query_nodes())
+        job_running = job_running or _block_job_running(domain, disk.target)
+        again = _live_disk(domain, disk.target)
+        if again == disk:
+            break
+        disk = again  # the chain moved under us (a pivot): read it again
+    else:
+        raise ChainMoving(f"{disk.layers[0].path}: the chain of {disk.target} kept changing")
+    layers = []
+    for layer in disk.layers:
+        if layer.format is None:
+            raise ChainError(f"{layer.path}: libvirt names no format for this layer")
+        bitmaps: tuple[Bitmap, ...] = ()
+        with contextlib.suppress(KeyError):  # a layer QEMU does not show: no bitmaps
+            bitmaps = node_bitmaps(nodes, str(layer.format_node)).bitmaps
+        layers.append(Image(path=layer.path, format=layer.format, bitmaps=bitmaps))
+    return ChainNow(disk=disk, paths=disk.paths, images=tuple(layers), job_running=job_running)
+
+
+def _block_job_running(domain: libvirt.virDomain, target: str) -> bool:
+    try:
+        return bool(domain.blockJobInfo(target, 0))
+    except libvirt.libvirtError as error:
+        raise LibvirtFailed(f"cannot ask about block jobs on {target}: {error}") from error
+
+
+def _live_disk(domain: libvirt.virDomain, target: str) -> Disk:
+    disk = next((d for d in domain_disks(domain).disks if d.target == target), None)
+    if disk is None:
+        raise ChainMoving(f"disk {target} went away while it was read")
+    return resolved(disk)

@@ -1,0 +1,151 @@
+"""Carry out what a look means: logs, metrics, retries, the per-disk memory.
+
+The decisions are pure (``reports``, ``disk_memory``); this applies them.  A look that failed
+before any commit could be judged is counted every time but logged once per change of its error;
+a commit whose failure may pass is tried again with growing delays and counted as failed only
+when the tries run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from ..errors import VirtBitmapdError
+from ..observability.metrics import Metrics
+from .disk_memory import DiskKey, DiskMemory, commit_retry_delay, look_retry_delay
+from .reports import (
+    NO_SUCH_DISK,
+    DiskReport,
+    LogLine,
+    chain_line,
+    commit_line,
+    deferred_line,
+    unverified_commit_line,
+)
+
+__all__ = ["JOB_WINDOW", "Reporter"]
+
+log = structlog.get_logger()
+
+# A commit found within this many seconds before its COMPLETED event belongs to that event.
+JOB_WINDOW = 60.0
+
+
+class Reporter:
+    def __init__(
+        self,
+        metrics: Metrics,
+        memory: DiskMemory,
+        *,
+        submit: Callable[[DiskKey, str], object],
+        generation: Callable[[str], int],
+        rescan_interval: float,
+    ) -> None:
+        """``submit(key, trigger)`` asks for another look; ``generation(uuid)`` is the state
+        store's generation of a domain now."""
+        self._metrics = metrics
+        self._memory = memory
+        self._submit = submit
+        self._generation = generation
+        self._rescan_interval = rescan_interval
+
+    def disk_failed(self, key: DiskKey, domain: str, error: VirtBitmapdError, trigger: str) -> None:
+        """A look failed before any commit could be judged: counted every time, logged once per
+        change of the error, looked at again later when it may pass."""
+        self._metrics.disk_errors.labels(error.kind).inc()
+        changed = self._memory.record_error(key, error.kind, str(error))
+        self.publish_errors()
+        bound = log.bind(domain=domain, disk=key[1], error=str(error), error_kind=error.kind)
+        if error.retryable:  # e.g. QEMU still closing the images: look again soon
+            delay = look_retry_delay(self._memory.look_delays.get(key), self._rescan_interval)
+            self._memory.look_delays[key] = delay
+            (bound.warning if changed else bound.debug)("disk_check_deferred", retry_in=delay)
+            asyncio.get_running_loop().call_later(delay, self._submit, key, trigger)
+        else:
+            (bound.error if changed else bound.debug)("disk_check_failed")
+
+    def publish_errors(self) -> None:
+        self._metrics.set_disks_in_error(self._memory.errors_by_kind())
+
+    def publish(
+        self, report: DiskReport, trigger: str, job_type: str | None, *, completed: bool = False
+    ) -> None:
+        """Carry out what a look means.  ``job_type``: the block job an event announced;
+        ``completed``: that it ended."""
+        bound = log.bind(domain=report.domain, disk=report.disk)
+        key = (report.uuid, report.disk)
+        if report.skipped is not None:
+            if key not in self._memory.skip_logged and report.skipped != NO_SUCH_DISK:
+                self._memory.skip_logged.add(key)
+                bound.warning("disk_skipped", reason=report.skipped)
+                self._metrics.reconciliations.labels(trigger, "skipped").inc()
+            self._metrics.forget_disk(report.domain, report.disk)
+            return
+        if report.error is not None:
+            self.disk_failed(key, report.domain, report.error, trigger)
+            return
+        self._memory.skip_logged.discard(key)
+        self._memory.look_delays.pop(key, None)
+        ended = self._memory.clear_error(key)
+        if ended is not None:
+            self.publish_errors()
+            bound.info("disk_check_recovered", previous_error=ended[1])
+        retried = self._publish_commits(bound, key, report, trigger, job_type)
+        now = time.monotonic()
+        if report.commits:
+            self._memory.last_commit_seen[key] = now
+        # A look begun at READY may already have handled the commit the COMPLETED look finds.
+        just_handled = now - self._memory.last_commit_seen.get(key, -1e9) < JOB_WINDOW
+        unverified = unverified_commit_line(
+            report, trigger, job_type, completed=completed, just_handled=just_handled
+        )
+        if unverified is not None:
+            self._metrics.reconciliations.labels(trigger, "skipped").inc()
+            _emit(bound, unverified)
+        if report.generation != self._generation(report.uuid):
+            return  # the domain was undefined while it was looked at: nothing left to track
+        line = chain_line(report, trigger, saved=not retried)
+        if line is not None:
+            _emit(bound, line)
+        self._metrics.set_disk_bitmaps(
+            report.domain, report.disk, report.bitmap_states, len(report.untrusted)
+        )
+
+    def _publish_commits(
+        self, bound: Any, key: DiskKey, report: DiskReport, trigger: str, job_type: str | None
+    ) -> bool:
+        """Report each commit; True when some will be tried again (their chain was not saved).
+
+        A failure that may pass (an image briefly held by another process) is retried with a
+        growing delay and counted as failed only when the tries run out."""
+        retry = [c for c in report.commits if c.error is not None and c.error.retryable]
+        failures = self._memory.commit_failures.get(key, 0) + 1 if retry else 0
+        delay = commit_retry_delay(failures) if retry else None
+        if delay is None:
+            self._memory.commit_failures.pop(key, None)
+        else:
+            self._memory.commit_failures[key] = failures
+            asyncio.get_running_loop().call_later(delay, self._submit, key, trigger)
+        for commit in report.commits:
+            if delay is not None and commit in retry:
+                _emit(bound, deferred_line(commit, trigger, attempt=failures, retry_in=delay))
+                continue
+            outcome = commit.outcome
+            self._metrics.record(
+                trigger=trigger,
+                result=commit.label,
+                duration=commit.duration,
+                added=sum(1 for m in outcome.merges if m.created) if outcome else 0,
+                merged=len(outcome.merges) if outcome else 0,
+            )
+            _emit(bound, commit_line(commit, trigger, job_type))
+        return bool(retry)
+
+
+def _emit(bound: Any, line: LogLine) -> None:
+    getattr(bound, line.level)(line.event, **line.fields)
