@@ -307,8 +307,8 @@ def _tidy_qemu_message(image: str, message: str) -> str:
     return message[len(own) :] if message.startswith(own) else message
 
 
-# What QEMU says, as seen from qemu-img 7.2 and qemu-storage-daemon (tests/real/test_qemu_messages.py
-# produces each of these and checks the kind).
+# What QEMU says, as seen from qemu-img 7.2 and qemu-storage-daemon
+# (tests/real/test_qemu_messages.py produces each of these and checks the kind).
 _IN_USE = re.compile(r"Failed to get \S+ \"?\w+\"? lock|Is another process using the image")
 _MISSING = re.compile(r"No such file or directory")
 _CORRUPT = re.compile(
