@@ -11,6 +11,7 @@ patterns checked against QEMU's own messages.
 from __future__ import annotations
 
 import re
+import signal
 
 __all__ = [
     "BaseCannotHoldBitmaps",
@@ -22,6 +23,7 @@ __all__ = [
     "CleanupFailed",
     "CommitUnverifiable",
     "CommittedLayersGone",
+    "CrashDamagedBitmaps",
     "DomainXMLInvalid",
     "ImageCorrupt",
     "ImageError",
@@ -34,10 +36,12 @@ __all__ = [
     "QMPError",
     "RepairRefused",
     "StateUnusable",
+    "ToolCrashed",
     "ToolFailed",
     "TransactionRefused",
     "UnseenLayersForked",
     "VirtBitmapdError",
+    "describe_exit",
     "image_error_from_qemu",
 ]
 
@@ -49,6 +53,10 @@ class VirtBitmapdError(Exception):
     retryable: bool = False
     #: Short machine-readable kind, used in metrics labels and JSON output.
     kind: str = "error"
+
+    def __str__(self) -> str:
+        # Notes added on the way up (a tool's own words) belong to the message users read.
+        return "; ".join([super().__str__(), *getattr(self, "__notes__", ())])
 
 
 # ------------------------------------------------------------------ chains and images
@@ -263,6 +271,36 @@ class ToolFailed(VirtBitmapdError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class ToolCrashed(ToolFailed):
+    """A QEMU tool ended by a signal (an abort, a kill) in the middle of its work."""
+
+    kind = "tool_crashed"
+
+
+class CrashDamagedBitmaps(BitsUnrecoverable):
+    """A tool that had the base open read-write died, leaving bitmaps that were good before
+    flagged in-use: libvirt refuses backups from them, and their next backup must be full."""
+
+    kind = "crash_damaged_bitmaps"
+
+    def __init__(self, base: str, crash: str, bitmaps: tuple[str, ...]) -> None:
+        super().__init__(
+            base, f"{crash}; it had the base open, and these bitmaps were left unusable", bitmaps
+        )
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's end in words: its exit status, or the signal that ended it."""
+    if code is None:
+        return "did not end"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 class QMPError(VirtBitmapdError):

@@ -12,7 +12,13 @@ import os
 from collections.abc import Iterable, Sequence
 
 from . import images
-from .errors import BitmapUnusableAfter, ImageUnreadable, NoSpace
+from .errors import (
+    BitmapUnusableAfter,
+    CrashDamagedBitmaps,
+    ImageUnreadable,
+    NoSpace,
+    VirtBitmapdError,
+)
 from .model import Image, Plan, Reconciliation, Result
 from .planner import plan as make_plan
 from .storage_roots import require_inside
@@ -41,8 +47,13 @@ def reconcile_at_rest(
         return Reconciliation(plan=plan, result=Result.NOTHING_TO_DO)
     if dry_run:
         return Reconciliation(plan=plan, result=Result.PLANNED)
-    _require_space(plan, chain.images[chain.index_of(real_base) or 0])
-    outcome = apply_at_rest(plan)
+    base_image = chain.images[chain.index_of(real_base) or 0]
+    _require_space(plan, base_image)
+    try:
+        outcome = apply_at_rest(plan)
+    except VirtBitmapdError as error:
+        _require_undamaged(base_image, error)
+        raise
     _verify_base(plan)
     result = Result.RECONCILED if outcome.changed else Result.ALREADY_CONSISTENT
     return Reconciliation(plan=plan, result=result, outcome=outcome)
@@ -77,6 +88,20 @@ def _require_space(plan: Plan, base: Image) -> None:
             f"its file system has {free} bytes free and storing its bitmaps may need {needed}; "
             "nothing was changed",
         )
+
+
+def _require_undamaged(before: Image, error: VirtBitmapdError) -> None:
+    """After a failed transaction the base's bitmaps must be as they were.  A tool that died
+    with the base open read-write leaves them flagged in-use: name exactly those that were
+    usable before and are not now (libvirt refuses backups from them)."""
+    try:
+        now = images.read_image(before.path, force_share=True).bitmaps
+    except VirtBitmapdError:
+        return  # the base cannot be read now: the first error says enough
+    usable_now = {bitmap.name for bitmap in now if bitmap.usable}
+    damaged = tuple(sorted(b.name for b in before.bitmaps if b.usable and b.name not in usable_now))
+    if damaged:
+        raise CrashDamagedBitmaps(before.path, str(error), damaged) from error
 
 
 def _verify_base(plan: Plan) -> None:

@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Commit", "LayersAbove", "detect_commits", "grew_on_top", "layers_above"]
+__all__ = [
+    "Commit",
+    "LayersAbove",
+    "detect_commits",
+    "grew_on_top",
+    "hidden_commits",
+    "layers_above",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,6 +28,8 @@ class Commit:
 
     removed: tuple[str, ...]
     base: str
+    #: Found by its files rather than by the chain: layers no look saw in it (``hidden_commits``).
+    hidden: bool = False
 
     def __post_init__(self) -> None:
         if not self.removed:
@@ -84,3 +93,27 @@ def layers_above(layer: str, backing_of: Mapping[str, str]) -> LayersAbove:
         run.append(children[0])
         current = children[0]
     return LayersAbove(tuple(reversed(run)))
+
+
+def hidden_commits(chain: Sequence[str], backing_of: Mapping[str, str]) -> tuple[Commit, ...]:
+    """Commits into layers of ``chain`` (top first) that the chain no longer shows.
+
+    ``backing_of`` maps files that are in no domain's chain and changed since the last look to
+    what they back onto.  Maintenance between two looks can commit a layer and rebase the one
+    above it onto the base (``qemu-img commit`` then ``qemu-img rebase -u``): the chain then only
+    seems to have grown, but the committed layer's file is still there, backing onto a layer of
+    the chain.  Every such file, and each file made on it, is taken as committed into that layer:
+    one run per file that nothing backs onto, top first, ending just above the chain.  Merging a
+    run that was discarded rather than committed adds bits, never takes any: a slightly larger
+    backup, never a missed block.  A run that does not reach the chain is left alone."""
+    in_chain = set(chain)
+    backed_onto = set(backing_of.values())
+    commits = []
+    for tip in sorted(path for path in backing_of if path not in backed_onto):
+        run = [tip]
+        while backing_of.get(run[-1]) in backing_of and len(run) <= len(backing_of):
+            run.append(backing_of[run[-1]])
+        base = backing_of.get(run[-1])
+        if base in in_chain and not in_chain.intersection(run):
+            commits.append(Commit(removed=tuple(run), base=str(base), hidden=True))
+    return tuple(commits)

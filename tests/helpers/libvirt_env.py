@@ -158,11 +158,11 @@ class DaemonProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self._returned: set[int] = set()
 
-    def start(self, *extra: str) -> DaemonProcess:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
         self._log = self.log_path.open("ab")
         # asyncio's debug mode reports any loop call from another thread and any task whose
         # exception nobody retrieved; stop() fails the test on either.
-        environment = {**os.environ, "PYTHONASYNCIODEBUG": "1"}
+        environment = {**(env or os.environ), "PYTHONASYNCIODEBUG": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "virt_bitmapd.cli", "run", "--config", str(self.config), *extra],
             stdout=self._log,
@@ -191,11 +191,14 @@ class DaemonProcess:
         return code
 
     def assert_no_asyncio_reports(self) -> None:
-        """Fail on what asyncio's debug mode reports as a bug in the daemon."""
+        """Fail on what asyncio's debug mode reports as a bug in the daemon, and on libvirt's
+        own error printing (its messages must go through the daemon's logging)."""
         text = self.log_path.read_text(errors="replace")
         for report in ASYNCIO_REPORTS:
             if report in text:
                 raise AssertionError(f"asyncio reported {report!r}; log:\n{text}")
+        printed = [line for line in text.splitlines() if line.startswith("libvirt: ")]
+        assert not printed, f"libvirt printed outside the daemon's logs: {printed}"
 
     def entries(self) -> list[dict[str, Any]]:
         result = []

@@ -51,7 +51,7 @@ def test_the_memory_shrinks_when_a_domain_goes() -> None:
         memory.skip_logged.add(key)
         memory.look_delays[key] = 5.0
         memory.commit_failures[key] = 2
-        memory.last_commit_seen[key] = 1.0
+        memory.unclaimed_commits[key] = 1.0
         memory.record_error(key, "image_corrupt", "x")
         memory.absent_logged.add(uuid)
     memory.forget_domain("u1")
@@ -60,7 +60,7 @@ def test_the_memory_shrinks_when_a_domain_goes() -> None:
         memory.skip_logged,
         memory.look_delays,
         memory.commit_failures,
-        memory.last_commit_seen,
+        memory.unclaimed_commits,
         memory.errors,
     )
     assert all(set(entries) == {("u2", "vda")} for entries in held)

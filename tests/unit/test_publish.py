@@ -168,3 +168,33 @@ def test_a_background_step_that_raises_is_logged_counted_and_runs_again() -> Non
         asyncio.run(main())
     assert len(runs) >= 3 and failures == ["snapshot_watch"] * len(runs)
     assert logs[0]["event"] == "background_task_failed" and logs[0]["exc_info"]
+
+
+def test_two_commit_events_within_a_minute_each_get_their_line(tmp_path: Path) -> None:
+    """The second commit took only layers no look saw: its event still gets its own line, not
+    hidden by the first commit handled a moment before."""
+    daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
+    first = DiskReport(
+        domain="vm1",
+        uuid="u1",
+        disk="vda",
+        running=True,
+        chain=("/i/active", "/i/base"),
+        previous_chain=("/i/active", "/i/s1", "/i/base"),
+        commits=(
+            CommitReport(
+                commit=Commit(removed=("/i/s1",), base="/i/base"),
+                live=True,
+                duration=0.1,
+                result=Result.ALREADY_CONSISTENT,
+            ),
+        ),
+    )
+    second = replace(
+        first, commits=(), chain=("/i/o2", "/i/active", "/i/base"), previous_chain=first.chain
+    )
+    with capture_logs() as logs:
+        daemon.reporter.publish(first, "event", "commit", completed=True)
+        daemon.reporter.publish(second, "event", "commit", completed=True)
+    results = [e["result"] for e in logs if e["event"] == "reconciliation"]
+    assert results == ["already_consistent", "skipped"]

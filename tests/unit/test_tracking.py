@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virt_bitmapd.tracking import Commit, LayersAbove, detect_commits, grew_on_top, layers_above
+from virt_bitmapd.tracking import (
+    Commit,
+    LayersAbove,
+    detect_commits,
+    grew_on_top,
+    hidden_commits,
+    layers_above,
+)
 
 
 @pytest.mark.parametrize(
@@ -103,3 +112,47 @@ def test_layers_above_finds_exactly_a_run_made_on_the_layer(
     if length > 1:
         backing_of["fork"] = "u0"  # u1 and fork were both made on u0
         assert layers_above("a", backing_of) == LayersAbove(("u0",), forks=("fork", "u1"))
+
+
+@pytest.mark.parametrize(
+    ("backing_of", "expected"),
+    [
+        ({}, ()),
+        ({"/s1": "/t"}, (("/s1",), "/t")),  # the issue's case: s1 committed, s2 rebased onto t
+        ({"/s2": "/s1", "/s1": "/t"}, (("/s2", "/s1"), "/t")),  # a run of two
+        ({"/x": "/elsewhere"}, ()),  # backs onto nothing of this chain
+        ({"/x": "/y", "/y": "/gone"}, ()),
+    ],
+)
+def test_files_committed_between_two_looks_are_found(
+    backing_of: dict[str, str], expected: tuple[tuple[str, ...], str] | tuple[()]
+) -> None:
+    found = hidden_commits(("/top", "/t", "/below"), backing_of)
+    if not expected:
+        assert found == ()
+    else:
+        assert [(c.removed, c.base, c.hidden) for c in found] == [(*expected, True)]
+
+
+def test_every_file_on_the_chain_is_merged_never_one_guessed() -> None:
+    """Two files made on one layer: both are merged (bits added), neither chosen."""
+    found = hidden_commits(("/top", "/t"), {"/a": "/t", "/b": "/t", "/c": "/a"})
+    assert sorted((c.removed, c.base) for c in found) == [(("/b",), "/t"), (("/c", "/a"), "/t")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["/a", "/b", "/c", "/d", "/e"]),
+        st.sampled_from(["/a", "/b", "/c", "/t", "/u", "/v"]),
+        max_size=5,
+    )
+)
+def test_hidden_commits_end_on_the_chain_and_never_take_a_chain_layer(
+    backing_of: dict[str, str],
+) -> None:
+    chain = ("/u", "/t", "/v")
+    for commit in hidden_commits(chain, backing_of):
+        assert commit.base in chain and not set(commit.removed) & set(chain)
+        assert all(backing_of[a] == b for a, b in itertools.pairwise(commit.removed))
+        assert backing_of[commit.removed[-1]] == commit.base

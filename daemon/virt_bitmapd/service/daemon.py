@@ -32,7 +32,7 @@ from .disk_check import DiskChecker
 from .disk_memory import DiskKey, DiskMemory
 from .event_intake import EventIntake
 from .leftovers import remove_leftovers
-from .libvirt_events import LibvirtEventThread, silence_default_error_handler
+from .libvirt_events import LibvirtEventThread, route_libvirt_errors
 from .reporting import Reporter
 from .scheduler import Scheduler
 from .tasks import TaskSupervisor
@@ -92,7 +92,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        silence_default_error_handler()
+        route_libvirt_errors()
         events = LibvirtEventThread()
         events.start()  # before any connection is opened
         loop.add_signal_handler(signal.SIGTERM, self.stop)

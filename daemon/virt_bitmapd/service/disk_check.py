@@ -48,7 +48,12 @@ from .reports import (
     bitmaps_at_risk,
     untrusted_after,
 )
-from .unseen_layers import raw_files_of_every_domain, require_layers, with_unseen_layers
+from .unseen_layers import (
+    hidden_commits_of,
+    host_disks,
+    require_layers,
+    with_unseen_layers,
+)
 
 __all__ = ["DiskChecker"]
 
@@ -121,6 +126,19 @@ class DiskChecker:
             return replace(base, error=error)
         old = state.chains.get(target, ())
         seen_before = state.bitmaps.get(target, {})
+        last_look = state.seen_at.get(target)
+        commits = detect_commits(old, now.paths)
+        if old and old != now.paths and last_look is not None:
+            try:  # maintenance between two looks may have hidden a commit
+                commits += hidden_commits_of(
+                    now.paths,
+                    old,
+                    since=last_look,
+                    storage_roots=self._roots,
+                    host=host_disks(domain),
+                )
+            except VirtBitmapdError as error:
+                return replace(base, error=error)
         reports = tuple(
             self._reconcile(
                 domain,
@@ -129,9 +147,9 @@ class DiskChecker:
                 running=running,
                 seen_before=seen_before,
                 old_chain=old,
-                last_look=state.seen_at.get(target),
+                last_look=last_look,
             )
-            for commit in detect_commits(old, now.paths)
+            for commit in commits
         )
         if any(r.outcome is not None and r.outcome.changed for r in reports):
             with contextlib.suppress(VirtBitmapdError):  # remember the base as changed
@@ -190,7 +208,7 @@ class DiskChecker:
                     seen_before=seen_before,
                     live=running,
                     storage_roots=self._roots,
-                    raw_files=raw_files_of_every_domain(domain),
+                    raw_files=host_disks(domain).raw_files,
                 )
             require_layers(commit, seen_before, now.images)
             done = self._carry_out(domain, now.disk, commit, running, base_before)

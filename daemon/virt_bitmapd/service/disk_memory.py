@@ -43,8 +43,9 @@ class DiskMemory:
     skip_logged: set[DiskKey] = field(default_factory=set)
     look_delays: dict[DiskKey, float] = field(default_factory=dict)
     commit_failures: dict[DiskKey, int] = field(default_factory=dict)
-    #: monotonic time of the last look that found a commit
-    last_commit_seen: dict[DiskKey, float] = field(default_factory=dict)
+    #: monotonic time of a look at a running disk that found commits no COMPLETED event has
+    #: claimed yet (the look at an active commit's READY, which may see the pivot done)
+    unclaimed_commits: dict[DiskKey, float] = field(default_factory=dict)
     #: the error of a disk's last look, as (kind, message)
     errors: dict[DiskKey, tuple[str, str]] = field(default_factory=dict)
     absent_logged: set[str] = field(default_factory=set)
@@ -67,7 +68,7 @@ class DiskMemory:
             self.job_of_event,
             self.look_delays,
             self.commit_failures,
-            self.last_commit_seen,
+            self.unclaimed_commits,
             self.errors,
         )
 

@@ -22,17 +22,31 @@ from collections.abc import Callable
 from typing import Any
 
 import libvirt
+import structlog
 
-__all__ = ["LibvirtEventThread", "in_loop", "silence_default_error_handler"]
+__all__ = ["LibvirtEventThread", "in_loop", "route_libvirt_errors"]
+
+log = structlog.get_logger()
 
 _registration_lock = threading.Lock()
 _registered: list[bool] = []  # one element once libvirt has its event implementation
 
 
-def silence_default_error_handler() -> None:
+def route_libvirt_errors() -> None:
     """libvirt-python prints every error it raises to stderr ("libvirt: ... error : ...") by
-    default; the daemon reports errors itself, in its own log format."""
-    libvirt.registerErrorHandler(lambda _context, _error: None, None)
+    default, which breaks JSON output.  Send them through the daemon's own logging instead:
+    libvirt's warnings as warnings; its errors at debug level, since each also comes back as an
+    exception that the code which made the call reports in its own words."""
+    libvirt.registerErrorHandler(_log_libvirt_error, None)
+
+
+def _log_libvirt_error(_context: Any, error: Any) -> None:
+    code, domain, message, level = (list(error) + [None] * 4)[:4]
+    fields = {"code": code, "libvirt_domain": domain, "message": str(message).strip()}
+    if level == libvirt.VIR_ERR_WARNING:
+        log.warning("libvirt_warning", **fields)
+    else:
+        log.debug("libvirt_error", libvirt_level="error", **fields)
 
 
 class LibvirtEventThread:

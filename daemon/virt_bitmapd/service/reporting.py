@@ -32,7 +32,8 @@ __all__ = ["JOB_WINDOW", "Reporter"]
 
 log = structlog.get_logger()
 
-# A commit found within this many seconds before its COMPLETED event belongs to that event.
+# A commit a look at a running disk found at most this many seconds before a COMPLETED event,
+# and that no such event claimed yet, belongs to that event.
 JOB_WINDOW = 60.0
 
 
@@ -96,13 +97,12 @@ class Reporter:
             self.publish_errors()
             bound.info("disk_check_recovered", previous_error=ended[1])
         retried = self._publish_commits(bound, key, report, trigger, job_type)
-        now = time.monotonic()
-        if report.commits:
-            self._memory.last_commit_seen[key] = now
-        # A look begun at READY may already have handled the commit the COMPLETED look finds.
-        just_handled = now - self._memory.last_commit_seen.get(key, -1e9) < JOB_WINDOW
         unverified = unverified_commit_line(
-            report, trigger, job_type, completed=completed, just_handled=just_handled
+            report,
+            trigger,
+            job_type,
+            completed=completed,
+            just_handled=self._claim(key, report, completed=completed),
         )
         if unverified is not None:
             self._metrics.reconciliations.labels(trigger, "skipped").inc()
@@ -115,6 +115,19 @@ class Reporter:
         self._metrics.set_disk_bitmaps(
             report.domain, report.disk, report.bitmap_states, len(report.untrusted)
         )
+
+    def _claim(self, key: DiskKey, report: DiskReport, *, completed: bool) -> bool:
+        """Whether a COMPLETED event's commit was handled by an earlier look (the look at READY
+        may see the pivot done), claiming it so that no later event can: each commit event gets
+        exactly one reconciliation line.  Looks at a running disk that find commits outside a
+        COMPLETED event leave them to be claimed."""
+        now = time.monotonic()
+        if not completed:
+            if report.commits and report.running:
+                self._memory.unclaimed_commits[key] = now
+            return False
+        found = self._memory.unclaimed_commits.pop(key, None)
+        return found is not None and now - found < JOB_WINDOW
 
     def _publish_commits(
         self, bound: Any, key: DiskKey, report: DiskReport, trigger: str, job_type: str | None

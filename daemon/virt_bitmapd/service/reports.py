@@ -168,6 +168,7 @@ def commit_line(report: CommitReport, trigger: str, job_type: str | None) -> Log
         "base": report.commit.base,
         "removed": list(report.commit.removed),
         "result": report.label,
+        "found_by": "files" if report.commit.hidden else "chain",
         "duration": round(report.duration, 3),
     }
     if report.plan is not None:

@@ -7,7 +7,11 @@ still name what they were made on, so recent files beside the chain's own are re
 (``images.recent_overlays``) and followed upwards from the top (``tracking.layers_above``).
 
 Only files under the storage roots count, only those whose header records a qcow2 backing, and
-never a file some domain uses as a raw disk: its header is its guest's.  One run of overlays
+never a file some domain uses as a raw disk: its header is its guest's.
+
+Maintenance between two looks can also hide a commit entirely (a layer committed, the one above
+rebased onto the base: the chain seems to have grown); ``hidden_commits_of`` finds those from the
+committed files left beside the chain.  One run of overlays
 joins the commit.  A fork (several made on one layer), or an overlay that does not continue the
 top's recording bitmaps, cannot be resolved: at rest that is unrecoverable; live, libvirt merged
 from every layer itself, so the commit is verified on the layers known.
@@ -17,23 +21,40 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import libvirt
 
 from .. import images
 from ..domain_xml import parse_domain
 from ..errors import CommittedLayersGone, LibvirtFailed, UnseenLayersForked, VirtBitmapdError
-from ..model import Bitmap, Image
-from ..tracking import Commit, layers_above
+from ..model import QCOW2, Bitmap, Image
+from ..tracking import Commit, hidden_commits, layers_above
 from .reports import bitmaps_at_risk
 
-__all__ = ["raw_files_of_every_domain", "require_layers", "with_unseen_layers"]
+__all__ = [
+    "HostDisks",
+    "hidden_commits_of",
+    "host_disks",
+    "require_layers",
+    "with_unseen_layers",
+]
+
+MAX_DEPTH = 64
 
 
-def raw_files_of_every_domain(domain: libvirt.virDomain) -> set[str]:
-    """Files any domain of the host uses as a disk in a format other than qcow2: their first
-    bytes are a guest's, so a qcow2 header found there is believed by nobody."""
+@dataclass(frozen=True, slots=True)
+class HostDisks:
+    #: Files any domain uses as a disk in a format other than qcow2: their first bytes are a
+    #: guest's, so a qcow2 header found there is believed by nobody.
+    raw_files: frozenset[str]
+    #: Every layer of every domain's qcow2 chains (libvirt's XML, then the headers below).
+    chain_files: frozenset[str]
+
+
+def host_disks(domain: libvirt.virDomain) -> HostDisks:
+    """What every domain of the host uses, live and at its next boot."""
     try:
         documents = []
         for other in domain.connect().listAllDomains(0):
@@ -43,9 +64,53 @@ def raw_files_of_every_domain(domain: libvirt.virDomain) -> set[str]:
     except libvirt.libvirtError as error:
         raise LibvirtFailed(f"cannot list the host's disks: {error}") from error
     raw: set[str] = set()
+    chains: set[str] = set()
     for document in documents:
-        raw.update(os.path.realpath(path) for path in parse_domain(document).raw_files)
-    return raw
+        disks = parse_domain(document)
+        raw.update(os.path.realpath(path) for path in disks.raw_files)
+        for disk in disks.disks:
+            chains.update(os.path.realpath(path) for path in disk.paths)
+            chains.update(_layers_below(os.path.realpath(disk.paths[-1])))
+    return HostDisks(raw_files=frozenset(raw), chain_files=frozenset(chains))
+
+
+def _layers_below(path: str) -> list[str]:
+    """The backing files named by qcow2 headers from ``path`` down (headers only, no QEMU)."""
+    below: list[str] = []
+    while len(below) < MAX_DEPTH:
+        try:
+            header = images.read_header(path)
+        except VirtBitmapdError:
+            break
+        if header.backing_name is None:
+            break
+        path = images.backing_path(path, header.backing_name)
+        below.append(path)
+        if header.backing_format != QCOW2:
+            break
+    return below
+
+
+def hidden_commits_of(
+    chain: Sequence[str],
+    old_chain: Sequence[str],
+    *,
+    since: float,
+    storage_roots: Sequence[str],
+    host: HostDisks,
+) -> tuple[Commit, ...]:
+    """Layers committed into ``chain`` between two looks that the chain does not show
+    (``tracking.hidden_commits``), from qcow2 files beside the old and new chains' layers,
+    changed since ``since``, in no domain's chain and in none of the two chains."""
+    directories = {os.path.dirname(path) for path in (*chain, *old_chain)}
+    backing_of = images.recent_overlays(
+        directories,
+        newer_than=since,
+        exclude=set(chain) | set(old_chain) | host.chain_files,
+        storage_roots=storage_roots,
+        not_overlays=host.raw_files,
+    )
+    return hidden_commits(chain, backing_of)
 
 
 def with_unseen_layers(
@@ -56,7 +121,7 @@ def with_unseen_layers(
     seen_before: Mapping[str, tuple[Bitmap, ...]],
     live: bool,
     storage_roots: Sequence[str],
-    raw_files: set[str],
+    raw_files: Collection[str],
 ) -> Commit:
     """``commit``, with the run of layers made on its top since ``since`` joined to it."""
     directories = {os.path.dirname(path) for path in known}

@@ -14,7 +14,7 @@ import subprocess
 import time
 from typing import IO, Any
 
-from ..errors import QMPError, ToolFailed
+from ..errors import QMPError, ToolCrashed, ToolFailed, describe_exit
 from ..qmp import JSON
 
 __all__ = ["QMPStream"]
@@ -71,7 +71,10 @@ class QMPStream:
             chunk = os.read(self._stdout_fd, 65536)
             if not chunk:
                 code = self._exit_code()
-                raise ToolFailed(f"{self._tool} exited unexpectedly (exit code {code})")
+                ended = f"{self._tool} {describe_exit(code)} unexpectedly"
+                if code is not None and code < 0:
+                    raise ToolCrashed(ended)
+                raise ToolFailed(ended)
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         try:

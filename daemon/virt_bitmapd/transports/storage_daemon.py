@@ -12,14 +12,18 @@ silently incomplete).
 from __future__ import annotations
 
 import subprocess
+import sys
 import tempfile
 from typing import IO
 
 from ..errors import (
     BaseChanged,
     QMPError,
+    ToolCrashed,
     ToolFailed,
     TransactionRefused,
+    VirtBitmapdError,
+    describe_exit,
     image_error_from_qemu,
 )
 from ..model import Outcome, Plan
@@ -37,6 +41,7 @@ __all__ = ["apply_at_rest"]
 
 TOOL = "qemu-storage-daemon"
 BASE_NODE = "vbd-base"
+STDERR_KEPT = 2000  # characters of the tool's stderr kept in an error
 
 
 def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> Outcome:
@@ -108,7 +113,9 @@ def _close(
     errors: IO[bytes],
     quiet: bool,
 ) -> None:
-    """Close the nodes (the base first, which stores its bitmaps) and stop the daemon."""
+    """Close the nodes (the base first, which stores its bitmaps) and stop the daemon.  On a
+    failure the tool's own words (its stderr, bounded) and how it ended are kept: raised when
+    ``quiet`` is false, else its words are added to the error being raised (``add_note``)."""
     failure: str | None = None
     try:
         for node in reversed(nodes):
@@ -123,9 +130,25 @@ def _close(
         process.communicate()
         failure = failure or f"{binary} did not stop"
     if failure is None and process.returncode != 0:
-        failure = f"{binary} exited with {process.returncode}"
+        failure = f"{binary} {describe_exit(process.returncode)}"
     errors.seek(0)
-    detail = errors.read().decode(errors="replace").strip()
+    said = errors.read().decode(errors="replace").strip()[-STDERR_KEPT:]
     errors.close()
-    if failure is not None and not quiet:
-        raise ToolFailed(f"{failure}{': ' + detail if detail else ''}")
+    if quiet:
+        if said:
+            _current_error_note(f"{binary} said: {said}")
+        return
+    if failure is None:
+        return
+    ended = f"{binary} {describe_exit(process.returncode)}"
+    detail = f"{ended}{'; it said: ' + said if said else ''}"
+    if process.returncode is not None and process.returncode < 0:
+        raise ToolCrashed(f"{failure}; {detail}")
+    raise ToolFailed(f"{failure}; {detail}")
+
+
+def _current_error_note(detail: str) -> None:
+    """Add the tool's words to the exception being handled, so they reach the log."""
+    error = sys.exc_info()[1]
+    if isinstance(error, VirtBitmapdError):
+        error.add_note(detail)

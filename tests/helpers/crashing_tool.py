@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Stands in for a QEMU tool and kills it at a chosen QMP command, as a crash would.
+
+Put on PATH under the tool's name.  Environment: VBD_REAL_TOOL (the real binary), VBD_CRASH_AT
+(``before:CMD`` kills the tool when CMD arrives, before passing it on; ``after:CMD`` passes it
+on, then kills), VBD_CRASH_SIGNAL (ABRT, KILL, ...).  The tool's output goes straight to ours;
+when it is dead, this process dies by the same signal, so the caller sees what a crash shows.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+
+def main() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files from the aborts
+    when, _, command = os.environ["VBD_CRASH_AT"].partition(":")
+    crash = getattr(signal, "SIG" + os.environ.get("VBD_CRASH_SIGNAL", "ABRT"))
+    tool = subprocess.Popen([os.environ["VBD_REAL_TOOL"], *sys.argv[1:]], stdin=subprocess.PIPE)
+    assert tool.stdin is not None
+    for line in sys.stdin.buffer:
+        hit = f'"execute": "{command}"'.encode() in line
+        if hit and when == "before":
+            break
+        tool.stdin.write(line)
+        tool.stdin.flush()
+        if hit:
+            time.sleep(0.01)  # let it start on the command
+            break
+    else:
+        tool.stdin.close()
+        sys.exit(tool.wait())
+    tool.send_signal(crash)
+    tool.wait()
+    if crash != signal.SIGKILL:
+        signal.signal(crash, signal.SIG_DFL)
+    os.kill(os.getpid(), crash)
+
+
+if __name__ == "__main__":
+    main()

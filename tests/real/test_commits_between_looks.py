@@ -1,0 +1,108 @@
+"""Commits the daemon did not see happen, on a real libvirtd with OS-less QEMU VMs.
+
+Guest writes go through QEMU's device backend (HMP qemu-io), so the recording bitmaps mark them
+as they would a guest's; what the base holds afterwards is read back over NBD.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.images import K64, MiB, bitmap_names, dirty_extents, expected, run
+from helpers.libvirt_env import Domains, stop_gracefully, virsh
+from helpers.scenarios import build, is_for
+
+pytestmark = pytest.mark.real
+
+
+def guest_write(dom: Any, offset: int, length: int, pattern: int) -> None:
+    """A write as the guest's disk device makes it: every recording bitmap of the active layer
+    marks it."""
+    device = "/machine/peripheral/virtio-disk0/virtio-backend"
+    command = f'qemu-io -d {device} "write -P {pattern} {offset} {length}"'
+    out = virsh("qemu-monitor-command", dom.name(), "--hmp", command)
+    assert "error" not in out.lower(), out
+
+
+def snapshot(dom: Any, overlay: Path) -> None:
+    virsh(
+        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
+        "--diskspec", f"vda,file={overlay}",
+    )  # fmt: skip
+
+
+def test_maintenance_while_the_daemon_was_stopped_loses_no_block(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """The daemon knows [T, ...] and is stopped.  Meanwhile: a live snapshot s1 on T; checkpoint
+    cp2 (its bitmap only in s1 and what follows); guest writes; a snapshot s2; the domain shut
+    off; `qemu-img commit -d -b T s1`, `qemu-img rebase -u -b T s2`, the domain on [s2, T, ...].
+    The chain only seems to have grown; s1's file shows what was committed into T."""
+    c = build(tmp_path / "images")
+    t = c.active  # T: the active layer the daemon knows, over s1-of-the-fixture and base
+    dom = domains.define(t, start=True)
+    daemon = daemon_factory().start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    assert daemon.stop() == 0
+
+    s1, s2 = c.folder / "m-s1.qcow2", c.folder / "m-s2.qcow2"
+    snapshot(dom, s1)
+    virsh("checkpoint-create-as", dom.name(), "cp-maint", "--diskspec", "vda")
+    guest_write(dom, 30 * MiB, 2 * K64, 0x5A)
+    guest_write(dom, 40 * MiB, K64, 0x5B)
+    snapshot(dom, s2)
+    guest_write(dom, 50 * MiB, K64, 0x5C)
+    stop_gracefully(dom)
+    assert "cp-maint" in bitmap_names(s1) and "cp-maint" not in bitmap_names(t)
+    run("qemu-img", "commit", "-q", "-d", "-b", str(t), str(s1))
+    run("qemu-img", "rebase", "-q", "-u", "-b", str(t), "-F", "qcow2", str(s2))
+    dom = domains.conn.defineXML(dom.XMLDesc(0).replace(f"file='{s1}'", f"file='{s2}'"))
+
+    daemon.start()
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "reconciled" and entry["found_by"] == "files", entry
+    assert entry["removed"] == [str(s1)] and entry["base"] == str(t), entry
+    assert "cp-maint" in entry["bitmaps"]
+    # What a backup from cp-maint reads is the union over [s2, T]: s1's writes are in T now.
+    assert dirty_extents(t, "cp-maint") == expected([(30 * MiB, 2 * K64), (40 * MiB, K64)])
+    assert dirty_extents(s2, "cp-maint") == expected([(50 * MiB, K64)])
+    # cp3 (recording since before s1) gets s1's blocks too
+    assert set(expected([(30 * MiB, 2 * K64), (40 * MiB, K64)])) <= set(dirty_extents(t, "cp3"))
+
+
+@pytest.mark.parametrize("layers", ["kept", "deleted"])
+def test_two_commit_events_within_a_minute_each_get_one_line(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, layers: str
+) -> None:
+    """The second commit takes only layers no look saw (made and committed between two looks).
+    Its event still gets its own line, never hidden by the first: verified from the committed
+    file when it is still there, else skipped with the reason."""
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=True)
+    daemon = daemon_factory().start("--snapshot-watch-interval", "0")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    base, s1, active = c.layers
+    virsh("blockcommit", dom.name(), "vda", "--top", str(s1), "--base", str(base), "--wait")
+    first = daemon.wait_for(is_for(dom, "reconciliation"), what="first reconciliation")
+    assert first["result"] == "already_consistent" and first["removed"] == [str(s1)], first
+    o1, o2 = c.folder / "o1.qcow2", c.folder / "o2.qcow2"
+    snapshot(dom, o1)
+    snapshot(dom, o2)
+    delete = ["--delete"] if layers == "deleted" else []
+    virsh(
+        "blockcommit", dom.name(), "vda", "--top", str(o1), "--base", str(active), "--wait",
+        *delete,
+    )  # fmt: skip
+    second = daemon.wait_for(is_for(dom, "reconciliation"), what="second reconciliation")
+    if layers == "kept":
+        assert second["result"] == "already_consistent" and second["found_by"] == "files"
+        assert second["removed"] == [str(o1)] and second["base"] == str(active), second
+    else:
+        assert second["result"] == "skipped" and "not verified" in second["reason"], second
+    stop_gracefully(dom)
+    daemon.stop()
+    lines = [e for e in daemon.entries() if is_for(dom, "reconciliation")(e)]
+    assert [e["result"] for e in lines] == ["already_consistent", second["result"]], lines
