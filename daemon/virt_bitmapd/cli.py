@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from . import __version__, images, report
 from .config import DEFAULT_PATH, ConfigError, Settings, load
 from .errors import ImageInUse, VirtBitmapdError
+from .handover import Handover
 from .model import Result
 from .observability.logs import configure as configure_logging
 from .reconcile import reconcile_at_rest
@@ -193,6 +194,8 @@ def _reconcile(args: argparse.Namespace) -> int:
     outcome = reconcile_at_rest(
         args.top, args.base, storage_roots=_reconcile_roots(args), dry_run=args.dry_run
     )
+    if outcome.result is not Result.PLANNED:
+        _tell_the_daemon(args, outcome.plan.base, outcome.committed)
     if args.json:
         document = {
             "result": outcome.result.value,
@@ -205,6 +208,21 @@ def _reconcile(args: argparse.Namespace) -> int:
         if outcome.result is Result.PLANNED:
             print("dry run: nothing was changed")
     return EXIT_OK
+
+
+def _tell_the_daemon(args: argparse.Namespace, base: str, committed: tuple[str, ...]) -> None:
+    """Leave a record for the daemon, so that deleting the committed layers now is not taken
+    for a loss (see handover)."""
+    state_dir = load(args.config or DEFAULT_PATH).state_dir
+    try:
+        Handover(state_dir).record(base, committed)
+    except OSError as error:
+        print(
+            f"virt-bitmapd reconcile: note: {state_dir}: the daemon could not be told "
+            f"({error.strerror}); it will report these layers' bits as unprovable once they "
+            "are deleted",
+            file=sys.stderr,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -269,6 +269,8 @@ class Reconciliation:
     plan: Plan
     result: Result
     outcome: Outcome | None = None
+    #: The layers committed into the base (top first) that the plan covered.
+    committed: tuple[str, ...] = ()
     #: Bitmaps left out because their bits cannot be proven (and why): never reported fine.
     untrusted: tuple[str, ...] = ()
     why_untrusted: str = ""

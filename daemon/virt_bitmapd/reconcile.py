@@ -43,10 +43,11 @@ def reconcile_at_rest(
         require_inside(real_base, storage_roots)
     chain = images.read_chain(top)
     plan = make_plan(chain, chain.top.path, real_base, base_before=base_before)
+    committed = tuple(image.path for image in chain.images[: chain.index_of(real_base)])
     if plan.is_empty:
-        return Reconciliation(plan=plan, result=Result.NOTHING_TO_DO)
+        return Reconciliation(plan=plan, result=Result.NOTHING_TO_DO, committed=committed)
     if dry_run:
-        return Reconciliation(plan=plan, result=Result.PLANNED)
+        return Reconciliation(plan=plan, result=Result.PLANNED, committed=committed)
     base_image = chain.images[chain.index_of(real_base) or 0]
     _require_space(plan, base_image)
     try:
@@ -56,7 +57,7 @@ def reconcile_at_rest(
         raise
     _verify_base(plan)
     result = Result.RECONCILED if outcome.changed else Result.ALREADY_CONSISTENT
-    return Reconciliation(plan=plan, result=result, outcome=outcome)
+    return Reconciliation(plan=plan, result=result, outcome=outcome, committed=committed)
 
 
 def stored_bitmaps_size(virtual_size: int, granularities: Iterable[int], cluster_size: int) -> int:

@@ -24,6 +24,7 @@ import structlog
 
 from ..config import Settings, parse_listen
 from ..errors import LibvirtFailed, VirtBitmapdError
+from ..handover import Handover
 from ..observability.metrics import Metrics
 from ..observability.sdnotify import Notifier
 from ..state import StateStore
@@ -59,7 +60,7 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
         self.store = StateStore(settings.state_dir, on_quarantine=self._state_quarantined)
-        self.checker = DiskChecker(self.store, settings.storage_roots)
+        self.checker = DiskChecker(self.store, settings.storage_roots, Handover(settings.state_dir))
         self._memory = DiskMemory()
         self._intake = EventIntake(
             self.metrics,

@@ -18,6 +18,7 @@ is there and hands it to pure code:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -32,8 +33,9 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
+from ..handover import Handover
 from ..live import reconcile_live
-from ..model import QCOW2, Bitmap, Image, Reconciliation
+from ..model import QCOW2, Bitmap, Image, Reconciliation, Result
 from ..reconcile import reconcile_at_rest
 from ..state import DomainState, StateStore
 from ..storage_roots import require_inside
@@ -59,9 +61,10 @@ __all__ = ["DiskChecker"]
 
 
 class DiskChecker:
-    def __init__(self, store: StateStore, storage_roots: Sequence[str]) -> None:
+    def __init__(self, store: StateStore, storage_roots: Sequence[str], handover: Handover) -> None:
         self._store = store
         self._roots = tuple(storage_roots)
+        self._handover = handover
 
     def targets(self, domain: libvirt.virDomain) -> tuple[tuple[str, ...], tuple[SkippedDisk, ...]]:
         """Every file-backed qcow2 disk target the domain has now, plus those known from before
@@ -210,6 +213,14 @@ class DiskChecker:
                     storage_roots=self._roots,
                     raw_files=host_disks(domain).raw_files,
                 )
+            if self._reconciled_by_command(commit):
+                return CommitReport(
+                    commit=commit,
+                    live=running,
+                    duration=time.monotonic() - started,
+                    result=Result.ALREADY_CONSISTENT,
+                    note="reconciled by virt-bitmapd reconcile before its layers were deleted",
+                )
             require_layers(commit, seen_before, now.images)
             done = self._carry_out(domain, now.disk, commit, running, base_before)
         except VirtBitmapdError as error:
@@ -232,6 +243,10 @@ class DiskChecker:
             if done.untrusted
             else None,
         )
+
+    def _reconciled_by_command(self, commit: Commit) -> bool:
+        gone = tuple(path for path in commit.removed if not os.path.exists(path))
+        return bool(gone) and self._handover.take(commit.base, commit.removed) is not None
 
     def _carry_out(
         self,

@@ -50,6 +50,8 @@ class CommitReport:
     error: VirtBitmapdError | None = None
     #: On a failure no later look will retry: the bitmaps that may now miss the commit's bits.
     at_risk: tuple[str, ...] = ()
+    #: Why it ended so, when the result alone does not say.
+    note: str = ""
 
     @property
     def label(self) -> str:
@@ -171,6 +173,8 @@ def commit_line(report: CommitReport, trigger: str, job_type: str | None) -> Log
         "found_by": "files" if report.commit.hidden else "chain",
         "duration": round(report.duration, 3),
     }
+    if report.note:
+        fields["reason"] = report.note
     if report.plan is not None:
         fields["bitmaps"] = [merge.bitmap for merge in report.plan.merges]
         fields["skipped"] = [f"{s.bitmap}: {s.reason.value}" for s in report.plan.skipped]
