@@ -113,54 +113,53 @@ def test_two_commit_events_within_a_minute_each_get_one_line(
     assert [e["result"] for e in lines] == ["already_consistent", second["result"]], lines
 
 
+def cold_merged(tmp_path: Path, domains: Domains, daemon_factory: Any) -> tuple[Any, Any, Any]:
+    """A shut-off domain the daemon tracks, whose s1 was just committed with
+    `qemu-img commit -d` by a tool (the files are all still there)."""
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active)
+    daemon = daemon_factory(roots=[tmp_path / "images"]).start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    base, s1, _ = c.layers
+    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
+    return c, dom, daemon
+
+
+def reconcile_cli(c: Any, daemon: Any, *extra: str) -> subprocess.CompletedProcess[str]:
+    base, s1, _ = c.layers
+    command = ["reconcile", "--top", str(s1), "--base", str(base), "--config", str(daemon.config)]
+    return subprocess.run([*CLI, *command, *extra], capture_output=True, text=True, check=False)
+
+
+def delete_committed_layer(c: Any, daemon: Any) -> None:
+    base, s1, active = c.layers
+    run("qemu-img", "rebase", "-q", "-u", "-b", str(base), "-F", "qcow2", str(active))
+    s1.unlink()
+    daemon.signal(signal.SIGHUP)
+
+
 def test_a_cold_merge_tool_may_delete_once_reconcile_exits_0(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
     """oVirt-style: `qemu-img commit -d`, then `virt-bitmapd reconcile` (exit 0), then the
     committed file is deleted before the daemon looks.  The daemon is told by the command and
     reports the commit reconciled, not its bits lost."""
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active)
-    daemon = daemon_factory(roots=[tmp_path / "images"]).start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
-    base, s1, active = c.layers
-    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
-    reconcile = subprocess.run(
-        [*CLI, "reconcile", "--top", str(s1), "--base", str(base), "--config", str(daemon.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    c, dom, daemon = cold_merged(tmp_path, domains, daemon_factory)
+    reconcile = reconcile_cli(c, daemon)
     assert reconcile.returncode == 0, reconcile.stderr
-    run("qemu-img", "rebase", "-q", "-u", "-b", str(base), "-F", "qcow2", str(active))
-    s1.unlink()
-    daemon.signal(signal.SIGHUP)
+    delete_committed_layer(c, daemon)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "already_consistent", entry
     assert "reconciled by virt-bitmapd reconcile" in entry["reason"]
     assert "untrusted" not in entry
-    assert dirty_extents(base, "cp2") == expected([(2 * MiB, 2 * K64)])
+    assert dirty_extents(c.layers[0], "cp2") == expected([(2 * MiB, 2 * K64)])
 
 
 def test_a_tool_that_deletes_without_reconcile_is_told_unrecoverable(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active)
-    daemon = daemon_factory(roots=[tmp_path / "images"]).start()
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
-    base, s1, active = c.layers
-    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
-    dry = subprocess.run(
-        [*CLI, "reconcile", "--top", str(s1), "--base", str(base), "--dry-run",
-         "--config", str(daemon.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )  # fmt: skip
-    assert dry.returncode == 0  # a dry run tells the daemon nothing
-    run("qemu-img", "rebase", "-q", "-u", "-b", str(base), "-F", "qcow2", str(active))
-    s1.unlink()
-    daemon.signal(signal.SIGHUP)
+    c, dom, daemon = cold_merged(tmp_path, domains, daemon_factory)
+    assert reconcile_cli(c, daemon, "--dry-run").returncode == 0  # a dry run tells nothing
+    delete_committed_layer(c, daemon)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "unrecoverable" and "cp2" in entry["untrusted"], entry
