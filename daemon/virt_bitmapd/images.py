@@ -33,7 +33,9 @@ from .errors import (
     ImageCorrupt,
     ImageMissing,
     ImageUnreadable,
+    ToolCrashed,
     ToolFailed,
+    describe_exit,
     image_error_from_qemu,
 )
 from .model import QCOW2, Bitmap, Chain, Image
@@ -206,6 +208,9 @@ def _info(path: str, force_share: bool, binary: str, timeout: float) -> dict[str
         raise ToolFailed(f"{binary} info {path} did not finish within {timeout:.0f} s") from error
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip()
+        if result.returncode < 0:  # a crash says nothing about the image
+            said = f": {message[-2000:]}" if message else ""
+            raise ToolCrashed(f"{binary} info {path} {describe_exit(result.returncode)}{said}")
         raise image_error_from_qemu(path, message.removeprefix(f"{binary}: ").replace("\n", " "))
     try:
         info = json.loads(result.stdout)

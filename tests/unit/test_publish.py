@@ -9,7 +9,13 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from virt_bitmapd.config import Settings
-from virt_bitmapd.errors import ImageCorrupt, ImageInUse, VirtBitmapdError
+from virt_bitmapd.errors import (
+    CrashDamagedBitmaps,
+    ImageCorrupt,
+    ImageInUse,
+    ToolCrashed,
+    VirtBitmapdError,
+)
 from virt_bitmapd.model import Result
 from virt_bitmapd.observability.metrics import Metrics
 from virt_bitmapd.service.daemon import Daemon
@@ -198,3 +204,31 @@ def test_two_commit_events_within_a_minute_each_get_their_line(tmp_path: Path) -
         daemon.reporter.publish(second, "event", "commit", completed=True)
     results = [e["result"] for e in logs if e["event"] == "reconciliation"]
     assert results == ["already_consistent", "skipped"]
+
+
+def test_a_tool_crash_behind_a_failure_is_counted(tmp_path: Path) -> None:
+    metrics = Metrics()
+    daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=metrics)
+    crash = ToolCrashed("qemu-storage-daemon was killed by SIGABRT unexpectedly")
+    damaged = CrashDamagedBitmaps("/i/base", str(crash), ("cp1",))
+    damaged.__cause__ = crash
+    report = DiskReport(
+        domain="vm1",
+        uuid="u1",
+        disk="vda",
+        chain=("/i/base",),
+        previous_chain=("/i/s1", "/i/base"),
+        commits=(
+            CommitReport(
+                commit=Commit(removed=("/i/s1",), base="/i/base"),
+                live=False,
+                duration=0.1,
+                error=damaged,
+            ),
+        ),
+    )
+    with capture_logs() as logs:
+        daemon.reporter.publish(report, "rescan", None)
+    line = next(e for e in logs if e["event"] == "reconciliation")
+    assert line["result"] == "unrecoverable" and line["untrusted"] == ["cp1"]
+    assert metrics.registry.get_sample_value("virt_bitmapd_tool_crashes_total") == 1

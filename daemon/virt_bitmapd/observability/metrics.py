@@ -99,6 +99,12 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.tool_crashes = Counter(
+            "virt_bitmapd_tool_crashes_total",
+            "QEMU tools (qemu-img, qemu-storage-daemon) that died by a signal in the middle of "
+            "their work",
+            registry=r,
+        )
         self.leftovers_removed = Counter(
             "virt_bitmapd_leftovers_removed_total",
             "Temporary QEMU nodes and probe bitmaps of an earlier run removed, by kind",

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from ..errors import VirtBitmapdError
+from ..errors import ToolCrashed, VirtBitmapdError
 from ..observability.metrics import Metrics
 from .disk_memory import DiskKey, DiskMemory, commit_retry_delay, look_retry_delay
 from .reports import (
@@ -59,6 +59,7 @@ class Reporter:
         """A look failed before any commit could be judged: counted every time, logged once per
         change of the error, looked at again later when it may pass."""
         self._metrics.disk_errors.labels(error.kind).inc()
+        self._count_crash(error)
         changed = self._memory.record_error(key, error.kind, str(error))
         self.publish_errors()
         bound = log.bind(domain=domain, disk=key[1], error=str(error), error_kind=error.kind)
@@ -129,6 +130,10 @@ class Reporter:
         found = self._memory.unclaimed_commits.pop(key, None)
         return found is not None and now - found < JOB_WINDOW
 
+    def _count_crash(self, error: VirtBitmapdError | None) -> None:
+        if _crashed(error):
+            self._metrics.tool_crashes.inc()
+
     def _publish_commits(
         self, bound: Any, key: DiskKey, report: DiskReport, trigger: str, job_type: str | None
     ) -> bool:
@@ -149,6 +154,7 @@ class Reporter:
                 _emit(bound, deferred_line(commit, trigger, attempt=failures, retry_in=delay))
                 continue
             outcome = commit.outcome
+            self._count_crash(commit.error)
             self._metrics.record(
                 trigger=trigger,
                 result=commit.label,
@@ -158,6 +164,15 @@ class Reporter:
             )
             _emit(bound, commit_line(commit, trigger, job_type))
         return bool(retry)
+
+
+def _crashed(error: BaseException | None) -> bool:
+    """Whether a tool's crash is behind ``error`` (itself, or its cause)."""
+    while error is not None:
+        if isinstance(error, ToolCrashed):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _emit(bound: Any, line: LogLine) -> None:
