@@ -51,6 +51,7 @@ from .reports import (
     untrusted_after,
 )
 from .unseen_layers import (
+    HostDisks,
     hidden_commits_of,
     host_disks,
     require_layers,
@@ -131,14 +132,12 @@ class DiskChecker:
         seen_before = state.bitmaps.get(target, {})
         last_look = state.seen_at.get(target)
         commits = detect_commits(old, now.paths)
+        host = None  # what every domain uses: read once, only when the chain changed
         if old and old != now.paths and last_look is not None:
             try:  # maintenance between two looks may have hidden a commit
+                host = host_disks(domain)
                 commits += hidden_commits_of(
-                    now.paths,
-                    old,
-                    since=last_look,
-                    storage_roots=self._roots,
-                    host=host_disks(domain),
+                    now.paths, old, since=last_look, storage_roots=self._roots, host=host
                 )
             except VirtBitmapdError as error:
                 return replace(base, error=error)
@@ -151,6 +150,7 @@ class DiskChecker:
                 seen_before=seen_before,
                 old_chain=old,
                 last_look=last_look,
+                host=host,
             )
             for commit in commits
         )
@@ -192,9 +192,11 @@ class DiskChecker:
         seen_before: Mapping[str, tuple[Bitmap, ...]],
         old_chain: tuple[str, ...],
         last_look: float | None,
+        host: HostDisks | None,
     ) -> CommitReport:
         """``seen_before``: each layer's bitmaps at the previous look, before the commit;
-        ``old_chain``: the chain then; ``last_look``: when that look began."""
+        ``old_chain``: the chain then; ``last_look``: when that look began; ``host``: what
+        every domain uses, when it was read."""
         remembered = seen_before.get(commit.base)
         base_before = (
             None
@@ -211,7 +213,7 @@ class DiskChecker:
                     seen_before=seen_before,
                     live=running,
                     storage_roots=self._roots,
-                    raw_files=host_disks(domain).raw_files,
+                    raw_files=(host or host_disks(domain)).raw_files,
                 )
             if self._reconciled_by_command(commit):
                 return CommitReport(
