@@ -19,7 +19,6 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
-    "MAX_CLUSTER_BITS",
     "MAX_HEADER_READ",
     "NotQcow2",
     "Qcow2Header",

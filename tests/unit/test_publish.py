@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from structlog.testing import capture_logs
 
@@ -23,6 +24,29 @@ from virt_bitmapd.service.disk_memory import COMMIT_ATTEMPTS
 from virt_bitmapd.service.reports import CommitReport, DiskReport
 from virt_bitmapd.service.tasks import TaskSupervisor
 from virt_bitmapd.tracking import Commit
+
+
+def one_commit(
+    removed: str, base: str, *, running: bool = True, kept: tuple[str, ...] = (), **ending: Any
+) -> DiskReport:
+    """A look that found ``removed`` committed into ``base`` (``kept``: the layers above, still
+    in the chain); ``ending``: the CommitReport's result or error."""
+    return DiskReport(
+        domain="vm1",
+        uuid="u1",
+        disk="vda",
+        running=running,
+        chain=(*kept, base),
+        previous_chain=(*kept, removed, base),
+        commits=(
+            CommitReport(
+                commit=Commit(removed=(removed,), base=base),
+                live=running,
+                duration=0.1,
+                **ending,
+            ),
+        ),
+    )
 
 
 def test_a_commit_event_with_no_known_layer_gone_is_reported_unverified(tmp_path: Path) -> None:
@@ -57,22 +81,7 @@ def test_a_commit_already_handled_by_the_look_at_ready_is_not_reported_unverifie
     tmp_path: Path,
 ) -> None:
     daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
-    handled = DiskReport(
-        domain="vm1",
-        uuid="u1",
-        disk="vda",
-        running=True,
-        chain=("/i/base",),
-        previous_chain=("/i/top", "/i/base"),
-        commits=(
-            CommitReport(
-                commit=Commit(removed=("/i/top",), base="/i/base"),
-                live=True,
-                duration=0.1,
-                result=Result.ALREADY_CONSISTENT,
-            ),
-        ),
-    )
+    handled = one_commit("/i/top", "/i/base", result=Result.ALREADY_CONSISTENT)
     unchanged = replace(handled, commits=(), previous_chain=("/i/base",))
     with capture_logs() as logs:
         daemon.reporter.publish(handled, "event", None)  # the look started at READY saw the pivot
@@ -180,22 +189,7 @@ def test_two_commit_events_within_a_minute_each_get_their_line(tmp_path: Path) -
     """The second commit took only layers no look saw: its event still gets its own line, not
     hidden by the first commit handled a moment before."""
     daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
-    first = DiskReport(
-        domain="vm1",
-        uuid="u1",
-        disk="vda",
-        running=True,
-        chain=("/i/active", "/i/base"),
-        previous_chain=("/i/active", "/i/s1", "/i/base"),
-        commits=(
-            CommitReport(
-                commit=Commit(removed=("/i/s1",), base="/i/base"),
-                live=True,
-                duration=0.1,
-                result=Result.ALREADY_CONSISTENT,
-            ),
-        ),
-    )
+    first = one_commit("/i/s1", "/i/base", kept=("/i/active",), result=Result.ALREADY_CONSISTENT)
     second = replace(
         first, commits=(), chain=("/i/o2", "/i/active", "/i/base"), previous_chain=first.chain
     )
@@ -212,21 +206,7 @@ def test_a_tool_crash_behind_a_failure_is_counted(tmp_path: Path) -> None:
     crash = ToolCrashed("qemu-storage-daemon was killed by SIGABRT unexpectedly")
     damaged = CrashDamagedBitmaps("/i/base", str(crash), ("cp1",))
     damaged.__cause__ = crash
-    report = DiskReport(
-        domain="vm1",
-        uuid="u1",
-        disk="vda",
-        chain=("/i/base",),
-        previous_chain=("/i/s1", "/i/base"),
-        commits=(
-            CommitReport(
-                commit=Commit(removed=("/i/s1",), base="/i/base"),
-                live=False,
-                duration=0.1,
-                error=damaged,
-            ),
-        ),
-    )
+    report = one_commit("/i/s1", "/i/base", running=False, error=damaged)
     with capture_logs() as logs:
         daemon.reporter.publish(report, "rescan", None)
     line = next(e for e in logs if e["event"] == "reconciliation")

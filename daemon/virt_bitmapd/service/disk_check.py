@@ -51,9 +51,9 @@ from .reports import (
     untrusted_after,
 )
 from .unseen_layers import (
-    HostDisks,
     hidden_commits_of,
     host_disks,
+    overlays_beside,
     require_layers,
     with_unseen_layers,
 )
@@ -132,13 +132,14 @@ class DiskChecker:
         seen_before = state.bitmaps.get(target, {})
         last_look = state.seen_at.get(target)
         commits = detect_commits(old, now.paths)
-        host = None  # what every domain uses: read once, only when the chain changed
+        beside: dict[str, str] = {}  # recent overlays beside the chains, read once a look
         if old and old != now.paths and last_look is not None:
             try:  # maintenance between two looks may have hidden a commit
                 host = host_disks(domain)
-                commits += hidden_commits_of(
+                beside = overlays_beside(
                     now.paths, old, since=last_look, storage_roots=self._roots, host=host
                 )
+                commits += hidden_commits_of(now.paths, beside, host)
             except VirtBitmapdError as error:
                 return replace(base, error=error)
         reports = tuple(
@@ -150,7 +151,7 @@ class DiskChecker:
                 seen_before=seen_before,
                 old_chain=old,
                 last_look=last_look,
-                host=host,
+                beside=beside,
             )
             for commit in commits
         )
@@ -192,11 +193,11 @@ class DiskChecker:
         seen_before: Mapping[str, tuple[Bitmap, ...]],
         old_chain: tuple[str, ...],
         last_look: float | None,
-        host: HostDisks | None,
+        beside: Mapping[str, str],
     ) -> CommitReport:
         """``seen_before``: each layer's bitmaps at the previous look, before the commit;
-        ``old_chain``: the chain then; ``last_look``: when that look began; ``host``: what
-        every domain uses, when it was read."""
+        ``old_chain``: the chain then; ``last_look``: when that look began; ``beside``: the
+        recent overlays beside the chains (``unseen_layers.overlays_beside``)."""
         remembered = seen_before.get(commit.base)
         base_before = (
             None
@@ -207,13 +208,7 @@ class DiskChecker:
         try:
             if last_look is not None and commit.top == old_chain[0]:
                 commit = with_unseen_layers(
-                    commit,
-                    known=set(old_chain) | set(now.paths),
-                    since=last_look,
-                    seen_before=seen_before,
-                    live=running,
-                    storage_roots=self._roots,
-                    raw_files=(host or host_disks(domain)).raw_files,
+                    commit, beside=beside, seen_before=seen_before, live=running
                 )
             if self._reconciled_by_command(commit):
                 return CommitReport(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import libvirt
@@ -37,6 +37,7 @@ __all__ = [
     "HostDisks",
     "hidden_commits_of",
     "host_disks",
+    "overlays_beside",
     "require_layers",
     "with_unseen_layers",
 ]
@@ -91,48 +92,47 @@ def _layers_below(path: str) -> list[str]:
     return below
 
 
-def hidden_commits_of(
+def overlays_beside(
     chain: Sequence[str],
     old_chain: Sequence[str],
     *,
     since: float,
     storage_roots: Sequence[str],
     host: HostDisks,
-) -> tuple[Commit, ...]:
-    """Layers committed into ``chain`` between two looks that the chain does not show
-    (``tracking.hidden_commits``), from qcow2 files beside the old and new chains' layers,
-    changed since ``since``, in no domain's chain and in none of the two chains."""
-    directories = {os.path.dirname(path) for path in (*chain, *old_chain)}
-    backing_of = images.recent_overlays(
-        directories,
+) -> dict[str, str]:
+    """qcow2 overlays in the folders of the old and new chains' layers, changed since
+    ``since``, in neither chain and never a raw disk's file, each with what it backs onto.
+    One scan serves both searches of a look."""
+    known = set(chain) | set(old_chain)
+    return images.recent_overlays(
+        {os.path.dirname(path) for path in known},
         newer_than=since,
-        exclude=set(chain) | set(old_chain) | host.chain_files,
+        exclude=known,
         storage_roots=storage_roots,
         not_overlays=host.raw_files,
     )
-    return hidden_commits(chain, backing_of)
+
+
+def hidden_commits_of(
+    chain: Sequence[str], beside: Mapping[str, str], host: HostDisks
+) -> tuple[Commit, ...]:
+    """Layers committed into ``chain`` between two looks that the chain does not show
+    (``tracking.hidden_commits``), from the overlays ``beside`` it that are in no domain's
+    chain."""
+    return hidden_commits(
+        chain, {path: below for path, below in beside.items() if path not in host.chain_files}
+    )
 
 
 def with_unseen_layers(
     commit: Commit,
     *,
-    known: set[str],
-    since: float,
+    beside: Mapping[str, str],
     seen_before: Mapping[str, tuple[Bitmap, ...]],
     live: bool,
-    storage_roots: Sequence[str],
-    raw_files: Collection[str],
 ) -> Commit:
-    """``commit``, with the run of layers made on its top since ``since`` joined to it."""
-    directories = {os.path.dirname(path) for path in known}
-    backing_of = images.recent_overlays(
-        directories,
-        newer_than=since,
-        exclude=known,
-        storage_roots=storage_roots,
-        not_overlays=raw_files,
-    )
-    above = layers_above(commit.top, backing_of)
+    """``commit``, with the run of the overlays ``beside`` the chain made on its top joined."""
+    above = layers_above(commit.top, beside)
     if above.forks and live:
         return commit
     if above.forks:
