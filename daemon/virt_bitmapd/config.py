@@ -20,6 +20,7 @@ __all__ = ["DEFAULT_PATH", "ConfigError", "Settings", "load", "parse_listen"]
 DEFAULT_PATH = "/etc/virt-bitmapd/config.toml"
 LOG_FORMATS = ("auto", "journal", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+UNTRUSTED_POLICIES = ("disable", "report")
 
 
 class ConfigError(Exception):
@@ -39,6 +40,9 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9411"
     log_format: str = "auto"
     log_level: str = "info"
+    #: What to do with a bitmap whose bits cannot be proven complete: "disable" it (libvirt then
+    #: refuses an incremental backup from its checkpoint) or only "report" it.
+    untrusted_policy: str = "disable"
     #: Where the settings came from, for messages.
     source: str = field(default="defaults", compare=False)
 
@@ -146,8 +150,12 @@ SCHEMA: Mapping[str, Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
         "format": ("log_format", _choice(LOG_FORMATS)),
         "level": ("log_level", _choice(LOG_LEVELS)),
     },
+    "policy": {"untrusted": ("untrusted_policy", _choice(UNTRUSTED_POLICIES))},
 }
 
+
+#: Settings fields whose flag is not the field's name
+FLAGS = {"storage_roots": "storage-root", "untrusted_policy": "untrusted"}
 
 #: Settings field -> validator, for flags
 VALIDATORS: Mapping[str, Callable[[Any], Any]] = {
@@ -206,7 +214,7 @@ def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Settin
             try:
                 chosen[name] = VALIDATORS[name](list(value) if isinstance(value, tuple) else value)
             except (TypeError, ValueError) as error:
-                flag = "storage-root" if name == "storage_roots" else name.replace("_", "-")
+                flag = FLAGS.get(name, name.replace("_", "-"))
                 problems.append(f"--{flag}: {error}")
         if problems:
             raise ConfigError(problems)

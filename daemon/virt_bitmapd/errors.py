@@ -34,6 +34,7 @@ __all__ = [
     "NoSpace",
     "OutsideStorageRoots",
     "QMPError",
+    "QuarantineFailed",
     "RepairRefused",
     "StateUnusable",
     "ToolCrashed",
@@ -180,6 +181,13 @@ class RepairRefused(ImageError):
     """A live repair that could change what the guest reads is not attempted."""
 
     kind = "repair_refused"
+
+
+class QuarantineFailed(ImageError):
+    """Untrusted bitmaps could not be disabled: libvirt would still start an incremental backup
+    from them, which may miss data."""
+
+    kind = "quarantine_failed"
 
 
 class CommitUnverifiable(ImageError):

@@ -22,6 +22,7 @@ __all__ = [
     "blockdev_add",
     "blockdev_del",
     "blockdev_reopen",
+    "disable_bitmaps",
     "find_node",
     "leftovers",
     "node_bitmaps",
@@ -120,6 +121,16 @@ def probe_transaction(
 def remove_bitmaps(node: str, names: Sequence[str]) -> JSON:
     actions = [
         {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": name}}
+        for name in names
+    ]
+    return {"execute": "transaction", "arguments": {"actions": actions}}
+
+
+def disable_bitmaps(node: str, names: Sequence[str]) -> JSON:
+    """Stop ``names`` recording on ``node``, all or none: a quarantine (libvirt refuses an
+    incremental backup from a checkpoint whose bitmap is disabled)."""
+    actions = [
+        {"type": "block-dirty-bitmap-disable", "data": {"node": node, "name": name}}
         for name in names
     ]
     return {"execute": "transaction", "arguments": {"actions": actions}}

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import VirtBitmapdError
+from .health import CheckpointHealth
 from .model import Bitmap, Chain, Image, Outcome, Plan
 from .planner import chain_problems
 from .qmp import JSON
+
+if TYPE_CHECKING:
+    from .status import HostStatus
 
 __all__ = [
     "chain_json",
@@ -13,6 +19,8 @@ __all__ = [
     "error_json",
     "plan_json",
     "plan_text",
+    "status_json",
+    "status_text",
 ]
 
 
@@ -145,3 +153,71 @@ def error_json(error: VirtBitmapdError) -> JSON:
         "image": getattr(error, "image", None),
         "bitmap": getattr(error, "bitmap", None),
     }
+
+
+def _health_json(entry: CheckpointHealth) -> JSON:
+    return {
+        "checkpoint": entry.checkpoint,
+        "bitmap": entry.bitmap,
+        "state": entry.state.value,
+        "next_backup": entry.next_backup.value,
+        "reason": entry.reason,
+        "layer": entry.layer,
+    }
+
+
+def status_json(host: HostStatus) -> JSON:
+    """Per domain and disk, each checkpoint (and each bitmap no checkpoint names) with its
+    state, what the next incremental backup from it does, and why."""
+    return {
+        "complete": host.complete,
+        "memory_error": host.memory_error,
+        "domains": [
+            {
+                "name": domain.name,
+                "uuid": domain.uuid,
+                "running": domain.running,
+                "error": domain.error,
+                "skipped": [{"disk": disk, "reason": why} for disk, why in domain.skipped],
+                "disks": [
+                    {
+                        "disk": disk.disk,
+                        "chain": list(disk.chain),
+                        "error": disk.error,
+                        "checkpoints": [_health_json(entry) for entry in disk.checkpoints],
+                    }
+                    for disk in domain.disks
+                ],
+            }
+            for domain in host.domains
+        ],
+    }
+
+
+def status_text(host: HostStatus) -> str:
+    lines = []
+    if host.memory_error:
+        lines.append(f"note: virt-bitmapd's memory: {host.memory_error}; bitmaps it distrusts")
+        lines.append("      are not shown as untrusted")
+    for domain in host.domains:
+        lines.append(f"{domain.name} ({'running' if domain.running else 'shut off'})")
+        if domain.error:
+            lines.append(f"  error: {domain.error}")
+        for disk in domain.disks:
+            layers = len(disk.chain)
+            top = disk.chain[0] if disk.chain else "?"
+            lines.append(
+                f"  {disk.disk}: {top}" + (f" (+{layers - 1} below)" if layers > 1 else "")
+            )
+            if disk.error:
+                lines.append(f"    error: {disk.error}")
+                continue
+            if not disk.checkpoints:
+                lines.append("    no checkpoints")
+            for entry in disk.checkpoints:
+                name = entry.checkpoint or f"(bitmap {entry.bitmap})"
+                line = f"    {name:<20} {entry.state.value:<14} {entry.next_backup.value:<19}"
+                lines.append((line + " " + entry.reason).rstrip())
+        for target, why in domain.skipped:
+            lines.append(f"  {target}: skipped: {why}")
+    return "\n".join(lines) if lines else "no domains"

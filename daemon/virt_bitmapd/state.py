@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StateUnusable
+from .health import Distrust
 from .model import Bitmap
 
-__all__ = ["DomainState", "StateStore"]
+__all__ = ["Distrust", "DomainState", "StateStore"]
 
 FORMAT_VERSION = 1
+#: Why a bitmap remembered untrusted by a version that kept no reason is so.
+NO_REASON_KEPT = "a commit could not carry its bits (remembered without a reason)"
 
 
 @dataclass(slots=True)
@@ -35,16 +38,30 @@ class DomainState:
     name: str
     #: disk target -> chain paths, top first
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    #: disk target -> bitmaps whose bits could not be proven complete after a commit
-    untrusted: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: disk target -> bitmap -> why its bits could not be proven complete
+    untrusted: dict[str, dict[str, Distrust]] = field(default_factory=dict)
     #: disk target -> layer path -> its bitmaps when last seen (what a base held before a commit)
     bitmaps: dict[str, dict[str, tuple[Bitmap, ...]]] = field(default_factory=dict)
     #: disk target -> when (time.time()) the look that saw that chain began
     seen_at: dict[str, float] = field(default_factory=dict)
+    #: disk target -> layer -> the layer it was seen committed into, its bits carried: proof
+    #: that a checkpoint taken on a layer now gone lives on below (see health.lost_layers)
+    merged_into: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Bitmap, ...]]:
     return {str(path): tuple(Bitmap(**item) for item in items) for path, items in raw.items()}
+
+
+def _distrust_from_json(raw: Any) -> dict[str, Distrust]:
+    if isinstance(raw, list):  # names only, as the first releases wrote
+        return {name: Distrust(NO_REASON_KEPT) for name in _strings(raw)}
+    if not isinstance(raw, dict):
+        raise TypeError(f"expected an object of untrusted bitmaps, got {raw!r:.80}")
+    return {
+        str(name): Distrust(str(item["why"]), int(item.get("checkpoint_created", 0)))
+        for name, item in raw.items()
+    }
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -64,21 +81,34 @@ def _state_from_json(uuid: str, raw: Any) -> DomainState:
         uuid=uuid,
         name=str(raw["name"]),
         chains={str(disk): _strings(chain) for disk, chain in raw["chains"].items()},
-        untrusted={str(disk): _strings(names) for disk, names in raw.get("untrusted", {}).items()},
+        untrusted={
+            str(disk): _distrust_from_json(names)
+            for disk, names in raw.get("untrusted", {}).items()
+        },
         bitmaps={
             str(disk): _bitmaps_from_json(layers) for disk, layers in raw.get("bitmaps", {}).items()
         },
         seen_at={str(disk): float(when) for disk, when in raw.get("seen_at", {}).items()},
+        merged_into={
+            str(disk): {str(layer): str(base) for layer, base in layers.items()}
+            for disk, layers in raw.get("merged_into", {}).items()
+        },
     )
 
 
 class StateStore:
     def __init__(
-        self, directory: str | Path, *, on_quarantine: Callable[[str, str], None] | None = None
+        self,
+        directory: str | Path,
+        *,
+        on_quarantine: Callable[[str, str], None] | None = None,
+        read_only: bool = False,
     ) -> None:
-        """``on_quarantine(path, why)`` is told of each state file set aside as unreadable."""
+        """``on_quarantine(path, why)`` is told of each state file set aside as unreadable;
+        ``read_only``: for readers beside the daemon (``status``), which never move a file."""
         self.directory = Path(directory) / "domains"
         self._on_quarantine = on_quarantine
+        self._read_only = read_only
         self._lock = threading.Lock()
         self._generations: dict[str, int] = {}
 
@@ -112,6 +142,8 @@ class StateStore:
     def _quarantine(self, path: Path, why: str) -> None:
         """Writes are atomic, so only outside hands make a file unreadable: set it aside for
         them to see, and start afresh for the domain (its disks are tracked anew)."""
+        if self._read_only:
+            return
         target = path.with_suffix(".json.corrupt")
         try:
             path.replace(target)
@@ -129,10 +161,11 @@ class StateStore:
         name: str,
         disk: str,
         chain: tuple[str, ...],
-        untrusted: tuple[str, ...],
+        untrusted: Mapping[str, Distrust],
         bitmaps: Mapping[str, tuple[Bitmap, ...]],
         seen_at: float | None = None,
         generation: int = 0,
+        merged_into: Mapping[str, str] | None = None,
     ) -> bool:
         """Store one disk's chain; False (nothing written) when the domain was forgotten since
         ``generation`` was read."""
@@ -142,8 +175,10 @@ class StateStore:
             state = self.load(uuid) or DomainState(uuid=uuid, name=name)
             state.name = name
             state.chains[disk] = chain
-            state.untrusted[disk] = untrusted
+            state.untrusted[disk] = dict(untrusted)
             state.bitmaps[disk] = dict(bitmaps)
+            if merged_into is not None:
+                state.merged_into[disk] = dict(merged_into)
             if seen_at is not None:
                 state.seen_at[disk] = seen_at
             self._save(state)
@@ -159,6 +194,7 @@ class StateStore:
                 state.untrusted.pop(disk, None)
                 state.bitmaps.pop(disk, None)
                 state.seen_at.pop(disk, None)
+                state.merged_into.pop(disk, None)
                 self._save(state)
 
     def _save(self, state: DomainState) -> None:
@@ -174,13 +210,20 @@ class StateStore:
             "name": state.name,
             "chains": {disk: list(chain) for disk, chain in sorted(state.chains.items())},
             "untrusted": {
-                disk: list(names) for disk, names in sorted(state.untrusted.items()) if names
+                disk: {name: asdict(distrust) for name, distrust in sorted(names.items())}
+                for disk, names in sorted(state.untrusted.items())
+                if names
             },
             "bitmaps": {
                 disk: {path: [asdict(b) for b in bitmaps] for path, bitmaps in layers.items()}
                 for disk, layers in sorted(state.bitmaps.items())
             },
             "seen_at": dict(sorted(state.seen_at.items())),
+            "merged_into": {
+                disk: dict(sorted(layers.items()))
+                for disk, layers in sorted(state.merged_into.items())
+                if layers
+            },
         }
         target = self._path(state.uuid)
         handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")

@@ -150,6 +150,18 @@ def state(path: Path) -> dict[str, object]:
     return result
 
 
+def disabled(before: dict[str, object], names: list[str]) -> dict[str, object]:
+    """An image's ``state`` with bitmaps ``names`` no longer recording, and nothing else
+    changed."""
+    result: dict[str, object] = {}
+    for name, entry in before.items():
+        assert isinstance(entry, tuple)
+        granularity, flags, extents = entry
+        kept = [f for f in flags if f != "auto"] if name in names else flags
+        result[name] = (granularity, kept, extents)
+    return result
+
+
 @dataclass
 class ChainBuilder:
     """A chain under construction that remembers what each checkpoint should have recorded."""

@@ -60,3 +60,21 @@ def is_for(dom: Any, event: str, **fields: Any) -> Any:
         )
 
     return match
+
+
+def guest_write(dom: Any, offset: int, length: int, pattern: int) -> None:
+    """A write as the guest's disk device makes it: every recording bitmap of the active layer
+    marks it."""
+    device = "/machine/peripheral/virtio-disk0/virtio-backend"
+    command = f'qemu-io -d {device} "write -P {pattern} {offset} {length}"'
+    out = virsh("qemu-monitor-command", dom.name(), "--hmp", command)
+    assert "error" not in out.lower(), out
+
+
+def snapshot(dom: Any, overlay: Path) -> None:
+    """A disk-only external snapshot of vda onto ``overlay``, as a backup tool or person takes
+    one (libvirt sends no event for it)."""
+    virsh(
+        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
+        "--diskspec", f"vda,file={overlay}",
+    )  # fmt: skip

@@ -16,27 +16,11 @@ import pytest
 
 from helpers.images import K64, MiB, bitmap_names, dirty_extents, expected, run
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
-from helpers.scenarios import build, is_for
+from helpers.scenarios import build, guest_write, is_for, snapshot
 
 pytestmark = pytest.mark.real
 
 CLI = [sys.executable, "-m", "virt_bitmapd.cli"]
-
-
-def guest_write(dom: Any, offset: int, length: int, pattern: int) -> None:
-    """A write as the guest's disk device makes it: every recording bitmap of the active layer
-    marks it."""
-    device = "/machine/peripheral/virtio-disk0/virtio-backend"
-    command = f'qemu-io -d {device} "write -P {pattern} {offset} {length}"'
-    out = virsh("qemu-monitor-command", dom.name(), "--hmp", command)
-    assert "error" not in out.lower(), out
-
-
-def snapshot(dom: Any, overlay: Path) -> None:
-    virsh(
-        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
-        "--diskspec", f"vda,file={overlay}",
-    )  # fmt: skip
 
 
 def test_maintenance_while_the_daemon_was_stopped_loses_no_block(

@@ -28,6 +28,7 @@ from helpers.images import (
     corrupt,
     create,
     dirty_extents,
+    disabled,
     expected,
     run,
     state,
@@ -295,7 +296,11 @@ def test_two_unseen_snapshots_on_the_committed_top_are_reported_not_guessed(
     assert entry["result"] == "unrecoverable" and entry["level"] == "error", entry
     assert str(first) in entry["error"] and str(second) in entry["error"]
     assert "cp4" in entry["bitmaps"]
-    assert state(s1) == before
+    # no bit was guessed into s1; its untrusted bitmaps were only disabled (quarantined)
+    quarantined = daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="quarantine")
+    in_s1 = [name for name in entry["untrusted"] if name in before]  # cp3, cp4 went with first
+    assert quarantined["bitmaps"] == in_s1 == ["cp1", "cp2"], quarantined
+    assert state(s1) == disabled(before, in_s1)
 
 
 def test_committed_layers_already_deleted_is_unrecoverable(

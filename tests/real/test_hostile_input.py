@@ -35,8 +35,10 @@ from helpers.images import (
     bitmap_names,
     create,
     dirty_extents,
+    disabled,
     expected,
     run,
+    state,
     write,
 )
 from helpers.libvirt_env import Domains, stop_gracefully
@@ -560,8 +562,8 @@ def test_an_overlay_without_the_tops_bitmaps_is_never_reported_fine(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
     """Case 40: a well-formed qcow2 overlay of the committed top that lacks its checkpoints
-    (made without them, or planted): which bits the base needs cannot be told, so nothing is
-    changed and the bitmaps are reported untrusted."""
+    (made without them, or planted): which bits the base needs cannot be told, so no bit is
+    merged and the bitmaps are reported untrusted (and quarantined: only disabled)."""
     c = chain(tmp_path)
     dom = domains.define(c.active)
     daemon = daemon_factory(roots=[tmp_path / "images"]).start()
@@ -570,13 +572,15 @@ def test_an_overlay_without_the_tops_bitmaps_is_never_reported_fine(
     planted = overlay_of(c.folder / "planted.qcow2", active)
     run("qemu-img", "commit", "-q", "-b", str(s1), str(active))
     dom = domains.conn.defineXML(dom.XMLDesc(0).replace(f"file='{active}'", f"file='{s1}'"))
-    before = digest(s1, planted)
+    before, planted_before = state(s1), digest(planted)
     daemon.signal(signal.SIGHUP)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "unrecoverable", entry
     assert str(planted) in entry["error"] and "lacks" in entry["error"]
     assert sorted(entry["untrusted"]) == ["cp1", "cp2", "cp3"]
-    assert digest(s1, planted) == before
+    quarantined = daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="quarantine")
+    assert state(s1) == disabled(before, quarantined["bitmaps"])
+    assert digest(planted) == planted_before
 
 
 # ------------------------------------------------------------------ the daemon's own files

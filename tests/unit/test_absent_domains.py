@@ -15,7 +15,7 @@ from virt_bitmapd.service.daemon import ABSENT_RETENTION, Daemon
 
 def test_absent_domain_keeps_its_chains_until_the_retention_ends(tmp_path: Path) -> None:
     daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
-    daemon.store.put_disk("u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={})
+    daemon.store.put_disk("u1", name="vm1", disk="vda", chain=("/a",), untrusted={}, bitmaps={})
     with capture_logs() as logs:
         daemon._absent("u1")
         daemon._absent("u1")  # said once, not at every rescan

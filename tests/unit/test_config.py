@@ -56,6 +56,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("[metrics]\nlisten = '127.0.0.1:70000'\n", "metrics.listen: port 70000"),
         ("[log]\nlevel = 'loud'\n", "log.level: 'loud' is not one of"),
         ("[log]\nformat = 'xml'\n", "log.format: 'xml' is not one of"),
+        ("[policy]\nuntrusted = 'delete'\n", "policy.untrusted: 'delete' is not one of"),
         ("daemon = 3\n", "daemon: must be a table"),
     ],
 )
@@ -93,6 +94,14 @@ def test_snapshot_watch_can_be_turned_off(tmp_path: Path) -> None:
     path = write(tmp_path, "[daemon]\nsnapshot_watch_interval = 0\n")
     assert load(path).snapshot_watch_interval == 0
     assert load(None, {"snapshot_watch_interval": 10}).snapshot_watch_interval == 10
+
+
+def test_untrusted_policy_from_file_and_flag(tmp_path: Path) -> None:
+    path = write(tmp_path, "[policy]\nuntrusted = 'report'\n")
+    assert load(path).untrusted_policy == "report"
+    assert load(path, {"untrusted_policy": "disable"}).untrusted_policy == "disable"
+    with pytest.raises(ConfigError, match="--untrusted: 'x' is not one of"):
+        load(None, {"untrusted_policy": "x"})
 
 
 def test_bad_flag_is_named() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from virt_bitmapd.errors import StateUnusable
+from virt_bitmapd.health import Distrust
 from virt_bitmapd.model import Bitmap
 from virt_bitmapd.observability.journald import JournalSender, encode
 from virt_bitmapd.observability.logs import (
@@ -20,7 +22,7 @@ from virt_bitmapd.observability.logs import (
 )
 from virt_bitmapd.observability.metrics import Metrics
 from virt_bitmapd.observability.sdnotify import Notifier
-from virt_bitmapd.state import StateStore
+from virt_bitmapd.state import NO_REASON_KEPT, StateStore
 
 
 def test_journal_encoding_plain_and_multiline() -> None:
@@ -101,21 +103,25 @@ def test_state_store_round_trip_and_corruption(tmp_path: Path) -> None:
         name="vm1",
         disk="vda",
         chain=("/a", "/b"),
-        untrusted=("cp1",),
+        untrusted={"cp1": Distrust("layers gone", checkpoint_created=7)},
         bitmaps={"/b": (bitmap,)},
+        merged_into={"/s1": "/a"},
     )
     store.put_disk(
-        "u1", name="vm1", disk="vdb", chain=("/c",), untrusted=(), bitmaps={}, seen_at=12.5
+        "u1", name="vm1", disk="vdb", chain=("/c",), untrusted={}, bitmaps={}, seen_at=12.5
     )
     state = store.load("u1")
     assert state is not None and state.chains == {"vda": ("/a", "/b"), "vdb": ("/c",)}
-    assert state.untrusted["vda"] == ("cp1",)
+    assert state.untrusted["vda"] == {"cp1": Distrust("layers gone", checkpoint_created=7)}
+    assert state.merged_into == {"vda": {"/s1": "/a"}}
     assert state.bitmaps["vda"] == {"/b": (bitmap,)}
     assert state.seen_at == {"vdb": 12.5}
     store.drop_disk("u1", "vdb")
     assert store.load("u1").chains == {"vda": ("/a", "/b")}  # type: ignore[union-attr]
     assert store.known() == ["u1"]
     (tmp_path / "domains" / "u1.json").write_text("{half")
+    assert StateStore(tmp_path, read_only=True).load("u1") is None
+    assert (tmp_path / "domains" / "u1.json").exists()  # a reader never moves it
     assert store.load("u1") is None
     assert (tmp_path / "domains" / "u1.json.corrupt").exists()
 
@@ -124,17 +130,17 @@ def test_a_look_begun_before_a_forget_does_not_bring_the_domain_back(tmp_path: P
     store = StateStore(tmp_path)
     before = store.generation("u1")
     assert store.put_disk(
-        "u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={}, generation=before
+        "u1", name="vm1", disk="vda", chain=("/a",), untrusted={}, bitmaps={}, generation=before
     )
     store.forget("u1")
     assert not store.put_disk(
-        "u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={}, generation=before
+        "u1", name="vm1", disk="vda", chain=("/a",), untrusted={}, bitmaps={}, generation=before
     )
     store.drop_disk("u1", "vda", before)
     assert store.known() == []
     after = store.generation("u1")  # defined again with the same UUID: tracked again
     assert store.put_disk(
-        "u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={}, generation=after
+        "u1", name="vm1", disk="vda", chain=("/a",), untrusted={}, bitmaps={}, generation=after
     )
     assert store.known() == ["u1"]
 
@@ -153,4 +159,12 @@ def test_unwritable_state_directory_is_a_named_error(tmp_path: Path) -> None:
     blocker.write_text("")
     store = StateStore(blocker)  # "domains" cannot be made under a file
     with pytest.raises(StateUnusable, match=r"cannot (read|save) the state"):
-        store.put_disk("u1", name="vm1", disk="vda", chain=("/a",), untrusted=(), bitmaps={})
+        store.put_disk("u1", name="vm1", disk="vda", chain=("/a",), untrusted={}, bitmaps={})
+
+
+def test_untrusted_names_of_the_first_format_are_read_with_a_reason(tmp_path: Path) -> None:
+    (tmp_path / "domains").mkdir()
+    document = {"name": "vm1", "chains": {"vda": ["/a"]}, "untrusted": {"vda": ["cp1"]}}
+    (tmp_path / "domains" / "u1.json").write_text(json.dumps(document))
+    state = StateStore(tmp_path).load("u1")
+    assert state is not None and state.untrusted["vda"] == {"cp1": Distrust(NO_REASON_KEPT)}

@@ -7,6 +7,7 @@ from typing import Any
 from virt_bitmapd.model import BitmapMerge, Plan
 from virt_bitmapd.qmp import (
     blockdev_reopen,
+    disable_bitmaps,
     leftovers,
     node_bitmaps,
     probe_transaction,
@@ -131,3 +132,18 @@ def test_leftovers_are_only_our_own_nodes_and_probes() -> None:
     found = leftovers(nodes)
     assert found.nodes == ("vbd-src-0-abc",)
     assert found.bitmaps == (("libvirt-2-format", "vbd-probe-00aa"),)
+
+
+def test_a_quarantine_disables_every_bitmap_in_one_transaction() -> None:
+    assert disable_bitmaps("libvirt-2-format", ["cp1", "cp2"]) == {
+        "execute": "transaction",
+        "arguments": {
+            "actions": [
+                {
+                    "type": "block-dirty-bitmap-disable",
+                    "data": {"node": "libvirt-2-format", "name": n},
+                }
+                for n in ("cp1", "cp2")
+            ]
+        },
+    }

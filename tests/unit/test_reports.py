@@ -13,6 +13,7 @@ from virt_bitmapd.errors import (
     UnseenLayersForked,
     VirtBitmapdError,
 )
+from virt_bitmapd.health import CheckpointHealth, NextBackup, State
 from virt_bitmapd.model import Bitmap, Image, Plan, Result, Skip, SkipReason
 from virt_bitmapd.service.reports import (
     CommitReport,
@@ -20,7 +21,10 @@ from virt_bitmapd.service.reports import (
     bitmap_states,
     bitmaps_at_risk,
     chain_line,
+    checkpoint_counts,
     commit_line,
+    health_lines,
+    health_memory,
     result_label,
     untrusted_after,
     unverified_commit_line,
@@ -79,7 +83,9 @@ def _skip(name: str, reason: SkipReason) -> Skip:
     ],
 )
 def test_what_a_commit_leaves_untrusted(report: CommitReport, untrusted: set[str]) -> None:
-    assert untrusted_after([report]) == untrusted
+    why = untrusted_after([report])
+    assert set(why) == untrusted
+    assert all("/i/base" in reason for reason in why.values())  # each says which commit
 
 
 def test_bitmaps_at_risk_are_the_committed_layers_and_the_bases() -> None:
@@ -164,3 +170,40 @@ def test_chain_lines() -> None:
     assert chain_line(moved, "rescan", saved=True).event == "chain_changed"  # type: ignore[union-attr]
     assert chain_line(moved, "rescan", saved=False) is None  # to be tried again
     assert chain_line(SEEN, "rescan", saved=True) is None
+
+
+def _health(checkpoint: str | None, state: State, next_backup: NextBackup) -> CheckpointHealth:
+    return CheckpointHealth(
+        disk="vda", bitmap=checkpoint or "orphan", checkpoint=checkpoint, state=state,
+        next_backup=next_backup, reason="why", layer="/i/base",
+    )  # fmt: skip
+
+
+USABLE = _health("cp1", State.USABLE, NextBackup.SAFE)
+UNTRUSTED = _health("cp2", State.UNTRUSTED, NextBackup.MISSES_DATA)
+ORPHAN = _health(None, State.ORPHAN, NextBackup.NONE)
+
+
+def test_at_first_sight_only_unusable_checkpoints_are_told() -> None:
+    lines = health_lines(None, [USABLE, UNTRUSTED, ORPHAN])
+    assert [(line.level, line.fields["checkpoint"]) for line in lines] == [("warning", "cp2")]
+    assert lines[0].fields["next_backup"] == "would miss data"
+
+
+def test_each_change_of_state_is_told_once() -> None:
+    before = health_memory([USABLE, UNTRUSTED])
+    assert health_lines(before, [USABLE, UNTRUSTED]) == []
+    healed = _health("cp2", State.USABLE, NextBackup.SAFE)
+    (line,) = health_lines(before, [USABLE, healed])
+    assert (line.level, line.fields["state"], line.fields["previous_state"]) == (
+        "info",
+        "usable",
+        "untrusted",
+    )
+    (new,) = health_lines(before, [USABLE, UNTRUSTED, ORPHAN])
+    assert new.fields["bitmap"] == "orphan" and new.level == "info"
+
+
+def test_checkpoint_counts_cover_every_state() -> None:
+    counts = checkpoint_counts([USABLE, UNTRUSTED, UNTRUSTED])
+    assert counts == {"usable": 1, "broken": 0, "untrusted": 2, "missing": 0, "orphan_bitmap": 0}

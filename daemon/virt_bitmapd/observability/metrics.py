@@ -11,7 +11,7 @@ from prometheus_client.exposition import start_http_server
 
 from .. import __version__
 
-__all__ = ["BITMAP_STATES", "RESULTS", "TRIGGERS", "Metrics"]
+__all__ = ["BITMAP_STATES", "CHECKPOINT_STATES", "RESULTS", "TRIGGERS", "Metrics"]
 
 TRIGGERS = ("event", "rescan", "startup", "manual")
 RESULTS = (
@@ -23,6 +23,7 @@ RESULTS = (
     "skipped",
 )
 BITMAP_STATES = ("valid", "disabled", "inconsistent", "broken_chain")
+CHECKPOINT_STATES = ("usable", "broken", "untrusted", "missing", "orphan_bitmap")
 # Reconciliations take from tens of milliseconds (verification) to minutes (huge bitmaps).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -87,6 +88,21 @@ class Metrics:
             ["domain"],
             registry=r,
         )
+        self.checkpoints = Gauge(
+            "virt_bitmapd_checkpoints",
+            "A domain's checkpoints, one per disk each, by state at the last look: usable, "
+            "broken (libvirt refuses a backup from it), untrusted (may miss data, or "
+            "quarantined), missing (no bitmap); and bitmaps no checkpoint names (orphan_bitmap)",
+            ["domain", "state"],
+            registry=r,
+        )
+        self.quarantines = Counter(
+            "virt_bitmapd_quarantines_total",
+            "Untrusted bitmaps disabled so that libvirt refuses backups from them (disabled), "
+            "and attempts that failed (failed)",
+            ["result"],
+            registry=r,
+        )
         self.disks_in_error = Gauge(
             "virt_bitmapd_disks_in_error",
             "Disks whose last look failed, by error kind",
@@ -121,9 +137,12 @@ class Metrics:
                 self.reconciliations.labels(trigger, result)
         for state in BITMAP_STATES:
             self.bitmaps.labels(state).set(0)
+        for result in ("disabled", "failed"):
+            self.quarantines.labels(result)
         self.libvirt_connected.set(0)
         self._bitmaps_by_disk: dict[tuple[str, str], Mapping[str, int]] = {}
         self._untrusted_by_disk: dict[tuple[str, str], int] = {}
+        self._checkpoints_by_disk: dict[tuple[str, str], Mapping[str, int]] = {}
         self._error_kinds: set[str] = set()
 
     def record(
@@ -144,15 +163,23 @@ class Metrics:
         self._untrusted_by_disk[(domain, disk)] = untrusted
         self._publish(domain)
 
+    def set_disk_checkpoints(self, domain: str, disk: str, states: Mapping[str, int]) -> None:
+        """How many of one disk's checkpoints are in each state; published per domain."""
+        self._checkpoints_by_disk[(domain, disk)] = dict(states)
+        self._publish(domain)
+
     def forget_disk(self, domain: str, disk: str) -> None:
         self._bitmaps_by_disk.pop((domain, disk), None)
         self._untrusted_by_disk.pop((domain, disk), None)
+        self._checkpoints_by_disk.pop((domain, disk), None)
         self._publish(domain)
 
     def forget_domain(self, domain: str) -> None:
-        for key in [key for key in self._bitmaps_by_disk if key[0] == domain]:
+        keys = set(self._bitmaps_by_disk) | set(self._checkpoints_by_disk)
+        for key in [key for key in keys if key[0] == domain]:
             self._bitmaps_by_disk.pop(key, None)
             self._untrusted_by_disk.pop(key, None)
+            self._checkpoints_by_disk.pop(key, None)
         self._publish(domain)
 
     def _publish(self, domain: str) -> None:
@@ -160,6 +187,13 @@ class Metrics:
             self.bitmaps.labels(state).set(
                 sum(states.get(state, 0) for states in self._bitmaps_by_disk.values())
             )
+        disks = [states for (d, _), states in self._checkpoints_by_disk.items() if d == domain]
+        for state in CHECKPOINT_STATES:
+            if disks:
+                self.checkpoints.labels(domain, state).set(sum(s.get(state, 0) for s in disks))
+            else:
+                with contextlib.suppress(KeyError):  # never published
+                    self.checkpoints.remove(domain, state)
         per_domain = [n for (d, _), n in self._untrusted_by_disk.items() if d == domain]
         if per_domain:
             self.untrusted.labels(domain).set(sum(per_domain))

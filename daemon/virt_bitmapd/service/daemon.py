@@ -60,7 +60,12 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
         self.store = StateStore(settings.state_dir, on_quarantine=self._state_quarantined)
-        self.checker = DiskChecker(self.store, settings.storage_roots, Handover(settings.state_dir))
+        self.checker = DiskChecker(
+            self.store,
+            settings.storage_roots,
+            Handover(settings.state_dir),
+            untrusted_policy=settings.untrusted_policy,
+        )
         self._memory = DiskMemory()
         self._intake = EventIntake(
             self.metrics,

@@ -11,7 +11,9 @@ is there and hands it to pure code:
 3. Each commit is reconciled: live through the QEMU monitor when the domain runs, at rest with
    qemu-storage-daemon when it does not.  Committed layers already deleted make the base's bits
    unrecoverable: that is reported loudly and those bitmaps are remembered as untrusted.
-4. The new chain is saved, unless a failure that a later look may fix (a lock, libvirtd gone)
+4. The disk's checkpoints are judged against the chain (``health``): bitmaps whose bits cannot
+   be proven complete are remembered untrusted and, by policy, quarantined (``quarantine``).
+5. The new chain is saved, unless a failure that a later look may fix (a lock, libvirtd gone)
    left a commit unhandled: then the old chain stays, and the next look tries again.
 """
 
@@ -21,7 +23,7 @@ import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import libvirt
 
@@ -34,14 +36,24 @@ from ..errors import (
     VirtBitmapdError,
 )
 from ..handover import Handover
+from ..health import (
+    CheckpointHealth,
+    Distrust,
+    disk_health,
+    lost_layers,
+    to_quarantine,
+    untrusted_now,
+)
 from ..live import reconcile_live
 from ..model import QCOW2, Bitmap, Image, Reconciliation, Result
+from ..quarantine import quarantine
 from ..reconcile import reconcile_at_rest
 from ..state import DomainState, StateStore
 from ..storage_roots import require_inside
 from ..tracking import Commit, detect_commits, grew_on_top
 from ..transports.libvirt_monitor import LibvirtMonitor
 from .chain_reader import ChainNow, current_chain, domain_disks, resolved
+from .checkpoint_reader import domain_checkpoints
 from .reports import (
     NO_SUCH_DISK,
     CommitReport,
@@ -61,11 +73,33 @@ from .unseen_layers import (
 __all__ = ["DiskChecker"]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Judged:
+    now: ChainNow
+    untrusted: dict[str, Distrust]
+    health: tuple[CheckpointHealth, ...]
+    checkpoint_error: VirtBitmapdError | None
+    quarantined: dict[str, str]
+    quarantine_error: VirtBitmapdError | None
+
+
+#: Commit results that prove the committed layers' bits reached the base.
+CARRIED = (Result.RECONCILED, Result.ALREADY_CONSISTENT, Result.NOTHING_TO_DO)
+
+
 class DiskChecker:
-    def __init__(self, store: StateStore, storage_roots: Sequence[str], handover: Handover) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        storage_roots: Sequence[str],
+        handover: Handover,
+        *,
+        untrusted_policy: str = "disable",
+    ) -> None:
         self._store = store
         self._roots = tuple(storage_roots)
         self._handover = handover
+        self._quarantine = untrusted_policy == "disable"
 
     def targets(self, domain: libvirt.virDomain) -> tuple[tuple[str, ...], tuple[SkippedDisk, ...]]:
         """Every file-backed qcow2 disk target the domain has now, plus those known from before
@@ -158,20 +192,28 @@ class DiskChecker:
         if any(r.outcome is not None and r.outcome.changed for r in reports):
             with contextlib.suppress(VirtBitmapdError):  # remember the base as changed
                 now = current_chain(domain, now.disk, running)
-        untrusted = set(state.untrusted.get(target, ())) | untrusted_after(reports)
+        merged = _merged_into(state.merged_into.get(target, {}), reports, now.paths)
+        judged = self._judge(
+            domain,
+            now,
+            running,
+            remembered=state.untrusted.get(target, {}),
+            after_commits=untrusted_after(reports),
+            merged=merged,
+        )
+        now = judged.now
         states, invalid = bitmap_states(now.images)
-        present = {bitmap.name for image in now.images for bitmap in image.bitmaps}
-        untrusted &= present  # a bitmap deleted (or recreated by a new full backup) is forgiven
         if not any(r.error is not None and r.error.retryable for r in reports):
             self._store.put_disk(
                 uuid,
                 name=name,
                 disk=target,
                 chain=now.paths,
-                untrusted=tuple(sorted(untrusted)),
+                untrusted=judged.untrusted,
                 bitmaps=_bitmaps_to_remember(now, seen_before),
                 seen_at=started_at,
                 generation=generation,
+                merged_into=merged,
             )
         return replace(
             base,
@@ -180,7 +222,59 @@ class DiskChecker:
             first_sight=target not in state.chains,
             previous_chain=old,
             bitmap_states=states,
-            untrusted=tuple(sorted(untrusted | invalid)),
+            untrusted=tuple(sorted(set(judged.untrusted) | invalid)),
+            health=judged.health,
+            checkpoint_error=judged.checkpoint_error,
+            quarantined=judged.quarantined,
+            quarantine_error=judged.quarantine_error,
+        )
+
+    def _judge(
+        self,
+        domain: libvirt.virDomain,
+        now: ChainNow,
+        running: bool,
+        *,
+        remembered: Mapping[str, Distrust],
+        after_commits: Mapping[str, str],
+        merged: Mapping[str, str],
+    ) -> _Judged:
+        """The disk's checkpoints against its chain: what is untrusted now (``remembered``, what
+        the commits of this look left, and checkpoints whose birth layer went without its bits),
+        quarantined by policy, and each checkpoint's health."""
+        target = now.disk.target
+        try:
+            checkpoints = domain_checkpoints(domain)
+            checkpoint_error = None
+        except VirtBitmapdError as error:
+            checkpoints, checkpoint_error = (), error
+        found = dict(after_commits) | lost_layers(now.images, checkpoints, target, merged)
+        untrusted = untrusted_now(remembered, found, now.images, checkpoints, target)
+        quarantined: tuple[str, ...] = ()
+        quarantine_error = None
+        if self._quarantine and not now.job_running:  # libvirt may be handling bitmaps
+            quarantined = to_quarantine(now.images, untrusted)
+            try:
+                quarantine(
+                    now.disk,
+                    quarantined,
+                    running=running,
+                    monitor=lambda: LibvirtMonitor(domain),
+                    storage_roots=self._roots,
+                )
+            except VirtBitmapdError as error:
+                quarantined, quarantine_error = (), error
+            if quarantined or quarantine_error:
+                with contextlib.suppress(VirtBitmapdError):  # remember the bitmaps disabled
+                    now = current_chain(domain, now.disk, running)
+        why = {name: distrust.why for name, distrust in untrusted.items()}
+        return _Judged(
+            now=now,
+            untrusted=untrusted,
+            health=() if checkpoint_error else disk_health(now.images, checkpoints, target, why),
+            checkpoint_error=checkpoint_error,
+            quarantined={name: why[name] for name in quarantined},
+            quarantine_error=quarantine_error,
         )
 
     def _reconcile(
@@ -265,6 +359,26 @@ class DiskChecker:
         return reconcile_at_rest(
             commit.top, commit.base, storage_roots=self._roots, base_before=base_before
         )
+
+
+def _merged_into(
+    known: Mapping[str, str], reports: Sequence[CommitReport], chain: tuple[str, ...]
+) -> dict[str, str]:
+    """Layer -> the layer it was committed into with its bits, for commits handled well; kept
+    while it leads to a layer of the chain."""
+    merged = dict(known)
+    for report in reports:
+        if report.error is None and report.result in CARRIED:
+            merged.update(dict.fromkeys(report.commit.removed, report.commit.base))
+
+    def leads_into_chain(layer: str) -> bool:
+        seen = set()
+        while layer not in chain and layer in merged and layer not in seen:
+            seen.add(layer)
+            layer = merged[layer]
+        return layer in chain
+
+    return {layer: into for layer, into in merged.items() if leads_into_chain(into)}
 
 
 def _bitmaps_to_remember(

@@ -49,6 +49,8 @@ class DiskMemory:
     #: the error of a disk's last look, as (kind, message)
     errors: dict[DiskKey, tuple[str, str]] = field(default_factory=dict)
     absent_logged: set[str] = field(default_factory=set)
+    #: each checkpoint's state at the disk's last look (``reports.health_memory``)
+    checkpoint_states: dict[DiskKey, dict[str, str]] = field(default_factory=dict)
 
     def record_error(self, key: DiskKey, kind: str, message: str) -> bool:
         """Remember a failed look; True when it differs from the disk's last error (log it)."""
@@ -70,6 +72,7 @@ class DiskMemory:
             self.commit_failures,
             self.unclaimed_commits,
             self.errors,
+            self.checkpoint_states,
         )
 
     def forget_disk(self, key: DiskKey) -> None:

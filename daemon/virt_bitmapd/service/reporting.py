@@ -23,14 +23,19 @@ from .reports import (
     DiskReport,
     LogLine,
     chain_line,
+    checkpoint_counts,
     commit_line,
     deferred_line,
+    health_lines,
+    health_memory,
     unverified_commit_line,
 )
 
 __all__ = ["JOB_WINDOW", "Reporter"]
 
 log = structlog.get_logger()
+
+UNREADABLE = "!unreadable"  # the key of a disk's checkpoint memory when they could not be read
 
 # A commit a look at a running disk found at most this many seconds before a COMPLETED event,
 # and that no such event claimed yet, belongs to that event.
@@ -115,6 +120,38 @@ class Reporter:
             _emit(bound, line)
         self._metrics.set_disk_bitmaps(
             report.domain, report.disk, report.bitmap_states, len(report.untrusted)
+        )
+        self._publish_checkpoints(bound, key, report)
+
+    def _publish_checkpoints(self, bound: Any, key: DiskKey, report: DiskReport) -> None:
+        """Quarantines done or failed, then each checkpoint whose state changed."""
+        if report.quarantined:
+            self._metrics.quarantines.labels("disabled").inc(len(report.quarantined))
+            bound.warning(
+                "checkpoint_quarantined",
+                bitmaps=sorted(report.quarantined),
+                reasons=dict(report.quarantined),
+                effect="libvirt refuses incremental backups from these checkpoints; the next "
+                "backup of each must be full; deleting the checkpoint ends the quarantine",
+            )
+        if report.quarantine_error is not None:
+            self._metrics.quarantines.labels("failed").inc()
+            bound.error(
+                "quarantine_failed",
+                error=str(report.quarantine_error),
+                error_kind=report.quarantine_error.kind,
+            )
+        if report.checkpoint_error is not None:  # told once per change, judged again next look
+            said = {UNREADABLE: str(report.checkpoint_error)}
+            if self._memory.checkpoint_states.get(key) != said:
+                bound.error("checkpoints_unreadable", error=said[UNREADABLE])
+            self._memory.checkpoint_states[key] = said
+            return
+        for line in health_lines(self._memory.checkpoint_states.get(key), report.health):
+            _emit(bound, line)
+        self._memory.checkpoint_states[key] = health_memory(report.health)
+        self._metrics.set_disk_checkpoints(
+            report.domain, report.disk, checkpoint_counts(report.health)
         )
 
     def _claim(self, key: DiskKey, report: DiskReport, *, completed: bool) -> bool:

@@ -18,6 +18,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
+from ..health import CheckpointHealth, State
 from ..model import Bitmap, Image, Outcome, Plan, Result, SkipReason
 from ..planner import chain_problems
 from ..tracking import Commit
@@ -29,8 +30,11 @@ __all__ = [
     "bitmap_states",
     "bitmaps_at_risk",
     "chain_line",
+    "checkpoint_counts",
     "commit_line",
     "deferred_line",
+    "health_lines",
+    "health_memory",
     "result_label",
     "untrusted_after",
     "unverified_commit_line",
@@ -76,6 +80,13 @@ class DiskReport:
     untrusted: tuple[str, ...] = ()
     #: The state store's generation of the domain when the look began (see StateStore).
     generation: int = 0
+    #: Each checkpoint of the disk (and each bitmap no checkpoint names), judged.
+    health: tuple[CheckpointHealth, ...] = ()
+    #: libvirt could not list the checkpoints (then ``health`` is empty).
+    checkpoint_error: VirtBitmapdError | None = None
+    #: Bitmaps this look disabled, each with why it is untrusted.
+    quarantined: Mapping[str, str] = field(default_factory=dict)
+    quarantine_error: VirtBitmapdError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +142,24 @@ _BROKEN_BY_COMMIT = (
 )
 
 
-def untrusted_after(reports: Sequence[CommitReport]) -> set[str]:
-    """Bitmaps these commits leave untrustworthy."""
-    names: set[str] = set()
+def untrusted_after(reports: Sequence[CommitReport]) -> dict[str, str]:
+    """Bitmaps these commits leave untrustworthy, each with why (for ``status``)."""
+    why: dict[str, str] = {}
     for report in reports:
+        commit = f"the commit of {', '.join(report.commit.removed)} into {report.commit.base}"
         if isinstance(report.error, BitsUnrecoverable):
-            names.update(report.error.bitmaps)
-        names.update(report.at_risk)
+            for name in report.error.bitmaps:
+                why.setdefault(name, f"{commit} could not carry its bits ({report.error.kind})")
+        for name in report.at_risk:
+            why.setdefault(name, f"{commit} failed ({report.label}): its bits may be missing")
         if report.plan is not None:
-            names.update(s.bitmap for s in report.plan.skipped if s.reason in _BROKEN_BY_COMMIT)
-    return names
+            for skip in report.plan.skipped:
+                if skip.reason in _BROKEN_BY_COMMIT:
+                    why.setdefault(
+                        skip.bitmap,
+                        f"{commit} could not carry it: {skip.reason.value} in {skip.image}",
+                    )
+    return why
 
 
 def bitmaps_at_risk(
@@ -255,3 +274,51 @@ def chain_line(report: DiskReport, trigger: str, *, saved: bool) -> LogLine | No
             },
         )
     return None
+
+
+def checkpoint_counts(health: Sequence[CheckpointHealth]) -> dict[str, int]:
+    """Per state (the ``virt_bitmapd_checkpoints`` labels), how many checkpoints of a disk (and
+    bitmaps no checkpoint names) are in it."""
+    counts = {state.value: 0 for state in State}
+    for entry in health:
+        counts[entry.state.value] += 1
+    return counts
+
+
+def _health_key(entry: CheckpointHealth) -> str:
+    return entry.checkpoint or f"bitmap:{entry.bitmap}"
+
+
+def health_lines(
+    before: Mapping[str, str] | None, health: Sequence[CheckpointHealth]
+) -> list[LogLine]:
+    """A ``checkpoint_health`` line for each checkpoint whose state changed since the last look
+    (``before``: key -> state value; None at first sight, when only the unusable are told):
+    a warning when a backup from it is refused or would miss data, info otherwise."""
+    lines = []
+    for entry in health:
+        old = None if before is None else before.get(_health_key(entry))
+        if old == entry.state.value or (before is None and entry.state is State.USABLE):
+            continue
+        if entry.state is State.ORPHAN and before is None:
+            continue
+        fields: dict[str, Any] = {
+            "checkpoint": entry.checkpoint,
+            "bitmap": entry.bitmap,
+            "state": entry.state.value,
+            "next_backup": entry.next_backup.value,
+        }
+        if old is not None:
+            fields["previous_state"] = old
+        if entry.reason:
+            fields["reason"] = entry.reason
+        if entry.layer:
+            fields["layer"] = entry.layer
+        bad = entry.state in (State.BROKEN, State.UNTRUSTED, State.MISSING)
+        lines.append(LogLine("warning" if bad else "info", "checkpoint_health", fields))
+    return lines
+
+
+def health_memory(health: Sequence[CheckpointHealth]) -> dict[str, str]:
+    """What ``health_lines`` compares the next look with."""
+    return {_health_key(entry): entry.state.value for entry in health}

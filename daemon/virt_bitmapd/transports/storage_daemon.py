@@ -31,25 +31,22 @@ from ..qmp import (
     NodeBitmaps,
     blockdev_add,
     blockdev_del,
+    disable_bitmaps,
     node_bitmaps,
     query_nodes,
     transaction,
 )
 from .qmp_stream import QMPStream
 
-__all__ = ["apply_at_rest"]
+__all__ = ["apply_at_rest", "disable_at_rest"]
 
 TOOL = "qemu-storage-daemon"
 BASE_NODE = "vbd-base"
+TOP_NODE = "vbd-top"
 STDERR_KEPT = 2000  # characters of the tool's stderr kept in an error
 
 
-def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> Outcome:
-    """Apply ``plan`` to images no process holds open.  Raises a VirtBitmapdError on failure,
-    in which case the base's bitmaps are as they were."""
-    if plan.is_empty:
-        return Outcome(plan=plan, merges=())
-    source_nodes = {path: f"vbd-src-{index}" for index, path in enumerate(plan.source_images)}
+def _start(binary: str) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
     # stderr goes to a file: a pipe nobody reads until the end could fill and stall the daemon
     errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _close
     try:
@@ -62,6 +59,42 @@ def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> O
     except OSError as error:
         errors.close()
         raise ToolFailed(f"cannot run {binary}: {error}", retryable=False) from error
+    return process, errors
+
+
+def disable_at_rest(
+    path: str, names: tuple[str, ...], *, binary: str = TOOL, timeout: float = 60.0
+) -> None:
+    """Stop bitmaps ``names`` of image ``path`` (no process holds it) recording, in one
+    transaction; those already disabled stay so.  Raises a VirtBitmapdError on failure, with
+    the image's bitmaps as they were."""
+    process, errors = _start(binary)
+    qmp = QMPStream(process, tool=binary, timeout=timeout)
+    opened: list[str] = []
+    try:
+        qmp.handshake()
+        _open(qmp, blockdev_add(TOP_NODE, path, read_only=False), path)
+        opened.append(TOP_NODE)
+        present = node_bitmaps(qmp.execute(query_nodes()), TOP_NODE).bitmaps
+        recording = tuple(b.name for b in present if b.name in names and b.recording)
+        if recording:
+            try:
+                qmp.execute(disable_bitmaps(TOP_NODE, recording))
+            except QMPError as error:
+                raise TransactionRefused(path, error.description) from error
+    except BaseException:
+        _close(qmp, process, opened, binary=binary, errors=errors, quiet=True)
+        raise
+    _close(qmp, process, opened, binary=binary, errors=errors, quiet=False)
+
+
+def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> Outcome:
+    """Apply ``plan`` to images no process holds open.  Raises a VirtBitmapdError on failure,
+    in which case the base's bitmaps are as they were."""
+    if plan.is_empty:
+        return Outcome(plan=plan, merges=())
+    source_nodes = {path: f"vbd-src-{index}" for index, path in enumerate(plan.source_images)}
+    process, errors = _start(binary)
     qmp = QMPStream(process, tool=binary, timeout=timeout)
     opened: list[str] = []
     try:

@@ -1,0 +1,281 @@
+"""Which checkpoints a backup can trust, disk by disk.  Pure: no I/O.
+
+libvirt accepts an incremental backup from a checkpoint when the checkpoint's bitmap has a valid
+chain from the disk's top (``planner.bitmap_chain_problem``).  That rule sees only the bitmaps that
+are there; it cannot see a layer that is gone.  Two more facts settle what it misses:
+
+* libvirt creates a checkpoint's bitmap in the disk's active layer of the time (the checkpoint's
+  XML names that layer, and the chain below it then), and copies it into every overlay made on
+  top afterwards.  So the unbroken run of copies from the top must end in that layer, or, once
+  that layer was committed, in a layer it was committed into: one below it in the chain of the
+  time, or one virt-bitmapd saw it committed into.  A run that ends anywhere else ends in a layer
+  made after the checkpoint, and the writes between the checkpoint and that layer are in no copy
+  (``lost_layers``).
+* virt-bitmapd remembers the bitmaps whose bits a commit could not carry (untrusted).
+
+Each (checkpoint, disk) is then *usable*, *broken* (libvirt refuses it), *untrusted* (libvirt
+would accept it but it may miss data, or it was quarantined), or *missing*; a bitmap no
+checkpoint names is an *orphan* (or *untrusted*: another backup tool may use it).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .checkpoint_xml import Checkpoint, CheckpointDisk
+from .model import Image, SkipReason
+from .planner import bitmap_chain_problem
+
+__all__ = [
+    "CheckpointHealth",
+    "Distrust",
+    "NextBackup",
+    "State",
+    "disk_health",
+    "lost_layers",
+    "run_bottom",
+    "to_quarantine",
+    "untrusted_now",
+]
+
+
+class State(enum.Enum):
+    USABLE = "usable"
+    BROKEN = "broken"
+    UNTRUSTED = "untrusted"
+    MISSING = "missing"
+    ORPHAN = "orphan_bitmap"
+
+
+class NextBackup(enum.Enum):
+    """What an incremental backup from the checkpoint does next."""
+
+    SAFE = "safe"
+    REFUSED = "refused by libvirt"
+    MISSES_DATA = "would miss data"
+    NONE = "no checkpoint"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointHealth:
+    disk: str
+    bitmap: str
+    #: None for an orphan bitmap.
+    checkpoint: str | None
+    state: State
+    next_backup: NextBackup
+    reason: str = ""
+    #: The layer the reason was found in, when there is one.
+    layer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Distrust:
+    """Why a bitmap's bits cannot be proven complete, remembered until the bitmap goes."""
+
+    why: str
+    #: The creationTime of the checkpoint of that name then (0: unknown).  A checkpoint
+    #: deleted and taken again under the same name is a new one, and trusted afresh.
+    checkpoint_created: int = 0
+
+
+def untrusted_now(
+    remembered: Mapping[str, Distrust],
+    found: Mapping[str, str],
+    chain: Sequence[Image],
+    checkpoints: Iterable[Checkpoint],
+    target: str,
+) -> dict[str, Distrust]:
+    """What was untrusted and still is, then what a look ``found`` (bitmap -> why).  A bitmap is
+    forgiven when it is gone from ``chain`` (deleted with its checkpoint, or by a new full
+    backup) or when its checkpoint was taken again under the same name."""
+    created = {
+        disk.bitmap: checkpoint.created
+        for checkpoint in checkpoints
+        if (disk := checkpoint.disk(target)) is not None
+    }
+    present = {bitmap.name for image in chain for bitmap in image.bitmaps}
+
+    def retaken(name: str, distrust: Distrust) -> bool:
+        now = created.get(name, 0)
+        return bool(distrust.checkpoint_created and now and now != distrust.checkpoint_created)
+
+    kept = {
+        name: distrust
+        for name, distrust in remembered.items()
+        if name in present and not retaken(name, distrust)
+    }
+    for name, why in found.items():
+        if name in present:
+            kept.setdefault(name, Distrust(why, created.get(name, 0)))
+    return kept
+
+
+def run_bottom(chain: Sequence[Image], bitmap: str) -> str | None:
+    """The lowest layer of the unbroken run of ``bitmap``'s copies from the top, if any."""
+    bottom = None
+    for image in chain:
+        if image.bitmap(bitmap) is None:
+            break
+        bottom = image.path
+    return bottom
+
+
+def _committed_into(layer: str, merged_into: Mapping[str, str]) -> set[str]:
+    """Every layer ``layer`` reached through commits virt-bitmapd saw handled well."""
+    reached: set[str] = set()
+    while layer in merged_into and merged_into[layer] not in reached:
+        layer = merged_into[layer]
+        reached.add(layer)
+    return reached
+
+
+def _lost_reason(
+    chain: Sequence[Image], disk: CheckpointDisk, checkpoint: str, merged_into: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """Why ``disk``'s copies of the checkpoint's bitmap cannot hold every write since it was
+    taken, and the layer concerned; None when they can (or when nothing says which layer was
+    active then)."""
+    if not disk.chain_then:
+        return None
+    bottom = run_bottom(chain, disk.bitmap)
+    if bottom is None:
+        return None  # not in the top: libvirt refuses it, nothing is hidden
+    born_in = disk.chain_then[0]
+    fine = {born_in, *disk.chain_then[1:], *_committed_into(born_in, merged_into)}
+    if bottom in fine:
+        return None
+    paths = [image.path for image in chain]
+    if born_in in paths:
+        return (
+            f"its copy in {born_in} (the active layer when checkpoint {checkpoint} was taken) "
+            f"is gone: the writes made there are in no copy",
+            born_in,
+        )
+    return (
+        f"{born_in} (the active layer when checkpoint {checkpoint} was taken) left the chain "
+        f"and its bits reached no layer that is left; its copies start only in {bottom}",
+        born_in,
+    )
+
+
+def lost_layers(
+    chain: Sequence[Image],
+    checkpoints: Iterable[Checkpoint],
+    target: str,
+    merged_into: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Bitmap -> why, for each checkpoint bitmap of disk ``target`` whose copies in ``chain``
+    (top first, paths as in the checkpoints) cannot hold every write since its checkpoint was
+    taken.  ``merged_into``: layer -> the layer virt-bitmapd saw it committed into."""
+    lost = {}
+    for checkpoint in checkpoints:
+        disk = checkpoint.disk(target)
+        if disk is None:
+            continue
+        reason = _lost_reason(chain, disk, checkpoint.name, merged_into or {})
+        if reason is not None:
+            lost[disk.bitmap] = reason[0]
+    return lost
+
+
+def _broken(problem: tuple[SkipReason, str]) -> str:
+    reason, layer = problem
+    return f"{reason.value} in {layer}"
+
+
+def disk_health(
+    chain: Sequence[Image],
+    checkpoints: Iterable[Checkpoint],
+    target: str,
+    untrusted: Mapping[str, str],
+) -> tuple[CheckpointHealth, ...]:
+    """Every checkpoint of disk ``target``, and every bitmap of its ``chain`` (top first) that no
+    checkpoint names, classified.  ``untrusted``: bitmap -> why its bits cannot be proven (what
+    virt-bitmapd remembers, with ``lost_layers`` added)."""
+    images = tuple(chain)
+    found: list[CheckpointHealth] = []
+    named: set[str] = set()
+    for checkpoint in checkpoints:
+        disk = checkpoint.disk(target)
+        if disk is None:
+            continue
+        named.add(disk.bitmap)
+        found.append(_one(images, target, disk.bitmap, checkpoint.name, untrusted))
+    orphans: dict[str, str] = {}
+    for image in images:
+        for bitmap in image.bitmaps:
+            if bitmap.name not in named:
+                orphans.setdefault(bitmap.name, image.path)
+    for name, layer in orphans.items():
+        # a bitmap without a libvirt checkpoint may still serve another backup tool
+        distrusted = name in untrusted
+        found.append(
+            CheckpointHealth(
+                disk=target,
+                bitmap=name,
+                checkpoint=None,
+                state=State.UNTRUSTED if distrusted else State.ORPHAN,
+                next_backup=NextBackup.NONE,
+                reason="no libvirt checkpoint names this bitmap"
+                + (f"; {untrusted[name]}" if distrusted else ""),
+                layer=layer,
+            )
+        )
+    return tuple(found)
+
+
+def _one(
+    images: tuple[Image, ...],
+    target: str,
+    bitmap: str,
+    checkpoint: str,
+    untrusted: Mapping[str, str],
+) -> CheckpointHealth:
+    def health(
+        state: State, next_backup: NextBackup, reason: str, layer: str | None = None
+    ) -> CheckpointHealth:
+        return CheckpointHealth(
+            disk=target,
+            bitmap=bitmap,
+            checkpoint=checkpoint,
+            state=state,
+            next_backup=next_backup,
+            reason=reason,
+            layer=layer,
+        )
+
+    if not any(image.bitmap(bitmap) for image in images):
+        return health(State.MISSING, NextBackup.REFUSED, "no layer of the chain holds its bitmap")
+    problem = bitmap_chain_problem(images, bitmap)
+    if bitmap in untrusted:
+        if problem is None:
+            return health(State.UNTRUSTED, NextBackup.MISSES_DATA, untrusted[bitmap])
+        return health(
+            State.UNTRUSTED,
+            NextBackup.REFUSED,
+            f"{untrusted[bitmap]}; quarantined: {_broken(problem)}",
+            problem[1],
+        )
+    if problem is not None:
+        return health(State.BROKEN, NextBackup.REFUSED, _broken(problem), problem[1])
+    return health(State.USABLE, NextBackup.SAFE, "")
+
+
+def to_quarantine(chain: Sequence[Image], untrusted: Iterable[str]) -> tuple[str, ...]:
+    """The untrusted bitmaps whose top copy still records and is consistent.  Disabling that
+    copy is enough for libvirt to refuse them (every copy must record), and libvirt copies no
+    disabled bitmap into a new overlay.  An inconsistent copy is refused already (and QEMU
+    would not change it)."""
+    if not chain:
+        return ()
+    top = chain[0]
+    return tuple(
+        sorted(
+            name
+            for name in set(untrusted)
+            if (copy := top.bitmap(name)) is not None and copy.recording and not copy.inconsistent
+        )
+    )

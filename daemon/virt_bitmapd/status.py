@@ -1,0 +1,149 @@
+"""``virt-bitmapd status``: every checkpoint of every disk, judged as the daemon judges it.
+
+It reads libvirt (domains, checkpoints; QEMU's node data through the monitor for running
+domains, by queries only), the image headers of shut-off domains (sharing their locks, so a
+disk in use elsewhere is read too), and the daemon's memory of untrusted bitmaps from its state
+directory.  It never writes anything, and works whether the daemon runs or not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import libvirt
+
+from . import images
+from .checkpoint_xml import Checkpoint
+from .domain_xml import Disk
+from .errors import LibvirtFailed, VirtBitmapdError
+from .health import CheckpointHealth, Distrust, disk_health, lost_layers, untrusted_now
+from .model import Image
+from .service.chain_reader import current_chain, domain_disks, resolved
+from .service.checkpoint_reader import domain_checkpoints
+from .state import DomainState, StateStore
+
+__all__ = ["DiskStatus", "DomainStatus", "HostStatus", "host_status"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskStatus:
+    disk: str
+    chain: tuple[str, ...] = ()
+    checkpoints: tuple[CheckpointHealth, ...] = ()
+    #: Why the disk could not be judged (then ``checkpoints`` is empty).
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DomainStatus:
+    name: str
+    uuid: str
+    running: bool
+    disks: tuple[DiskStatus, ...] = ()
+    #: Disks that hold no checkpoints (raw, network), with the reason.
+    skipped: tuple[tuple[str, str], ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostStatus:
+    domains: tuple[DomainStatus, ...] = ()
+    #: Why the daemon's memory could not be read, when it could not: bitmaps it distrusts are
+    #: then not shown as untrusted.
+    memory_error: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def complete(self) -> bool:
+        """Whether every disk could be judged."""
+        return self.memory_error is None and not any(
+            domain.error or any(disk.error for disk in domain.disks) for domain in self.domains
+        )
+
+
+def host_status(uri: str, state_dir: str, only: str | None = None) -> HostStatus:
+    """Raises LibvirtFailed when libvirt cannot be reached or ``only`` names no domain."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as error:
+        raise LibvirtFailed(f"{uri}: cannot connect: {error}") from error
+    try:
+        if only is not None:
+            try:
+                chosen = [conn.lookupByName(only)]
+            except libvirt.libvirtError as error:
+                raise LibvirtFailed(f"{only}: no such domain: {error}") from error
+        else:
+            chosen = sorted(conn.listAllDomains(0), key=lambda d: d.name())
+        store = StateStore(state_dir, read_only=True)
+        memory_error = _memory_problem(state_dir)
+        return HostStatus(
+            domains=tuple(_domain_status(domain, store) for domain in chosen),
+            memory_error=memory_error,
+        )
+    finally:
+        conn.close()
+
+
+def _memory_problem(state_dir: str) -> str | None:
+    directory = os.path.join(state_dir, "domains")
+    if os.path.isdir(directory) and not os.access(directory, os.R_OK | os.X_OK):
+        return f"{directory}: cannot be read (run as root)"
+    return None
+
+
+def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus:
+    try:
+        name, uuid, running = domain.name(), domain.UUIDString(), bool(domain.isActive())
+    except libvirt.libvirtError as error:
+        return DomainStatus(name="?", uuid="?", running=False, error=str(error))
+    try:
+        disks = domain_disks(domain)
+        checkpoints = domain_checkpoints(domain)
+        state = store.load(uuid)
+    except VirtBitmapdError as error:
+        return DomainStatus(name=name, uuid=uuid, running=running, error=str(error))
+    judged = []
+    for disk in disks.disks:
+        try:
+            chain = _chain(domain, resolved(disk), running)
+        except VirtBitmapdError as error:
+            judged.append(DiskStatus(disk=disk.target, error=str(error)))
+            continue
+        untrusted = _untrusted(state, disk.target, chain, checkpoints)
+        why = {bitmap: distrust.why for bitmap, distrust in untrusted.items()}
+        judged.append(
+            DiskStatus(
+                disk=disk.target,
+                chain=tuple(image.path for image in chain),
+                checkpoints=disk_health(chain, checkpoints, disk.target, why),
+            )
+        )
+    return DomainStatus(
+        name=name,
+        uuid=uuid,
+        running=running,
+        disks=tuple(judged),
+        skipped=tuple((skip.target, skip.reason) for skip in disks.skipped),
+    )
+
+
+def _chain(domain: libvirt.virDomain, disk: Disk, running: bool) -> tuple[Image, ...]:
+    if running:
+        return current_chain(domain, disk, running).images
+    formats = {layer.path: layer.format for layer in disk.layers if layer.format}
+    return images.read_chain(disk.layers[0].path, formats=formats, force_share=True).images
+
+
+def _untrusted(
+    state: DomainState | None,
+    target: str,
+    chain: Sequence[Image],
+    checkpoints: Sequence[Checkpoint],
+) -> dict[str, Distrust]:
+    remembered = {} if state is None else state.untrusted.get(target, {})
+    merged = {} if state is None else state.merged_into.get(target, {})
+    found = lost_layers(chain, checkpoints, target, merged)
+    return untrusted_now(remembered, found, chain, checkpoints, target)

@@ -1,0 +1,197 @@
+"""Checkpoints a backup can trust, on a real libvirtd with OS-less QEMU VMs, proved by libvirt's
+own pull-mode backups: a quarantined checkpoint is refused, a full backup and a later checkpoint
+still work, and `virt-bitmapd status` says so beforehand.
+
+Checkpoints are libvirt's (virsh checkpoint-create-as); guest writes go through QEMU's device
+backend, so the recording bitmaps mark them as they would a guest's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.backups import backup_extents, backup_refusal
+from helpers.images import K64, MiB, bitmaps, create, expected, run
+from helpers.libvirt_env import Domains, stop_gracefully, virsh
+from helpers.scenarios import guest_write, is_for, snapshot
+
+pytestmark = pytest.mark.real
+
+CLI = [sys.executable, "-m", "virt_bitmapd.cli"]
+
+
+def status(daemon: Any, domain: str) -> dict[str, dict[str, Any]]:
+    """`virt-bitmapd status DOMAIN --json`, as checkpoint -> its entry (vda's)."""
+    result = subprocess.run(
+        [*CLI, "status", domain, "--json", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (found,) = json.loads(result.stdout)["domains"]
+    (disk,) = found["disks"]
+    return {entry["checkpoint"] or entry["bitmap"]: entry for entry in disk["checkpoints"]}
+
+
+def flags(path: Path) -> dict[str, list[str]]:
+    return {str(b["name"]): [str(flag) for flag in b["flags"]] for b in bitmaps(path)}  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def metric(port: int, line_start: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def disk_on(image: Path) -> str:
+    """vda on ``image`` alone: libvirt reads the rest of the chain from the headers."""
+    return (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>"
+    )
+
+
+def test_committed_layers_deleted_quarantine_the_checkpoint_and_libvirt_refuses_it(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """A cold merge whose committed layer is deleted before its bits reach the base: the daemon
+    cannot prove cp1 complete, so it disables cp1 (at rest, one transaction).  libvirt then
+    refuses an incremental backup from cp1, while a full backup and a checkpoint taken later
+    still work, and the later one's backup holds every block written since."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    base, s1 = folder / "base.qcow2", folder / "s1.qcow2"
+    create(base)
+    dom = domains.define(base, start=True)
+    port = free_port()
+    options = ("--snapshot-watch-interval", "1", f"--metrics-listen=127.0.0.1:{port}")
+    daemon = daemon_factory(roots=[folder]).start(*options)
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    snapshot(dom, s1)
+    daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
+    guest_write(dom, 3 * MiB, K64, 0x22)  # into s1: recorded by cp1's copy there only
+    stop_gracefully(dom)
+    assert daemon.stop() == 0  # its state holds [s1, base]
+    # A tool commits s1 into base (qemu-img carries no bitmap) and deletes it at once.
+    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
+    xml = dom.XMLDesc(0)
+    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
+    dom = domains.conn.defineXML(xml[:start] + disk_on(base) + xml[end:])
+    s1.unlink()
+    daemon.start(*options)
+
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
+    assert entry["result"] == "unrecoverable" and "cp1" in entry["untrusted"], entry
+    quarantined = daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="quarantine")
+    assert quarantined["bitmaps"] == ["cp1"], quarantined
+    health = daemon.wait_for(
+        is_for(dom, "checkpoint_health", checkpoint="cp1", state="untrusted"), what="health"
+    )
+    assert health["next_backup"] == "refused by libvirt", health
+    assert flags(base)["cp1"] == []  # disabled: no "auto" (recording) flag
+    assert metric(port, f'virt_bitmapd_checkpoints{{domain="{dom.name()}",state="untrusted"}}')
+    assert metric(port, 'virt_bitmapd_quarantines_total{result="disabled"}') == 1.0
+    seen = status(daemon, dom.name())["cp1"]
+    assert (seen["state"], seen["next_backup"]) == ("untrusted", "refused by libvirt")
+    assert "quarantined" in seen["reason"] and str(s1) in seen["reason"]
+
+    dom.create()
+    refusal = backup_refusal(dom, tmp_path / "backup", "cp1")
+    assert "checkpoint inconsistent" in refusal and "cp1" in refusal
+    backup_extents(dom, tmp_path / "backup", None)  # a full backup still works
+    virsh("checkpoint-create-as", dom.name(), "cp2", "--diskspec", "vda")
+    guest_write(dom, 7 * MiB, 2 * K64, 0x33)
+    assert backup_extents(dom, tmp_path / "backup", "cp2") == expected([(7 * MiB, 2 * K64)])
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for(is_for(dom, "checkpoint_health", checkpoint="cp2", state="usable"))
+    assert status(daemon, dom.name())["cp2"]["next_backup"] == "safe"
+    stop_gracefully(dom)
+
+
+def test_the_layer_a_checkpoint_was_taken_on_gone_without_its_bits_is_never_safe(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """Issue 12's maintenance while the daemon is stopped, with the committed file deleted:
+    cp2 is taken on s1, s1 is committed into T without its bitmap and deleted, s2 rebased onto
+    T.  cp2 then lives only in s2, which libvirt accepts: a backup from it misses s1's writes.
+    With `--untrusted report` the daemon and `status` say so ("would miss data", and libvirt
+    does start that backup); with the default policy the running domain's cp2 is disabled
+    through its QEMU and libvirt refuses it.  Taking cp2 again under its name trusts it anew."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    t, s1, s2 = folder / "t.qcow2", folder / "s1.qcow2", folder / "s2.qcow2"
+    create(t)
+    dom = domains.define(t, start=True)
+    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "0")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    assert daemon.stop() == 0
+
+    snapshot(dom, s1)
+    virsh("checkpoint-create-as", dom.name(), "cp2", "--diskspec", "vda")
+    guest_write(dom, 30 * MiB, 2 * K64, 0x5A)  # only in s1: lost with it
+    snapshot(dom, s2)
+    guest_write(dom, 50 * MiB, K64, 0x5C)
+    stop_gracefully(dom)
+    run("qemu-img", "commit", "-q", "-d", "-b", str(t), str(s1))
+    run("qemu-img", "rebase", "-q", "-u", "-b", str(t), "-F", "qcow2", str(s2))
+    s1.unlink()
+    xml = dom.XMLDesc(0)
+    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
+    dom = domains.conn.defineXML(xml[:start] + disk_on(s2) + xml[end:])
+    dom.create()
+
+    daemon.start("--untrusted", "report", "--snapshot-watch-interval", "0")
+    health = daemon.wait_for(is_for(dom, "checkpoint_health", checkpoint="cp2"), what="health")
+    assert (health["state"], health["next_backup"]) == ("untrusted", "would miss data"), health
+    assert str(s1) in health["reason"]
+    seen = status(daemon, dom.name())["cp2"]
+    assert (seen["state"], seen["next_backup"]) == ("untrusted", "would miss data")
+    # The hole is real: libvirt starts that backup, and it lacks s1's blocks.
+    hole = backup_extents(dom, tmp_path / "backup", "cp2")
+    assert hole == expected([(50 * MiB, K64)])
+    assert daemon.stop() == 0
+    assert not any(e.get("event") == "checkpoint_quarantined" for e in daemon.entries())
+
+    daemon.start("--snapshot-watch-interval", "0")
+    quarantined = daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="quarantine")
+    assert quarantined["bitmaps"] == ["cp2"]
+    refusal = backup_refusal(dom, tmp_path / "backup", "cp2")
+    assert "checkpoint inconsistent" in refusal
+    assert status(daemon, dom.name())["cp2"]["next_backup"] == "refused by libvirt"
+
+    # Deleting the checkpoint and taking it again ends the quarantine, and is not undone.
+    virsh("checkpoint-delete", dom.name(), "cp2")
+    virsh("checkpoint-create-as", dom.name(), "cp2", "--diskspec", "vda")
+    guest_write(dom, 60 * MiB, K64, 0x66)
+    daemon.signal(signal.SIGHUP)
+    again = daemon.wait_for(
+        is_for(dom, "checkpoint_health", checkpoint="cp2", state="usable"), what="cp2 trusted"
+    )
+    assert again["previous_state"] == "untrusted"
+    assert backup_extents(dom, tmp_path / "backup", "cp2") == expected([(60 * MiB, K64)])
+    stop_gracefully(dom)
+    daemon.stop()
+    assert [
+        e["bitmaps"] for e in daemon.entries() if e.get("event") == "checkpoint_quarantined"
+    ] == [["cp2"]]
