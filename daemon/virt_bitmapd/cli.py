@@ -1,4 +1,4 @@
-"""Command line: ``virt-bitmapd run | status | inspect | reconcile | check-config``."""
+"""Command line: ``virt-bitmapd run | status | inspect | reconcile | heal | check-config``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from . import __version__, images, report
 from .config import DEFAULT_PATH, ConfigError, Settings, load
 from .errors import ImageInUse, VirtBitmapdError
 from .handover import Handover
+from .heal import HealResult, heal_chain
 from .model import Result
 from .observability.logs import configure as configure_logging
 from .reconcile import reconcile_at_rest
@@ -72,6 +73,35 @@ def _parser() -> argparse.ArgumentParser:
         help=f"config file whose storage roots apply (default {DEFAULT_PATH} when it exists; "
         "with neither this nor --storage-root, any path you name)",
     )
+    heal = commands.add_parser(
+        "heal",
+        help="rebuild checkpoint bitmaps missing from overlays made after the checkpoint "
+        "(images at rest)",
+        description="For images no process holds open: a bitmap whose chain libvirt finds "
+        "broken only because layers above its lowest copy lack it (overlays made by a tool "
+        "that copies no bitmaps) is rebuilt in each such layer from that layer's allocated "
+        "clusters, a superset of what was written there since the checkpoint: a backup may "
+        "hold a few blocks more, never fewer. Refused, with the reason, when that does not "
+        "hold (the lowest copy disabled or inconsistent, a copy above it unusable). One "
+        "transaction per image. IMAGE is opened as qcow2, layers below as their overlays "
+        "record. Exit 0 when nothing was refused, 1 otherwise.",
+    )
+    heal.add_argument("image", metavar="IMAGE")
+    heal.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    heal.add_argument("--json", action="store_true", help="print the plan and result as JSON")
+    heal.add_argument(
+        "--storage-root",
+        action="append",
+        metavar="DIR",
+        help="refuse unless every image to change lies under DIR (repeatable); without it, "
+        "the storage roots of the config file, when there is one",
+    )
+    heal.add_argument(
+        "--config",
+        help=f"config file whose storage roots apply (default {DEFAULT_PATH} when it exists; "
+        "with neither this nor --storage-root, any path you name)",
+    )
+
     run = commands.add_parser(
         "run",
         help="run the daemon: watch libvirt, keep checkpoint bitmaps whole across commits",
@@ -116,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a bitmap whose bits cannot be proven complete is disabled, so libvirt refuses "
         "incremental backups from its checkpoint (default), or only reported",
     )
+    run.add_argument(
+        "--heal",
+        action="store_true",
+        default=None,
+        help="heal broken checkpoints of shut-off domains that 'virt-bitmapd heal' can rebuild "
+        "(default off)",
+    )
 
     status = commands.add_parser(
         "status",
@@ -159,6 +196,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "log_format": args.log_format,
             "log_level": args.log_level,
             "untrusted_policy": args.untrusted,
+            "heal": args.heal,
         },
     )
 
@@ -183,6 +221,7 @@ def _check_config(args: argparse.Namespace) -> int:
         "log_format",
         "log_level",
         "untrusted_policy",
+        "heal",
     ):
         print(f"  {name} = {getattr(settings, name)!r}")
     return EXIT_OK
@@ -248,6 +287,18 @@ def _reconcile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _heal(args: argparse.Namespace) -> int:
+    done = heal_chain(args.image, storage_roots=_reconcile_roots(args), dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"result": done.result.value, **report.heal_json(done.plan)}, indent=2))
+    else:
+        print(report.heal_text(done.chain.top.path, done.plan))
+        print(f"result: {done.result.value}")
+        if done.result is HealResult.PLANNED:
+            print("dry run: nothing was changed")
+    return EXIT_FAILED if done.plan.refused else EXIT_OK
+
+
 def _tell_the_daemon(args: argparse.Namespace, base: str, committed: tuple[str, ...]) -> None:
     """Leave a record for the daemon, so that deleting the committed layers now is not taken
     for a loss (see handover)."""
@@ -268,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "inspect": _inspect,
         "reconcile": _reconcile,
+        "heal": _heal,
         "run": _run,
         "check-config": _check_config,
         "status": _status,

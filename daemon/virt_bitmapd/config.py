@@ -43,6 +43,8 @@ class Settings:
     #: What to do with a bitmap whose bits cannot be proven complete: "disable" it (libvirt then
     #: refuses an incremental backup from its checkpoint) or only "report" it.
     untrusted_policy: str = "disable"
+    #: Heal, at rest, broken checkpoints that ``heal`` can rebuild without under-reporting.
+    heal: bool = False
     #: Where the settings came from, for messages.
     source: str = field(default="defaults", compare=False)
 
@@ -118,6 +120,12 @@ def _concurrency(value: Any) -> int:
     return value
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
 def _listen(value: Any) -> str:
     text = _text(value)
     if text:
@@ -150,7 +158,10 @@ SCHEMA: Mapping[str, Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
         "format": ("log_format", _choice(LOG_FORMATS)),
         "level": ("log_level", _choice(LOG_LEVELS)),
     },
-    "policy": {"untrusted": ("untrusted_policy", _choice(UNTRUSTED_POLICIES))},
+    "policy": {
+        "untrusted": ("untrusted_policy", _choice(UNTRUSTED_POLICIES)),
+        "heal": ("heal", _flag),
+    },
 }
 
 

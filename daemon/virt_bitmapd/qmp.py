@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .healing import HealStep
 from .model import Bitmap, Plan
 
 __all__ = [
@@ -22,10 +23,13 @@ __all__ = [
     "blockdev_add",
     "blockdev_del",
     "blockdev_reopen",
+    "copy_allocated",
     "disable_bitmaps",
     "find_node",
+    "heal_transaction",
     "leftovers",
     "node_bitmaps",
+    "null_sink",
     "probe_transaction",
     "query_nodes",
     "remove_bitmaps",
@@ -133,6 +137,61 @@ def disable_bitmaps(node: str, names: Sequence[str]) -> JSON:
         {"type": "block-dirty-bitmap-disable", "data": {"node": node, "name": name}}
         for name in names
     ]
+    return {"execute": "transaction", "arguments": {"actions": actions}}
+
+
+def null_sink(node: str, size: int) -> JSON:
+    """A node of ``size`` bytes that discards what is written to it (its bitmaps still record
+    where), for learning which clusters an image allocates."""
+    return {
+        "execute": "blockdev-add",
+        "arguments": {"driver": "null-co", "node-name": node, "size": size},
+    }
+
+
+def copy_allocated(job: str, source: str, sink: str) -> JSON:
+    """Copy exactly the clusters ``source`` itself allocates (``sync=top``; zero clusters
+    included) to ``sink``; the job stays until dismissed, so its end can be read."""
+    return {
+        "execute": "blockdev-backup",
+        "arguments": {
+            "job-id": job,
+            "device": source,
+            "target": sink,
+            "sync": "top",
+            "auto-dismiss": False,
+        },
+    }
+
+
+def heal_transaction(node: str, steps: Sequence[HealStep], *, source: tuple[str, str]) -> JSON:
+    """Add each step's bitmap to ``node`` (persistent, recording) holding the bits of
+    ``source`` (node, bitmap): all of them, or none."""
+    source_node, source_bitmap = source
+    actions: list[JSON] = []
+    for step in steps:
+        actions.append(
+            {
+                "type": "block-dirty-bitmap-add",
+                "data": {
+                    "node": node,
+                    "name": step.bitmap,
+                    "granularity": step.granularity,
+                    "persistent": True,
+                    "disabled": False,
+                },
+            }
+        )
+        actions.append(
+            {
+                "type": "block-dirty-bitmap-merge",
+                "data": {
+                    "node": node,
+                    "target": step.bitmap,
+                    "bitmaps": [{"node": source_node, "name": source_bitmap}],
+                },
+            }
+        )
     return {"execute": "transaction", "arguments": {"actions": actions}}
 
 

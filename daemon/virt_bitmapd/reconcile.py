@@ -9,7 +9,7 @@ consistent there, or the run fails.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from . import images
 from .errors import (
@@ -24,7 +24,7 @@ from .planner import plan as make_plan
 from .storage_roots import require_inside
 from .transports.storage_daemon import apply_at_rest
 
-__all__ = ["reconcile_at_rest"]
+__all__ = ["reconcile_at_rest", "require_space"]
 
 
 def reconcile_at_rest(
@@ -72,20 +72,25 @@ def stored_bitmaps_size(virtual_size: int, granularities: Iterable[int], cluster
 
 
 def _require_space(plan: Plan, base: Image) -> None:
-    """Refuse before opening BASE when its file system cannot hold its bitmaps after the
-    transaction: QEMU would fail to store them on close and leave every one flagged in-use."""
-    header = images.read_header(base.path)
-    granularities = {b.name: b.granularity for b in base.bitmaps}
-    granularities.update({m.bitmap: m.granularity for m in plan.merges})
-    needed = stored_bitmaps_size(base.virtual_size, granularities.values(), header.cluster_size)
+    require_space(base, {m.bitmap: m.granularity for m in plan.merges})
+
+
+def require_space(image: Image, adding: Mapping[str, int]) -> None:
+    """Refuse before opening ``image`` when its file system cannot hold its bitmaps once those
+    of ``adding`` (name -> granularity) are added: QEMU would fail to store them on close and
+    leave every one flagged in-use."""
+    header = images.read_header(image.path)
+    granularities = {b.name: b.granularity for b in image.bitmaps}
+    granularities.update(adding)
+    needed = stored_bitmaps_size(image.virtual_size, granularities.values(), header.cluster_size)
     try:
-        info = os.statvfs(os.path.dirname(base.path))
+        info = os.statvfs(os.path.dirname(image.path))
     except OSError as error:
-        raise ImageUnreadable(base.path, f"its file system cannot be read: {error}") from error
+        raise ImageUnreadable(image.path, f"its file system cannot be read: {error}") from error
     free = info.f_bavail * info.f_frsize
     if free < needed:
         raise NoSpace(
-            base.path,
+            image.path,
             f"its file system has {free} bytes free and storing its bitmaps may need {needed}; "
             "nothing was changed",
         )

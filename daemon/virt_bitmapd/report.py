@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import VirtBitmapdError
+from .healing import HealPlan
 from .health import CheckpointHealth
 from .model import Bitmap, Chain, Image, Outcome, Plan
 from .planner import chain_problems
@@ -17,6 +18,8 @@ __all__ = [
     "chain_json",
     "chain_text",
     "error_json",
+    "heal_json",
+    "heal_text",
     "plan_json",
     "plan_text",
     "status_json",
@@ -221,3 +224,30 @@ def status_text(host: HostStatus) -> str:
         for target, why in domain.skipped:
             lines.append(f"  {target}: skipped: {why}")
     return "\n".join(lines) if lines else "no domains"
+
+
+def heal_json(plan: HealPlan) -> JSON:
+    return {
+        "healed": [
+            {"image": step.image, "bitmap": step.bitmap, "granularity": step.granularity}
+            for step in plan.steps
+        ],
+        "refused": [
+            {"bitmap": refusal.bitmap, "reason": refusal.reason, "layer": refusal.layer}
+            for refusal in plan.refused
+        ],
+    }
+
+
+def heal_text(top: str, plan: HealPlan) -> str:
+    lines = [f"heal {top}"]
+    for step in plan.steps:
+        lines.append(
+            f"  {step.bitmap!r}: rebuilt in {step.image} from its allocated clusters "
+            f"(granularity {step.granularity})"
+        )
+    for refusal in plan.refused:
+        lines.append(f"  {refusal.bitmap!r}: refused: {refusal.reason}")
+    if not plan.steps and not plan.refused:
+        lines.append("  every bitmap's chain is valid")
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from . import images
 from .checkpoint_xml import Checkpoint
 from .domain_xml import Disk
 from .errors import LibvirtFailed, VirtBitmapdError
+from .healing import annotate, plan_healing
 from .health import CheckpointHealth, Distrust, disk_health, lost_layers, untrusted_now
 from .model import Image
 from .service.chain_reader import current_chain, domain_disks, resolved
@@ -114,11 +115,19 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
             continue
         untrusted = _untrusted(state, disk.target, chain, checkpoints)
         why = {bitmap: distrust.why for bitmap, distrust in untrusted.items()}
+        healing = plan_healing(
+            chain,
+            checkpoints=checkpoints,
+            target=disk.target,
+            untrusted=set(untrusted),
+            merged_into={} if state is None else state.merged_into.get(disk.target, {}),
+        )
+        health = disk_health(chain, checkpoints, disk.target, why)
         judged.append(
             DiskStatus(
                 disk=disk.target,
                 chain=tuple(image.path for image in chain),
-                checkpoints=disk_health(chain, checkpoints, disk.target, why),
+                checkpoints=annotate(health, healing, chain[0].path),
             )
         )
     return DomainStatus(

@@ -195,3 +195,71 @@ def test_the_layer_a_checkpoint_was_taken_on_gone_without_its_bits_is_never_safe
     assert [
         e["bitmaps"] for e in daemon.entries() if e.get("event") == "checkpoint_quarantined"
     ] == [["cp2"]]
+
+
+def overlay_without_bitmaps(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, *extra: str
+) -> tuple[Any, Any, Path, list[tuple[int, int]]]:
+    """A domain with checkpoint cp1 on base, then (shut off) an overlay made with qemu-img,
+    which copies no bitmap, written to by the guest: libvirt refuses cp1 ("not in the top").
+    Returns the domain (shut off), the daemon, the overlay and every write since cp1."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    base, overlay = folder / "base.qcow2", folder / "o.qcow2"
+    create(base)
+    dom = domains.define(base, start=True)
+    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "0", *extra)
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    writes = [(1 * MiB, K64)]
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    stop_gracefully(dom)
+    create(overlay, backing=base)
+    xml = dom.XMLDesc(0)
+    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
+    dom = domains.conn.defineXML(xml[:start] + disk_on(overlay) + xml[end:])
+    dom.create()
+    for offset, length, pattern in [(5 * MiB, 3 * K64 + 512, 0x22), (40 * MiB, 4096, 0x33)]:
+        guest_write(dom, offset, length, pattern)
+        writes.append((offset, length))
+    refusal = backup_refusal(dom, tmp_path / "backup", "cp1")
+    assert "missing or broken bitmap" in refusal
+    stop_gracefully(dom)
+    return dom, daemon, overlay, writes
+
+
+def test_heal_rebuilds_a_missing_copy_and_libvirt_backs_up_every_written_block(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    dom, daemon, overlay, writes = overlay_without_bitmaps(tmp_path, domains, daemon_factory)
+    seen = status(daemon, dom.name())["cp1"]
+    assert (seen["state"], seen["next_backup"]) == ("broken", "refused by libvirt")
+    assert f"healable at rest: virt-bitmapd heal {overlay}" in seen["reason"]
+    heal = [*CLI, "heal", str(overlay), "--config", str(daemon.config)]
+    dry = subprocess.run([*heal, "--dry-run"], capture_output=True, text=True, check=False)
+    assert dry.returncode == 0 and "planned" in dry.stdout and "cp1" not in flags(overlay)
+    done = subprocess.run([*heal, "--json"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["healed"] == [
+        {"image": str(overlay), "bitmap": "cp1", "granularity": K64}
+    ]
+    assert status(daemon, dom.name())["cp1"]["next_backup"] == "safe"
+    dom.create()
+    assert backup_extents(dom, tmp_path / "backup", "cp1") == expected(writes)
+    stop_gracefully(dom)
+
+
+def test_the_daemon_heals_at_rest_by_policy(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    dom, daemon, overlay, writes = overlay_without_bitmaps(
+        tmp_path, domains, daemon_factory, "--heal"
+    )
+    daemon.signal(signal.SIGHUP)
+    healed = daemon.wait_for(is_for(dom, "checkpoint_healed"), what="healed")
+    assert healed["bitmaps"] == ["cp1"] and healed["images"] == [str(overlay)]
+    dom.create()
+    assert backup_extents(dom, tmp_path / "backup", "cp1") == expected(writes)
+    stop_gracefully(dom)
+    daemon.stop()
+    assert not [e for e in daemon.entries() if e.get("event") == "heal_failed"]

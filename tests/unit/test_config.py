@@ -57,6 +57,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("[log]\nlevel = 'loud'\n", "log.level: 'loud' is not one of"),
         ("[log]\nformat = 'xml'\n", "log.format: 'xml' is not one of"),
         ("[policy]\nuntrusted = 'delete'\n", "policy.untrusted: 'delete' is not one of"),
+        ("[policy]\nheal = 'yes'\n", "policy.heal: must be true or false"),
         ("daemon = 3\n", "daemon: must be a table"),
     ],
 )
@@ -102,6 +103,7 @@ def test_untrusted_policy_from_file_and_flag(tmp_path: Path) -> None:
     assert load(path, {"untrusted_policy": "disable"}).untrusted_policy == "disable"
     with pytest.raises(ConfigError, match="--untrusted: 'x' is not one of"):
         load(None, {"untrusted_policy": "x"})
+    assert load(None).heal is False and load(None, {"heal": True}).heal is True
 
 
 def test_bad_flag_is_named() -> None:

@@ -103,6 +103,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.heals = Counter(
+            "virt_bitmapd_heals_total",
+            "Checkpoint bitmap copies rebuilt from an overlay's allocated clusters (healed), "
+            "and attempts that failed (failed)",
+            ["result"],
+            registry=r,
+        )
         self.disks_in_error = Gauge(
             "virt_bitmapd_disks_in_error",
             "Disks whose last look failed, by error kind",
@@ -139,6 +146,8 @@ class Metrics:
             self.bitmaps.labels(state).set(0)
         for result in ("disabled", "failed"):
             self.quarantines.labels(result)
+        for result in ("healed", "failed"):
+            self.heals.labels(result)
         self.libvirt_connected.set(0)
         self._bitmaps_by_disk: dict[tuple[str, str], Mapping[str, int]] = {}
         self._untrusted_by_disk: dict[tuple[str, str], int] = {}

@@ -65,6 +65,7 @@ class Daemon:
             settings.storage_roots,
             Handover(settings.state_dir),
             untrusted_policy=settings.untrusted_policy,
+            heal=settings.heal,
         )
         self._memory = DiskMemory()
         self._intake = EventIntake(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import libvirt
 
+from ..checkpoint_xml import Checkpoint
 from ..domain_xml import Disk, SkippedDisk
 from ..errors import (
     BitsUnrecoverable,
@@ -36,6 +37,8 @@ from ..errors import (
     VirtBitmapdError,
 )
 from ..handover import Handover
+from ..heal import HealResult, heal_chain
+from ..healing import HealStep, annotate, plan_healing
 from ..health import (
     CheckpointHealth,
     Distrust,
@@ -81,6 +84,8 @@ class _Judged:
     checkpoint_error: VirtBitmapdError | None
     quarantined: dict[str, str]
     quarantine_error: VirtBitmapdError | None
+    healed: tuple[HealStep, ...]
+    heal_error: VirtBitmapdError | None
 
 
 #: Commit results that prove the committed layers' bits reached the base.
@@ -95,11 +100,13 @@ class DiskChecker:
         handover: Handover,
         *,
         untrusted_policy: str = "disable",
+        heal: bool = False,
     ) -> None:
         self._store = store
         self._roots = tuple(storage_roots)
         self._handover = handover
         self._quarantine = untrusted_policy == "disable"
+        self._heal = heal
 
     def targets(self, domain: libvirt.virDomain) -> tuple[tuple[str, ...], tuple[SkippedDisk, ...]]:
         """Every file-backed qcow2 disk target the domain has now, plus those known from before
@@ -227,6 +234,8 @@ class DiskChecker:
             checkpoint_error=judged.checkpoint_error,
             quarantined=judged.quarantined,
             quarantine_error=judged.quarantine_error,
+            healed=judged.healed,
+            heal_error=judged.heal_error,
         )
 
     def _judge(
@@ -267,15 +276,56 @@ class DiskChecker:
             if quarantined or quarantine_error:
                 with contextlib.suppress(VirtBitmapdError):  # remember the bitmaps disabled
                     now = current_chain(domain, now.disk, running)
+        healed: tuple[HealStep, ...] = ()
+        heal_error = None
+        plan = plan_healing(
+            now.images,
+            checkpoints=checkpoints,
+            target=target,
+            untrusted=set(untrusted),
+            merged_into=dict(merged),
+        )
+        if self._heal and plan.steps and not running and checkpoint_error is None:
+            try:
+                healed = self._heal_at_rest(now, checkpoints, untrusted, merged)
+            except VirtBitmapdError as error:
+                heal_error = error
+            with contextlib.suppress(VirtBitmapdError):  # remember the bitmaps healed
+                now = current_chain(domain, now.disk, running)
+            plan = plan_healing(
+                now.images, checkpoints=checkpoints, target=target, untrusted=set(untrusted)
+            )
         why = {name: distrust.why for name, distrust in untrusted.items()}
+        health = disk_health(now.images, checkpoints, target, why)
         return _Judged(
             now=now,
             untrusted=untrusted,
-            health=() if checkpoint_error else disk_health(now.images, checkpoints, target, why),
+            health=() if checkpoint_error else annotate(health, plan, now.paths[0]),
             checkpoint_error=checkpoint_error,
             quarantined={name: why[name] for name in quarantined},
             quarantine_error=quarantine_error,
+            healed=healed,
+            heal_error=heal_error,
         )
+
+    def _heal_at_rest(
+        self,
+        now: ChainNow,
+        checkpoints: Sequence[Checkpoint],
+        untrusted: Mapping[str, Distrust],
+        merged: Mapping[str, str],
+    ) -> tuple[HealStep, ...]:
+        formats = {layer.path: layer.format for layer in now.disk.layers if layer.format}
+        done = heal_chain(
+            now.paths[0],
+            storage_roots=self._roots,
+            formats=formats,
+            checkpoints=checkpoints,
+            target=now.disk.target,
+            untrusted=set(untrusted),
+            merged_into=dict(merged),
+        )
+        return done.plan.steps if done.result is HealResult.HEALED else ()
 
     def _reconcile(
         self,

@@ -141,6 +141,20 @@ class Reporter:
                 error=str(report.quarantine_error),
                 error_kind=report.quarantine_error.kind,
             )
+        if report.healed:
+            self._metrics.heals.labels("healed").inc(len(report.healed))
+            bound.info(
+                "checkpoint_healed",
+                bitmaps=sorted({step.bitmap for step in report.healed}),
+                images=sorted({step.image for step in report.healed}),
+                how="each copy rebuilt from its overlay's allocated clusters (a superset of "
+                "what was written there since the checkpoint)",
+            )
+        if report.heal_error is not None:
+            self._metrics.heals.labels("failed").inc()
+            bound.error(
+                "heal_failed", error=str(report.heal_error), error_kind=report.heal_error.kind
+            )
         if report.checkpoint_error is not None:  # told once per change, judged again next look
             said = {UNREADABLE: str(report.checkpoint_error)}
             if self._memory.checkpoint_states.get(key) != said:

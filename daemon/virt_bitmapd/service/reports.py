@@ -18,6 +18,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
+from ..healing import HealStep
 from ..health import CheckpointHealth, State
 from ..model import Bitmap, Image, Outcome, Plan, Result, SkipReason
 from ..planner import chain_problems
@@ -87,6 +88,9 @@ class DiskReport:
     #: Bitmaps this look disabled, each with why it is untrusted.
     quarantined: Mapping[str, str] = field(default_factory=dict)
     quarantine_error: VirtBitmapdError | None = None
+    #: Bitmaps this look rebuilt from overlays' allocation (policy heal), and a failure to.
+    healed: tuple[HealStep, ...] = ()
+    heal_error: VirtBitmapdError | None = None
 
 
 @dataclass(frozen=True, slots=True)

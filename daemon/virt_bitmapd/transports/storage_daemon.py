@@ -14,6 +14,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from typing import IO
 
 from ..errors import (
@@ -26,23 +28,33 @@ from ..errors import (
     describe_exit,
     image_error_from_qemu,
 )
+from ..healing import HealStep
 from ..model import Outcome, Plan
 from ..qmp import (
     NodeBitmaps,
     blockdev_add,
     blockdev_del,
+    copy_allocated,
     disable_bitmaps,
+    find_node,
+    heal_transaction,
     node_bitmaps,
+    null_sink,
     query_nodes,
     transaction,
 )
 from .qmp_stream import QMPStream
 
-__all__ = ["apply_at_rest", "disable_at_rest"]
+__all__ = ["apply_at_rest", "disable_at_rest", "heal_at_rest"]
 
 TOOL = "qemu-storage-daemon"
 BASE_NODE = "vbd-base"
 TOP_NODE = "vbd-top"
+SINK_NODE = "vbd-sink"  # null-co: discards what it is given, its bitmap records where
+ALLOCATION_BITMAP = "vbd-allocation"
+HEAL_JOB = "vbd-heal"
+JOB_POLL = 0.05  # seconds between looks at the copy job
+JOB_TIMEOUT = 3600.0  # reading a huge overlay's allocated clusters once
 STDERR_KEPT = 2000  # characters of the tool's stderr kept in an error
 
 
@@ -86,6 +98,73 @@ def disable_at_rest(
         _close(qmp, process, opened, binary=binary, errors=errors, quiet=True)
         raise
     _close(qmp, process, opened, binary=binary, errors=errors, quiet=False)
+
+
+def heal_at_rest(
+    path: str, steps: Sequence[HealStep], *, binary: str = TOOL, timeout: float = 60.0
+) -> None:
+    """Create each step's bitmap in image ``path`` (no process holds it) marking every cluster
+    the image itself allocates, in one transaction.
+
+    QEMU has no command that sets a bitmap from an allocation map, so it is recorded: a
+    ``blockdev-backup`` with ``sync=top`` copies exactly the clusters the image allocates (its
+    backing is not opened) to a ``null-co`` node, which discards the data while a bitmap on it
+    records every write, zero clusters included; that bitmap is then merged into the new ones.
+    The image's data is read once and never written."""
+    if not steps:
+        return
+    granularity = min(step.granularity for step in steps)
+    process, errors = _start(binary)
+    qmp = QMPStream(process, tool=binary, timeout=timeout)
+    opened: list[str] = []
+    try:
+        qmp.handshake()
+        _open(qmp, blockdev_add(TOP_NODE, path, read_only=False), path)
+        opened.append(TOP_NODE)
+        nodes = qmp.execute(query_nodes())
+        size = int(find_node(nodes, TOP_NODE)["image"]["virtual-size"])
+        present = {b.name for b in node_bitmaps(nodes, TOP_NODE).bitmaps}
+        appeared = sorted(present & {step.bitmap for step in steps})
+        if appeared:
+            raise BaseChanged(path, appeared[0], "appeared")
+        qmp.execute(null_sink(SINK_NODE, size))
+        opened.insert(0, SINK_NODE)  # closed last: the image first stores its bitmaps
+        qmp.execute(
+            {
+                "execute": "block-dirty-bitmap-add",
+                "arguments": {
+                    "node": SINK_NODE,
+                    "name": ALLOCATION_BITMAP,
+                    "granularity": granularity,
+                    "persistent": False,
+                },
+            }
+        )
+        qmp.execute(copy_allocated(HEAL_JOB, TOP_NODE, SINK_NODE))
+        _wait_for_job(qmp, path)
+        try:
+            qmp.execute(heal_transaction(TOP_NODE, steps, source=(SINK_NODE, ALLOCATION_BITMAP)))
+        except QMPError as error:
+            raise TransactionRefused(path, error.description) from error
+    except BaseException:
+        _close(qmp, process, opened, binary=binary, errors=errors, quiet=True)
+        raise
+    _close(qmp, process, opened, binary=binary, errors=errors, quiet=False)
+
+
+def _wait_for_job(qmp: QMPStream, path: str) -> None:
+    """Until the copy job concludes; raises ToolFailed with QEMU's words when it failed."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while True:
+        jobs = [job for job in qmp.execute({"execute": "query-jobs"}) if job["id"] == HEAL_JOB]
+        if not jobs or jobs[0]["status"] == "concluded":
+            break
+        if time.monotonic() > deadline:
+            raise ToolFailed(f"{path}: reading its allocation took over {JOB_TIMEOUT:.0f} s")
+        time.sleep(JOB_POLL)
+    qmp.execute({"execute": "job-dismiss", "arguments": {"id": HEAL_JOB}})
+    if jobs and jobs[0].get("error"):
+        raise image_error_from_qemu(path, str(jobs[0]["error"]))
 
 
 def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> Outcome:
