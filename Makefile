@@ -10,7 +10,7 @@ UNITDIR    ?= /etc/systemd/system
 CONFDIR    ?= /etc/virt-bitmapd
 PYTHON     ?= python3
 
-.PHONY: install uninstall demo test
+.PHONY: install uninstall demo test soak
 
 install:
 	scripts/setup.sh
@@ -40,3 +40,8 @@ demo:
 
 test:
 	scripts/test.sh
+
+# A longer soak than CI's (bench/soak.py): SEED=N MINUTES=M make soak
+soak:
+	scripts/setup.sh
+	.venv/bin/python bench/soak.py --seed $${SEED:-$$(date +%s)} --minutes $${MINUTES:-10}
