@@ -135,3 +135,13 @@ def test_the_daemon_reports_the_checkpoints_a_crash_broke(
     assert entry["result"] == "unrecoverable", entry
     assert entry["error_kind"] == "crash_damaged_bitmaps" and entry["untrusted"] == ["cp1"]
     assert "killed by SIGABRT" in entry["error"]
+    # `status` shows them too, with the reason, before anyone tries a backup from them
+    shown = subprocess.run(
+        [*CLI, "status", dom.name(), "--json", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (disk,) = json.loads(shown.stdout)["domains"][0]["disks"]
+    damaged = {e["bitmap"]: e for e in disk["checkpoints"]}["cp1"]
+    assert damaged["state"] == "untrusted" and "crash_damaged_bitmaps" in damaged["reason"]
