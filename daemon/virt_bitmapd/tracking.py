@@ -59,6 +59,21 @@ def detect_commits(old: Sequence[str], new: Sequence[str]) -> tuple[Commit, ...]
     return tuple(commits)
 
 
+def copied_away(old: Sequence[str], new: Sequence[str]) -> tuple[str, ...]:
+    """The layers a block copy replaced, going from chain ``old`` to ``new`` (top first): those
+    above the first layer kept (all of them for a full copy), when the new top is a new image.
+    libvirt copies their data, and their bitmaps, into the new top."""
+    if not new or new[0] in old:
+        return ()
+    kept = set(new)
+    replaced = []
+    for path in old:
+        if path in kept:
+            break
+        replaced.append(path)
+    return tuple(replaced)
+
+
 def grew_on_top(old: Sequence[str], new: Sequence[str]) -> bool:
     """Whether ``new`` is ``old`` with layers added above it (snapshots), nothing else changed."""
     return len(new) > len(old) > 0 and tuple(new[len(new) - len(old) :]) == tuple(old)

@@ -263,3 +263,45 @@ def test_the_daemon_heals_at_rest_by_policy(
     stop_gracefully(dom)
     daemon.stop()
     assert not [e for e in daemon.entries() if e.get("event") == "heal_failed"]
+
+
+def test_a_block_copy_keeps_its_checkpoints_trusted(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """`virsh blockcopy --shallow --pivot` replaces the top (the layer cp2 was taken on) by a
+    copy to which libvirt gives its bitmaps: no checkpoint is distrusted or quarantined, and
+    libvirt's backups from both checkpoints still hold every block written since."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    base, s1, dest = folder / "base.qcow2", folder / "s1.qcow2", folder / "dest.qcow2"
+    create(base)
+    dom = domains.define(base, start=True)
+    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "1")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    snapshot(dom, s1)
+    daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
+    virsh("checkpoint-create-as", dom.name(), "cp2", "--diskspec", "vda")
+    guest_write(dom, 2 * MiB, K64, 0x22)
+    virsh(
+        "blockcopy", dom.name(), "vda", str(dest), "--shallow", "--wait", "--pivot",
+        "--transient-job",
+    )  # fmt: skip
+    copied = daemon.wait_for(is_for(dom, "chain_changed"), what="the copy seen")
+    assert copied["chain"] == [str(dest), str(base)], copied
+    guest_write(dom, 3 * MiB, K64, 0x33)
+    seen = status(daemon, dom.name())
+    assert (seen["cp1"]["next_backup"], seen["cp2"]["next_backup"]) == ("safe", "safe"), seen
+    backups = tmp_path / "backup"
+    assert backup_extents(dom, backups, "cp2") == expected([(2 * MiB, K64), (3 * MiB, K64)])
+    assert backup_extents(dom, backups, "cp1") == expected(
+        [(1 * MiB, K64), (2 * MiB, K64), (3 * MiB, K64)]
+    )
+    stop_gracefully(dom)
+    daemon.stop()
+    unwanted = ("checkpoint_quarantined", "reconciliation")
+    assert not [
+        e for e in daemon.entries() if is_for(dom, e.get("event", ""))(e) and e["event"] in unwanted
+    ]
+    assert not [e for e in daemon.entries() if e.get("state") == "untrusted"]

@@ -116,6 +116,7 @@ def test_transition_table_names_state_and_event() -> None:
         ("active_commit", "canceled", Action.NONE),
         ("pull", "completed", Action.NONE),
         ("copy", "ready", Action.NONE),
+        ("copy", "completed", Action.LOOK),
         ("backup", "completed", Action.NONE),
         ("unknown_9", "unknown_7", Action.NONE),
     ],

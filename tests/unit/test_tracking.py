@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from virt_bitmapd.tracking import (
     Commit,
     LayersAbove,
+    copied_away,
     detect_commits,
     grew_on_top,
     hidden_commits,
@@ -75,6 +76,20 @@ def test_removing_layers_is_explained_by_commits(chain: list[int], data: st.Data
 )
 def test_grew_on_top(old: str, new: str, grew: bool) -> None:
     assert grew_on_top(old.split(), new.split()) is grew
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "replaced"),
+    [
+        ("s1 base", "dest base", "s1"),  # a shallow copy
+        ("s2 s1 base", "dest", "s2 s1 base"),  # a full copy
+        ("s1 base", "s1 base", ""),
+        ("s1 base", "base", ""),  # a commit: the new top is not new
+        ("", "dest", ""),
+    ],
+)
+def test_copied_away(old: str, new: str, replaced: str) -> None:
+    assert copied_away(old.split(), new.split()) == tuple(replaced.split())
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,8 @@ class Daemon:
             return  # everything is looked at again after the reconnect
         try:
             dom = await asyncio.to_thread(conn.lookupByUUIDString, uuid)
-            report = await asyncio.to_thread(self.checker.check, dom, target)
+            copied = job_type == "copy" and completed
+            report = await asyncio.to_thread(self.checker.check, dom, target, copied=copied)
         except libvirt.libvirtError as error:
             if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return  # undefined meanwhile: the lifecycle event forgets it

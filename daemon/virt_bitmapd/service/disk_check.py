@@ -53,7 +53,7 @@ from ..quarantine import quarantine
 from ..reconcile import reconcile_at_rest
 from ..state import DomainState, StateStore
 from ..storage_roots import require_inside
-from ..tracking import Commit, detect_commits, grew_on_top
+from ..tracking import Commit, copied_away, detect_commits, grew_on_top
 from ..transports.libvirt_monitor import LibvirtMonitor
 from .chain_reader import ChainNow, current_chain, domain_disks, resolved
 from .checkpoint_reader import domain_checkpoints
@@ -142,7 +142,10 @@ class DiskChecker:
                     grown.append((uuid, disk.target))
         return grown
 
-    def check(self, domain: libvirt.virDomain, target: str) -> DiskReport:
+    def check(self, domain: libvirt.virDomain, target: str, *, copied: bool = False) -> DiskReport:
+        """One look.  ``copied``: a block copy of this disk just completed (its pivot replaced
+        the top by a copy that holds the top's bitmaps), so the layers it replaced were not
+        committed and their checkpoints live on in the new top."""
         started_at = time.time()  # files changed after this are news to the next look
         try:
             uuid = domain.UUIDString()
@@ -172,7 +175,10 @@ class DiskChecker:
         old = state.chains.get(target, ())
         seen_before = state.bitmaps.get(target, {})
         last_look = state.seen_at.get(target)
-        commits = detect_commits(old, now.paths)
+        replaced = copied_away(old, now.paths) if copied else ()
+        commits = tuple(
+            c for c in detect_commits(old, now.paths) if not set(c.removed) <= set(replaced)
+        )
         beside: dict[str, str] = {}  # recent overlays beside the chains, read once a look
         if old and old != now.paths and last_look is not None:
             try:  # maintenance between two looks may have hidden a commit
@@ -207,6 +213,7 @@ class DiskChecker:
             remembered=state.untrusted.get(target, {}),
             after_commits=untrusted_after(reports),
             merged=merged,
+            copied=copied,
         )
         now = judged.now
         states, invalid = bitmap_states(now.images)
@@ -246,7 +253,8 @@ class DiskChecker:
         *,
         remembered: Mapping[str, Distrust],
         after_commits: Mapping[str, str],
-        merged: Mapping[str, str],
+        merged: dict[str, str],
+        copied: bool = False,
     ) -> _Judged:
         """The disk's checkpoints against its chain: what is untrusted now (``remembered``, what
         the commits of this look left, and checkpoints whose birth layer went without its bits),
@@ -257,6 +265,8 @@ class DiskChecker:
             checkpoint_error = None
         except VirtBitmapdError as error:
             checkpoints, checkpoint_error = (), error
+        if copied:  # the new top holds the bitmaps of every layer the copy replaced
+            merged.update(_copied_into(now.paths, checkpoints, target))
         found = dict(after_commits) | lost_layers(now.images, checkpoints, target, merged)
         untrusted = untrusted_now(remembered, found, now.images, checkpoints, target)
         quarantined: tuple[str, ...] = ()
@@ -429,6 +439,20 @@ def _merged_into(
         return layer in chain
 
     return {layer: into for layer, into in merged.items() if leads_into_chain(into)}
+
+
+def _copied_into(
+    chain: tuple[str, ...], checkpoints: Sequence[Checkpoint], target: str
+) -> dict[str, str]:
+    """After a block copy's pivot: each checkpoint's birth layer that is not in ``chain`` any
+    more -> the new top, which libvirt gave the replaced layers' bitmaps."""
+    return {
+        disk.chain_then[0]: chain[0]
+        for checkpoint in checkpoints
+        if (disk := checkpoint.disk(target)) is not None
+        and disk.chain_then
+        and disk.chain_then[0] not in chain
+    }
 
 
 def _bitmaps_to_remember(

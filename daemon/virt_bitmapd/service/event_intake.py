@@ -2,10 +2,12 @@
 the callbacks over); what an event means is a pure table.
 
 * Block job events (BLOCK_JOB_2): every one is logged and counted.  A COMPLETED commit or active
-  commit asks for a look at that disk.  libvirt sends no event for a snapshot, so a layer made
-  since the last look is unknown; an active commit waits at READY with its whole chain still in
-  place, so READY asks for a look too, which remembers that chain (a layer made just before is
-  then known to be part of the commit when it completes).  Nothing else changes anything.
+  commit asks for a look at that disk, and so does a COMPLETED copy (a pivot onto a copy of the
+  top, which libvirt gives the top's bitmaps: what checkpoint health must know).  libvirt
+  sends no event for a snapshot, so a layer made since the last look is unknown; an active
+  commit waits at READY with its whole chain still in place, so READY asks for a look too,
+  which remembers that chain (a layer made just before is then known to be part of the commit
+  when it completes).  Nothing else changes anything.
 * Lifecycle events: an undefined domain is forgotten (a renamed one keeps its chains, only its
   series under the old name go); a domain defined, started or stopped is looked at again.  Not
   at SHUTDOWN: QEMU still holds the images then; STOPPED follows once it has exited.
@@ -56,6 +58,7 @@ class Action(enum.Enum):
 
 
 _ACTIONS = {
+    ("copy", "completed"): Action.LOOK,
     ("commit", "completed"): Action.LOOK,
     ("active_commit", "completed"): Action.LOOK,
     ("active_commit", "ready"): Action.REMEMBER_CHAIN,
