@@ -232,6 +232,7 @@ def test_heal_rebuilds_a_missing_copy_and_libvirt_backs_up_every_written_block(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
     dom, daemon, overlay, writes = overlay_without_bitmaps(tmp_path, domains, daemon_factory)
+    assert daemon.stop() == 0  # a look of its own could hold the image while heal opens it
     seen = status(daemon, dom.name())["cp1"]
     assert (seen["state"], seen["next_backup"]) == ("broken", "refused by libvirt")
     assert f"healable at rest: virt-bitmapd heal {overlay}" in seen["reason"]

@@ -571,8 +571,8 @@ def test_an_overlay_without_the_tops_bitmaps_is_never_reported_fine(
     _, s1, active = c.layers
     planted = overlay_of(c.folder / "planted.qcow2", active)
     run("qemu-img", "commit", "-q", "-b", str(s1), str(active))
+    before, planted_before = state(s1), digest(planted)  # before the redefinition: a look
     dom = domains.conn.defineXML(dom.XMLDesc(0).replace(f"file='{active}'", f"file='{s1}'"))
-    before, planted_before = state(s1), digest(planted)
     daemon.signal(signal.SIGHUP)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "unrecoverable", entry
