@@ -10,7 +10,7 @@ UNITDIR    ?= /etc/systemd/system
 CONFDIR    ?= /etc/virt-bitmapd
 PYTHON     ?= python3
 
-.PHONY: install uninstall demo test soak
+.PHONY: install uninstall demo test soak deb
 
 install:
 	scripts/setup.sh
@@ -45,3 +45,11 @@ test:
 soak:
 	scripts/setup.sh
 	.venv/bin/python bench/soak.py --seed $${SEED:-$$(date +%s)} --minutes $${MINUTES:-10}
+
+# The Debian package, built by Debian's own python3 from a copy of the tree (tracked files and
+# new ones not ignored) in build/deb/: build/deb/virt-bitmapd_VERSION_all.deb
+deb:
+	rm -rf build/deb && mkdir -p build/deb/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t build/deb/src
+	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	lintian --fail-on error build/deb/virt-bitmapd_*_all.deb
