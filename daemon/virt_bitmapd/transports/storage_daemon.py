@@ -12,7 +12,6 @@ silently incomplete).
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -58,20 +57,62 @@ JOB_TIMEOUT = 3600.0  # reading a huge overlay's allocated clusters once
 STDERR_KEPT = 2000  # characters of the tool's stderr kept in an error
 
 
-def _start(binary: str) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
-    # stderr goes to a file: a pipe nobody reads until the end could fill and stall the daemon
-    errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _close
-    try:
-        process = subprocess.Popen(
-            [binary, "--chardev", "stdio,id=vbd-qmp", "--monitor", "chardev=vbd-qmp"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=errors,
+class _Session:
+    """One qemu-storage-daemon for one job: started and greeted on entry; on exit its nodes are
+    closed (the last opened first, so a read-write image stores its bitmaps before anything it
+    read from goes) and it is stopped.  A failure inside keeps the first error, with the tool's
+    own words added; a failure only at the end is raised with them."""
+
+    def __init__(self, binary: str, timeout: float) -> None:
+        self._binary = binary
+        # stderr goes to a file: a pipe nobody reads until the end could fill and stall us
+        self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _close
+        try:
+            self._process = subprocess.Popen(
+                [binary, "--chardev", "stdio,id=vbd-qmp", "--monitor", "chardev=vbd-qmp"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._errors,
+            )
+        except OSError as error:
+            self._errors.close()
+            raise ToolFailed(f"cannot run {binary}: {error}", retryable=False) from error
+        self.qmp = QMPStream(self._process, tool=binary, timeout=timeout)
+        self._opened: list[str] = []
+
+    def __enter__(self) -> _Session:
+        try:
+            self.qmp.handshake()
+        except BaseException as error:
+            self._close(error)
+            raise
+        return self
+
+    def __exit__(self, _type: object, error: BaseException | None, _trace: object) -> None:
+        self._close(error)
+
+    def open(self, node: str, path: str, *, read_only: bool) -> None:
+        """Open the qcow2 image ``path`` by itself as ``node``."""
+        try:
+            self.qmp.execute(blockdev_add(node, path, read_only=read_only))
+        except QMPError as error:
+            raise image_error_from_qemu(path, error.description) from error
+        self._opened.append(node)
+
+    def add(self, command: dict[str, object], node: str) -> None:
+        """Add a helper node, closed after every image."""
+        self.qmp.execute(command)
+        self._opened.insert(0, node)
+
+    def _close(self, failing: BaseException | None) -> None:
+        _close(
+            self.qmp,
+            self._process,
+            self._opened,
+            binary=self._binary,
+            errors=self._errors,
+            failing=failing,
         )
-    except OSError as error:
-        errors.close()
-        raise ToolFailed(f"cannot run {binary}: {error}", retryable=False) from error
-    return process, errors
 
 
 def disable_at_rest(
@@ -80,24 +121,12 @@ def disable_at_rest(
     """Stop bitmaps ``names`` of image ``path`` (no process holds it) recording, in one
     transaction; those already disabled stay so.  Raises a VirtBitmapdError on failure, with
     the image's bitmaps as they were."""
-    process, errors = _start(binary)
-    qmp = QMPStream(process, tool=binary, timeout=timeout)
-    opened: list[str] = []
-    try:
-        qmp.handshake()
-        _open(qmp, blockdev_add(TOP_NODE, path, read_only=False), path)
-        opened.append(TOP_NODE)
-        present = node_bitmaps(qmp.execute(query_nodes()), TOP_NODE).bitmaps
+    with _Session(binary, timeout) as session:
+        session.open(TOP_NODE, path, read_only=False)
+        present = node_bitmaps(session.qmp.execute(query_nodes()), TOP_NODE).bitmaps
         recording = tuple(b.name for b in present if b.name in names and b.recording)
         if recording:
-            try:
-                qmp.execute(disable_bitmaps(TOP_NODE, recording))
-            except QMPError as error:
-                raise TransactionRefused(path, error.description) from error
-    except BaseException:
-        _close(qmp, process, opened, binary=binary, errors=errors, quiet=True)
-        raise
-    _close(qmp, process, opened, binary=binary, errors=errors, quiet=False)
+            _transaction(session.qmp, disable_bitmaps(TOP_NODE, recording), path)
 
 
 def heal_at_rest(
@@ -114,21 +143,16 @@ def heal_at_rest(
     if not steps:
         return
     granularity = min(step.granularity for step in steps)
-    process, errors = _start(binary)
-    qmp = QMPStream(process, tool=binary, timeout=timeout)
-    opened: list[str] = []
-    try:
-        qmp.handshake()
-        _open(qmp, blockdev_add(TOP_NODE, path, read_only=False), path)
-        opened.append(TOP_NODE)
+    with _Session(binary, timeout) as session:
+        qmp = session.qmp
+        session.open(TOP_NODE, path, read_only=False)
         nodes = qmp.execute(query_nodes())
         size = int(find_node(nodes, TOP_NODE)["image"]["virtual-size"])
         present = {b.name for b in node_bitmaps(nodes, TOP_NODE).bitmaps}
         appeared = sorted(present & {step.bitmap for step in steps})
         if appeared:
             raise BaseChanged(path, appeared[0], "appeared")
-        qmp.execute(null_sink(SINK_NODE, size))
-        opened.insert(0, SINK_NODE)  # closed last: the image first stores its bitmaps
+        session.add(null_sink(SINK_NODE, size), SINK_NODE)
         qmp.execute(
             {
                 "execute": "block-dirty-bitmap-add",
@@ -142,14 +166,8 @@ def heal_at_rest(
         )
         qmp.execute(copy_allocated(HEAL_JOB, TOP_NODE, SINK_NODE))
         _wait_for_job(qmp, path)
-        try:
-            qmp.execute(heal_transaction(TOP_NODE, steps, source=(SINK_NODE, ALLOCATION_BITMAP)))
-        except QMPError as error:
-            raise TransactionRefused(path, error.description) from error
-    except BaseException:
-        _close(qmp, process, opened, binary=binary, errors=errors, quiet=True)
-        raise
-    _close(qmp, process, opened, binary=binary, errors=errors, quiet=False)
+        source = (SINK_NODE, ALLOCATION_BITMAP)
+        _transaction(qmp, heal_transaction(TOP_NODE, steps, source=source), path)
 
 
 def _wait_for_job(qmp: QMPStream, path: str) -> None:
@@ -173,36 +191,23 @@ def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> O
     if plan.is_empty:
         return Outcome(plan=plan, merges=())
     source_nodes = {path: f"vbd-src-{index}" for index, path in enumerate(plan.source_images)}
-    process, errors = _start(binary)
-    qmp = QMPStream(process, tool=binary, timeout=timeout)
-    opened: list[str] = []
-    try:
-        qmp.handshake()
+    with _Session(binary, timeout) as session:
         for path, node in source_nodes.items():
-            _open(qmp, blockdev_add(node, path, read_only=True), path)
-            opened.append(node)
-        _open(qmp, blockdev_add(BASE_NODE, plan.base, read_only=False), plan.base)
-        opened.append(BASE_NODE)
-        before = _base_bitmaps(qmp)
+            session.open(node, path, read_only=True)
+        session.open(BASE_NODE, plan.base, read_only=False)
+        before = _base_bitmaps(session.qmp)
         _check_base_matches_plan(plan, before)
-        try:
-            qmp.execute(transaction(plan, base_node=BASE_NODE, source_nodes=source_nodes))
-        except QMPError as error:
-            raise TransactionRefused(plan.base, error.description) from error
-        after = _base_bitmaps(qmp)
-    except BaseException:
-        # The first error is the one worth reporting; closing is best effort then.
-        _close(qmp, process, opened, binary=binary, errors=errors, quiet=True)
-        raise
-    _close(qmp, process, opened, binary=binary, errors=errors, quiet=False)
+        command = transaction(plan, base_node=BASE_NODE, source_nodes=source_nodes)
+        _transaction(session.qmp, command, plan.base)
+        after = _base_bitmaps(session.qmp)
     return Outcome.from_counts(plan, before.dirty_bytes, after.dirty_bytes)
 
 
-def _open(qmp: QMPStream, command: dict[str, object], path: str) -> None:
+def _transaction(qmp: QMPStream, command: dict[str, object], path: str) -> None:
     try:
         qmp.execute(command)
     except QMPError as error:
-        raise image_error_from_qemu(path, error.description) from error
+        raise TransactionRefused(path, error.description) from error
 
 
 def _base_bitmaps(qmp: QMPStream) -> NodeBitmaps:
@@ -223,11 +228,11 @@ def _close(
     *,
     binary: str,
     errors: IO[bytes],
-    quiet: bool,
+    failing: BaseException | None,
 ) -> None:
-    """Close the nodes (the base first, which stores its bitmaps) and stop the daemon.  On a
-    failure the tool's own words (its stderr, bounded) and how it ended are kept: raised when
-    ``quiet`` is false, else its words are added to the error being raised (``add_note``)."""
+    """Close the nodes (the last opened first) and stop the daemon.  The tool's own words (its
+    stderr, bounded) and how it ended are kept: added to ``failing`` (the error already on its
+    way: the first is the one worth reporting), else raised when the end itself failed."""
     failure: str | None = None
     try:
         for node in reversed(nodes):
@@ -246,9 +251,9 @@ def _close(
     errors.seek(0)
     said = errors.read().decode(errors="replace").strip()[-STDERR_KEPT:]
     errors.close()
-    if quiet:
-        if said:
-            _current_error_note(f"{binary} said: {said}")
+    if failing is not None:
+        if said and isinstance(failing, VirtBitmapdError):
+            failing.add_note(f"{binary} said: {said}")
         return
     if failure is None:
         return
@@ -257,10 +262,3 @@ def _close(
     if process.returncode is not None and process.returncode < 0:
         raise ToolCrashed(f"{failure}; {detail}")
     raise ToolFailed(f"{failure}; {detail}")
-
-
-def _current_error_note(detail: str) -> None:
-    """Add the tool's words to the exception being handled, so they reach the log."""
-    error = sys.exc_info()[1]
-    if isinstance(error, VirtBitmapdError):
-        error.add_note(detail)
