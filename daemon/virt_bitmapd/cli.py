@@ -61,18 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--base", required=True, help="the commit base, below TOP")
     reconcile.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     reconcile.add_argument("--json", action="store_true", help="print the plan and outcome as JSON")
-    reconcile.add_argument(
-        "--storage-root",
-        action="append",
-        metavar="DIR",
-        help="refuse unless BASE lies under DIR (repeatable); without it, the storage roots "
-        "of the config file, when there is one",
-    )
-    reconcile.add_argument(
-        "--config",
-        help=f"config file whose storage roots apply (default {DEFAULT_PATH} when it exists; "
-        "with neither this nor --storage-root, any path you name)",
-    )
+    _add_root_arguments(reconcile, "BASE lies")
     heal = commands.add_parser(
         "heal",
         help="rebuild checkpoint bitmaps missing from overlays made after the checkpoint "
@@ -89,18 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("image", metavar="IMAGE")
     heal.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     heal.add_argument("--json", action="store_true", help="print the plan and result as JSON")
-    heal.add_argument(
-        "--storage-root",
-        action="append",
-        metavar="DIR",
-        help="refuse unless every image to change lies under DIR (repeatable); without it, "
-        "the storage roots of the config file, when there is one",
-    )
-    heal.add_argument(
-        "--config",
-        help=f"config file whose storage roots apply (default {DEFAULT_PATH} when it exists; "
-        "with neither this nor --storage-root, any path you name)",
-    )
+    _add_root_arguments(heal, "every image to change lies")
 
     run = commands.add_parser(
         "run",
@@ -180,6 +158,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("path", nargs="?", default=DEFAULT_PATH, metavar="PATH")
     return parser
+
+
+def _add_root_arguments(command: argparse.ArgumentParser, what: str) -> None:
+    """--storage-root and --config of a command that changes images a person names."""
+    command.add_argument(
+        "--storage-root",
+        action="append",
+        metavar="DIR",
+        help=f"refuse unless {what} under DIR (repeatable); without it, the storage roots "
+        "of the config file, when there is one",
+    )
+    command.add_argument(
+        "--config",
+        help=f"config file whose storage roots apply (default {DEFAULT_PATH} when it exists; "
+        "with neither this nor --storage-root, any path you name)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -58,6 +58,11 @@ class Disk:
     def paths(self) -> tuple[str, ...]:
         return tuple(layer.path for layer in self.layers)
 
+    @property
+    def formats(self) -> dict[str, str]:
+        """Each layer's format where libvirt names it: what the images are opened as."""
+        return {layer.path: layer.format for layer in self.layers if layer.format}
+
     def layer(self, path: str) -> Layer | None:
         for layer in self.layers:
             if layer.path == path:

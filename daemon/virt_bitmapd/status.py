@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from . import images
 from .checkpoint_xml import Checkpoint
-from .domain_xml import Disk
 from .errors import LibvirtFailed, VirtBitmapdError
 from .healing import annotate, plan_healing
 from .health import CheckpointHealth, Distrust, disk_health, lost_layers, untrusted_now
@@ -109,7 +107,7 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
     judged = []
     for disk in disks.disks:
         try:
-            chain = _chain(domain, resolved(disk), running)
+            chain = current_chain(domain, resolved(disk), running, force_share=True).images
         except VirtBitmapdError as error:
             judged.append(DiskStatus(disk=disk.target, error=str(error)))
             continue
@@ -137,13 +135,6 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
         disks=tuple(judged),
         skipped=tuple((skip.target, skip.reason) for skip in disks.skipped),
     )
-
-
-def _chain(domain: libvirt.virDomain, disk: Disk, running: bool) -> tuple[Image, ...]:
-    if running:
-        return current_chain(domain, disk, running).images
-    formats = {layer.path: layer.format for layer in disk.layers if layer.format}
-    return images.read_chain(disk.layers[0].path, formats=formats, force_share=True).images
 
 
 def _untrusted(

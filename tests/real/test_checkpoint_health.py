@@ -62,12 +62,16 @@ def metric(port: int, line_start: str) -> float | None:
     return None
 
 
-def disk_on(image: Path) -> str:
-    """vda on ``image`` alone: libvirt reads the rest of the chain from the headers."""
-    return (
+def redefine_on(domains: Domains, dom: Any, image: Path) -> Any:
+    """The (shut-off) domain defined again with vda on ``image`` alone: libvirt reads the rest
+    of the chain from the headers."""
+    xml = dom.XMLDesc(0)
+    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
+    disk = (
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
         f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>"
     )
+    return domains.conn.defineXML(xml[:start] + disk + xml[end:])
 
 
 def test_committed_layers_deleted_quarantine_the_checkpoint_and_libvirt_refuses_it(
@@ -95,9 +99,7 @@ def test_committed_layers_deleted_quarantine_the_checkpoint_and_libvirt_refuses_
     assert daemon.stop() == 0  # its state holds [s1, base]
     # A tool commits s1 into base (qemu-img carries no bitmap) and deletes it at once.
     run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
-    xml = dom.XMLDesc(0)
-    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
-    dom = domains.conn.defineXML(xml[:start] + disk_on(base) + xml[end:])
+    dom = redefine_on(domains, dom, base)
     s1.unlink()
     daemon.start(*options)
 
@@ -156,9 +158,7 @@ def test_the_layer_a_checkpoint_was_taken_on_gone_without_its_bits_is_never_safe
     run("qemu-img", "commit", "-q", "-d", "-b", str(t), str(s1))
     run("qemu-img", "rebase", "-q", "-u", "-b", str(t), "-F", "qcow2", str(s2))
     s1.unlink()
-    xml = dom.XMLDesc(0)
-    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
-    dom = domains.conn.defineXML(xml[:start] + disk_on(s2) + xml[end:])
+    dom = redefine_on(domains, dom, s2)
     dom.create()
 
     daemon.start("--untrusted", "report", "--snapshot-watch-interval", "0")
@@ -215,9 +215,7 @@ def overlay_without_bitmaps(
     guest_write(dom, 1 * MiB, K64, 0x11)
     stop_gracefully(dom)
     create(overlay, backing=base)
-    xml = dom.XMLDesc(0)
-    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
-    dom = domains.conn.defineXML(xml[:start] + disk_on(overlay) + xml[end:])
+    dom = redefine_on(domains, dom, overlay)
     dom.create()
     for offset, length, pattern in [(5 * MiB, 3 * K64 + 512, 0x22), (40 * MiB, 4096, 0x33)]:
         guest_write(dom, offset, length, pattern)

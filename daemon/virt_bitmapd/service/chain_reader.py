@@ -52,10 +52,15 @@ def resolved(disk: Disk) -> Disk:
     return replace(disk, layers=layers)
 
 
-def current_chain(domain: libvirt.virDomain, disk: Disk, running: bool) -> ChainNow:
+def current_chain(
+    domain: libvirt.virDomain, disk: Disk, running: bool, *, force_share: bool = False
+) -> ChainNow:
+    """``force_share``: read images at rest even while another process holds them (a reader
+    that changes nothing)."""
     if not running:
-        formats = {layer.path: layer.format for layer in disk.layers if layer.format}
-        chain = images.read_chain(disk.layers[0].path, formats=formats)
+        chain = images.read_chain(
+            disk.layers[0].path, formats=disk.formats, force_share=force_share
+        )
         return ChainNow(disk=disk, paths=tuple(i.path for i in chain), images=chain.images)
     for _ in range(READ_ATTEMPTS):
         job_running = _block_job_running(domain, disk.target)

@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..handover import Handover
 from ..heal import HealResult, heal_chain
-from ..healing import HealStep, annotate, plan_healing
+from ..healing import HealPlan, HealStep, annotate, plan_healing
 from ..health import (
     CheckpointHealth,
     Distrust,
@@ -288,23 +288,34 @@ class DiskChecker:
                     now = current_chain(domain, now.disk, running)
         healed: tuple[HealStep, ...] = ()
         heal_error = None
-        plan = plan_healing(
-            now.images,
-            checkpoints=checkpoints,
-            target=target,
-            untrusted=set(untrusted),
-            merged_into=dict(merged),
-        )
+
+        def healing_plan(chain: tuple[Image, ...]) -> HealPlan:
+            return plan_healing(
+                chain,
+                checkpoints=checkpoints,
+                target=target,
+                untrusted=set(untrusted),
+                merged_into=merged,
+            )
+
+        plan = healing_plan(now.images)
         if self._heal and plan.steps and not running and checkpoint_error is None:
             try:
-                healed = self._heal_at_rest(now, checkpoints, untrusted, merged)
+                done = heal_chain(
+                    now.paths[0],
+                    storage_roots=self._roots,
+                    formats=now.disk.formats,
+                    checkpoints=checkpoints,
+                    target=target,
+                    untrusted=set(untrusted),
+                    merged_into=merged,
+                )
+                healed = done.plan.steps if done.result is HealResult.HEALED else ()
             except VirtBitmapdError as error:
                 heal_error = error
             with contextlib.suppress(VirtBitmapdError):  # remember the bitmaps healed
                 now = current_chain(domain, now.disk, running)
-            plan = plan_healing(
-                now.images, checkpoints=checkpoints, target=target, untrusted=set(untrusted)
-            )
+            plan = healing_plan(now.images)
         why = {name: distrust.why for name, distrust in untrusted.items()}
         health = disk_health(now.images, checkpoints, target, why)
         return _Judged(
@@ -317,25 +328,6 @@ class DiskChecker:
             healed=healed,
             heal_error=heal_error,
         )
-
-    def _heal_at_rest(
-        self,
-        now: ChainNow,
-        checkpoints: Sequence[Checkpoint],
-        untrusted: Mapping[str, Distrust],
-        merged: Mapping[str, str],
-    ) -> tuple[HealStep, ...]:
-        formats = {layer.path: layer.format for layer in now.disk.layers if layer.format}
-        done = heal_chain(
-            now.paths[0],
-            storage_roots=self._roots,
-            formats=formats,
-            checkpoints=checkpoints,
-            target=now.disk.target,
-            untrusted=set(untrusted),
-            merged_into=dict(merged),
-        )
-        return done.plan.steps if done.result is HealResult.HEALED else ()
 
     def _reconcile(
         self,
