@@ -9,10 +9,9 @@ away (see ``health``).
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from .domain_xml import parse_domain
+from .domain_xml import disks_of_element, libvirt_root
 from .errors import DomainXMLInvalid
 
 __all__ = ["Checkpoint", "CheckpointDisk", "parse_checkpoint"]
@@ -44,12 +43,7 @@ class Checkpoint:
 
 def parse_checkpoint(xml: str) -> Checkpoint:
     """Raises DomainXMLInvalid when ``xml`` is not a checkpoint description."""
-    try:
-        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output; expat limits entities
-    except ET.ParseError as error:
-        raise DomainXMLInvalid(f"the checkpoint XML cannot be parsed: {error}") from error
-    if root.tag != "domaincheckpoint":
-        raise DomainXMLInvalid(f"the XML describes a <{root.tag}>, not a <domaincheckpoint>")
+    root = libvirt_root(xml, "domaincheckpoint", "checkpoint")
     name = root.findtext("name", default="")
     if not name:
         raise DomainXMLInvalid("the checkpoint XML names no checkpoint")
@@ -58,7 +52,7 @@ def parse_checkpoint(xml: str) -> Checkpoint:
     then = {}
     domain = root.find("domain")
     if domain is not None:
-        for disk in parse_domain(ET.tostring(domain, encoding="unicode")).disks:
+        for disk in disks_of_element(domain).disks:
             then[disk.target] = (disk.paths, disk.complete)
     disks = []
     for element in root.findall("./disks/disk"):

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 from .errors import DomainXMLInvalid
 
-__all__ = ["Disk", "DomainDisks", "Layer", "SkippedDisk", "parse_domain"]
+__all__ = [
+    "Disk",
+    "DomainDisks",
+    "Layer",
+    "SkippedDisk",
+    "disks_of_element",
+    "libvirt_root",
+    "parse_domain",
+]
 
 QCOW2 = "qcow2"
 NOT_FILE_BACKED = "not a file-backed disk (network, block device or volume)"
@@ -145,14 +153,25 @@ def _disk(element: ET.Element, target: str, top: Layer) -> Disk:
     )
 
 
-def parse_domain(xml: str) -> DomainDisks:
-    """Raises DomainXMLInvalid when ``xml`` is not a domain description."""
+def libvirt_root(xml: str, tag: str, what: str) -> ET.Element:
+    """The root element of libvirt's XML describing a ``what``, which must be ``<tag>``;
+    DomainXMLInvalid if not."""
     try:
         root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output; expat limits entities
     except ET.ParseError as error:
-        raise DomainXMLInvalid(f"the domain XML cannot be parsed: {error}") from error
-    if root.tag != "domain":
-        raise DomainXMLInvalid(f"the XML describes a <{root.tag}>, not a <domain>")
+        raise DomainXMLInvalid(f"the {what} XML cannot be parsed: {error}") from error
+    if root.tag != tag:
+        raise DomainXMLInvalid(f"the XML describes a <{root.tag}>, not a <{tag}>")
+    return root
+
+
+def parse_domain(xml: str) -> DomainDisks:
+    """Raises DomainXMLInvalid when ``xml`` is not a domain description."""
+    return disks_of_element(libvirt_root(xml, "domain", "domain"))
+
+
+def disks_of_element(root: ET.Element) -> DomainDisks:
+    """The disks of a ``<domain>`` element (one embedded in a checkpoint's XML, say)."""
     disks = []
     skipped = []
     raw_files = []
