@@ -47,9 +47,11 @@ soak:
 	.venv/bin/python bench/soak.py --seed $${SEED:-$$(date +%s)} --minutes $${MINUTES:-10}
 
 # The Debian package, built by Debian's own python3 from a copy of the tree (tracked files and
-# new ones not ignored) in build/deb/: build/deb/virt-bitmapd_VERSION_all.deb
+# new ones not ignored) in $(DEBDIR)/src: $(DEBDIR)/virt-bitmapd_VERSION_all.deb
+DEBDIR     ?= build/deb
 deb:
-	rm -rf build/deb && mkdir -p build/deb/src
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t build/deb/src
-	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
-	lintian --fail-on error build/deb/virt-bitmapd_*_all.deb
+	scripts/setup.sh
+	rm -rf $(DEBDIR) && mkdir -p $(DEBDIR)/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(DEBDIR)/src
+	cd $(DEBDIR)/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	lintian --fail-on error $(DEBDIR)/virt-bitmapd_*_all.deb

@@ -10,6 +10,9 @@ packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   pkg-config gcc make procps python3-dev python3-venv
   prometheus systemd
+  # the Debian package (make deb) and the system test that boots it under systemd
+  debhelper dh-python pybuild-plugin-pyproject python3-all python3-hatchling lintian
+  systemd-container debootstrap
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -45,7 +45,7 @@ def domain_type() -> str:
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
 
 
-def domain_xml(name: str, *disks: Path, fmt: str = "qcow2") -> str:
+def domain_xml(name: str, *disks: Path, fmt: str = "qcow2", kind: str | None = None) -> str:
     devices = "".join(
         f"""
     <disk type='file' device='disk'>
@@ -56,7 +56,7 @@ def domain_xml(name: str, *disks: Path, fmt: str = "qcow2") -> str:
         for index, disk in enumerate(disks)
     )
     return f"""
-<domain type='{domain_type()}'>
+<domain type='{kind or domain_type()}'>
   <name>{name}</name>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
