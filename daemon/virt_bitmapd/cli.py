@@ -106,7 +106,16 @@ def _parser() -> argparse.ArgumentParser:
         "--snapshot-watch-interval",
         type=float,
         metavar="SECONDS",
-        help="how often running domains' XML is checked for new snapshots (default 5; 0: off)",
+        help="how often running domains' XML is compared with their known chains, the safety "
+        "net for snapshots in unwatched directories (default 120; 0: off)",
+    )
+    run.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        default=None,
+        help="do not watch the layers' directories with inotify; find snapshots with the "
+        "safety net (--snapshot-watch-interval) only",
     )
     run.add_argument("--concurrency", type=int, help="disks handled at once (default 4)")
     run.add_argument(
@@ -185,6 +194,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "storage_roots": tuple(args.storage_root) if args.storage_root else None,
             "rescan_interval": args.rescan_interval,
             "snapshot_watch_interval": args.snapshot_watch_interval,
+            "watch": args.watch,
             "concurrency": args.concurrency,
             "metrics_listen": args.metrics_listen,
             "log_format": args.log_format,
@@ -210,6 +220,7 @@ def _check_config(args: argparse.Namespace) -> int:
         "state_dir",
         "rescan_interval",
         "snapshot_watch_interval",
+        "watch",
         "concurrency",
         "metrics_listen",
         "log_format",

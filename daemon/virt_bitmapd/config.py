@@ -35,7 +35,9 @@ class Settings:
     storage_roots: tuple[str, ...] = ("/var/lib/libvirt/images",)
     state_dir: str = "/var/lib/virt-bitmapd"
     rescan_interval: float = 300.0
-    snapshot_watch_interval: float = 5.0
+    snapshot_watch_interval: float = 120.0
+    #: Watch the directories of the known layers and the storage roots (inotify).
+    watch: bool = True
     concurrency: int = 4
     metrics_listen: str = "127.0.0.1:9411"
     log_format: str = "auto"
@@ -151,6 +153,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
         "state_dir": ("state_dir", _absolute),
         "rescan_interval": ("rescan_interval", _interval),
         "snapshot_watch_interval": ("snapshot_watch_interval", _watch_interval),
+        "watch": ("watch", _flag),
         "concurrency": ("concurrency", _concurrency),
     },
     "metrics": {"listen": ("metrics_listen", _listen)},

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StateUnusable
+from .fingerprints import LayerStat, Seen
 from .health import Distrust
 from .model import Bitmap
 
@@ -47,6 +48,9 @@ class DomainState:
     #: disk target -> layer -> the layer it was seen committed into, its bits carried: proof
     #: that a checkpoint taken on a layer now gone lives on below (see health.lost_layers)
     merged_into: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: disk target -> what its last complete look saw (stats, checkpoints): a look may trust
+    #: the bitmaps above instead of reading the images while nothing says they changed
+    seen: dict[str, Seen] = field(default_factory=dict)
 
 
 def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Bitmap, ...]]:
@@ -62,6 +66,22 @@ def _distrust_from_json(raw: Any) -> dict[str, Distrust]:
         str(name): Distrust(str(item["why"]), int(item.get("checkpoint_created", 0)))
         for name, item in raw.items()
     }
+
+
+def _seen_from_json(raw: Any) -> Seen:
+    checkpoints = raw.get("checkpoints")
+    chain = _strings(raw["chain"])
+    stats = tuple(_layer_stat(item) for item in raw["stats"])
+    if len(stats) != len(chain):
+        raise ValueError(f"{len(stats)} stats for a chain of {len(chain)} layers")
+    return Seen(chain, stats, None if checkpoints is None else _strings(checkpoints))
+
+
+def _layer_stat(raw: Any) -> LayerStat:
+    if raw is None:
+        return None
+    dev, ino, size, mtime, ctime = (int(n) for n in raw)
+    return (dev, ino, size, mtime, ctime)
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -93,6 +113,7 @@ def _state_from_json(uuid: str, raw: Any) -> DomainState:
             str(disk): {str(layer): str(base) for layer, base in layers.items()}
             for disk, layers in raw.get("merged_into", {}).items()
         },
+        seen={str(disk): _seen_from_json(seen) for disk, seen in raw.get("seen", {}).items()},
     )
 
 
@@ -166,9 +187,11 @@ class StateStore:
         seen_at: float | None = None,
         generation: int = 0,
         merged_into: Mapping[str, str] | None = None,
+        seen: Seen | None = None,
     ) -> bool:
         """Store one disk's chain; False (nothing written) when the domain was forgotten since
-        ``generation`` was read."""
+        ``generation`` was read. ``seen``: what the look saw, if it may spare the next one
+        reading the images (None forgets an earlier one)."""
         with self._lock:
             if self._generations.get(uuid, 0) != generation:
                 return False
@@ -181,8 +204,21 @@ class StateStore:
                 state.merged_into[disk] = dict(merged_into)
             if seen_at is not None:
                 state.seen_at[disk] = seen_at
+            if seen is None:
+                state.seen.pop(disk, None)
+            else:
+                state.seen[disk] = seen
             self._save(state)
             return True
+
+    def touch(self, uuid: str) -> None:
+        """Mark the domain's state as seen now without rewriting it (its age, ``age``)."""
+        try:
+            os.utime(self._path(uuid))
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise StateUnusable(f"{self._path(uuid)}: cannot update: {error}") from error
 
     def drop_disk(self, uuid: str, disk: str, generation: int = 0) -> None:
         with self._lock:
@@ -195,6 +231,7 @@ class StateStore:
                 state.bitmaps.pop(disk, None)
                 state.seen_at.pop(disk, None)
                 state.merged_into.pop(disk, None)
+                state.seen.pop(disk, None)
                 self._save(state)
 
     def _save(self, state: DomainState) -> None:
@@ -223,6 +260,14 @@ class StateStore:
                 disk: dict(sorted(layers.items()))
                 for disk, layers in sorted(state.merged_into.items())
                 if layers
+            },
+            "seen": {
+                disk: {
+                    "chain": list(seen.chain),
+                    "stats": [None if s is None else list(s) for s in seen.stats],
+                    "checkpoints": None if seen.checkpoints is None else list(seen.checkpoints),
+                }
+                for disk, seen in sorted(state.seen.items())
             },
         }
         target = self._path(state.uuid)

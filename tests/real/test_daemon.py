@@ -53,12 +53,18 @@ pytestmark = pytest.mark.real
 
 
 def tracked(
-    tmp_path: Path, domains: Domains, daemon_factory: Any, *, running: bool, **daemon: Any
+    tmp_path: Path,
+    domains: Domains,
+    daemon_factory: Any,
+    *extra: str,
+    running: bool,
+    **daemon: Any,
 ) -> tuple[ChainBuilder, Any, Any]:
-    """The usual start: the test chain, a domain on it, a daemon that has seen its disk."""
+    """The usual start: the test chain, a domain on it, a daemon (with ``extra`` arguments)
+    that has seen its disk."""
     c = build(tmp_path / "images")
     dom = domains.define(c.active, start=running)
-    process = daemon_factory(**daemon).start()
+    process = daemon_factory(**daemon).start(*extra)
     process.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
     return c, dom, process
 
@@ -125,7 +131,7 @@ def test_snapshot_just_before_an_active_commit_is_part_of_it(
 def test_snapshots_are_learnt_so_a_later_commit_of_them_is_seen_whole(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    """A non-active commit has no READY: the snapshot watch must have learnt its top before."""
+    """A non-active commit has no READY: the directory watch must have learnt its top before."""
     c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=True)
     first, second = tmp_path / "images" / "u1.qcow2", tmp_path / "images" / "u2.qcow2"
     virsh(
@@ -133,7 +139,7 @@ def test_snapshots_are_learnt_so_a_later_commit_of_them_is_seen_whole(
         "--diskspec", f"vda,file={first}",
     )  # fmt: skip
     changed = daemon.wait_for(is_for(dom, "chain_changed"), what="snapshot learnt")
-    assert changed["chain"][0] == str(first) and changed["trigger"] == "rescan", changed
+    assert changed["chain"][0] == str(first) and changed["trigger"] == "watch", changed
     virsh(
         "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
         "--diskspec", f"vda,file={second}",
@@ -154,6 +160,7 @@ def test_offline_commit_while_running_daemon(
         tmp_path,
         domains,
         daemon_factory,
+        "--no-watch",  # the directory watch would see it first (test_watch.py)
         running=False,
         rescan_interval=2 if trigger == "rescan" else 3600,
     )

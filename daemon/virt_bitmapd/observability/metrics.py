@@ -13,7 +13,7 @@ from .. import __version__
 
 __all__ = ["BITMAP_STATES", "CHECKPOINT_STATES", "RESULTS", "TRIGGERS", "Metrics"]
 
-TRIGGERS = ("event", "rescan", "startup", "manual")
+TRIGGERS = ("event", "watch", "rescan", "startup", "manual")
 RESULTS = (
     "reconciled",
     "already_consistent",
@@ -132,6 +132,18 @@ class Metrics:
             "virt_bitmapd_leftovers_removed_total",
             "Temporary QEMU nodes and probe bitmaps of an earlier run removed, by kind",
             ["kind"],
+            registry=r,
+        )
+        self.watched_directories = Gauge(
+            "virt_bitmapd_watched_directories",
+            "Directories watched for new layers (those holding known layers, and the storage "
+            "roots)",
+            registry=r,
+        )
+        self.rescan_unread = Counter(
+            "virt_bitmapd_rescan_unread_disks_total",
+            "Disks a periodic rescan left unread because nothing said they changed (a stat per "
+            "layer; a running domain's XML and checkpoint list)",
             registry=r,
         )
         self.last_success = Gauge(

@@ -5,8 +5,14 @@ libvirt's events arrive on libvirt's own event thread and are handed to the loop
 only routes:
 
 * libvirt's events (``EventIntake``) ask for looks at disks, or forget a domain;
-* a full rescan happens at startup, after every reconnect, on SIGHUP and every rescan interval,
-  which is how commits done outside libvirt (which send no event) are found;
+* files changing in the directories of the known layers (``LayerWatch``) ask for looks at the
+  shut-off disks whose layers changed, and for a comparison of the XML of the running domains
+  whose chains live there (a snapshot: libvirt sends no event for it);
+* a rescan reads everything at startup, after every reconnect and on SIGHUP; every rescan
+  interval it looks at the disks something says changed (``DiskChecker.needs_look``), which is
+  how commits done outside libvirt that the watch missed are found; every snapshot watch
+  interval, running domains with bitmaps have their XML compared (a safety net for overlays
+  made in directories that are not watched);
 * looks are serialized per disk and coalesced (``Scheduler``), several disks at once.
 
 Background work is supervised (``TaskSupervisor``): an exception is logged, counted, and the work
@@ -16,6 +22,8 @@ goes on.  SIGTERM stops taking work, lets running looks finish, and exits within
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 from typing import Any
 
@@ -32,6 +40,7 @@ from .connection import BACKOFF_MAX, Connection, EventHandlers
 from .disk_check import DiskChecker
 from .disk_memory import DiskKey, DiskMemory
 from .event_intake import EventIntake
+from .layer_watch import Changes, LayerWatch, layer_directories
 from .leftovers import remove_leftovers
 from .libvirt_events import LibvirtEventThread, route_libvirt_errors
 from .reporting import Reporter
@@ -45,6 +54,10 @@ log = structlog.get_logger()
 # How long the chains of a domain libvirt no longer lists are kept (seconds).
 ABSENT_RETENTION = 90 * 86400
 STOP_TIMEOUT = 8.0  # seconds for running looks to finish; systemd waits 10
+#: After files changed beside running domains' layers, their XML is compared this many seconds
+#: apart: a snapshot's file appears before libvirt has switched the domain onto it.
+GROWTH_CHECKS = (0.0, 0.3, 1.0, 2.5)
+WATCH_REFRESH = 0.5  # seconds: the watched directories follow the chains at most this often
 
 
 class Daemon:
@@ -85,6 +98,8 @@ class Daemon:
             backoff_max=backoff_max,
         )
         self._stopping = asyncio.Event()
+        self._watch = LayerWatch(self._files_changed)
+        self._watch_refresh: asyncio.TimerHandle | None = None
         self._scheduler = Scheduler(self._look_at_disk, settings.concurrency)
         self._tasks = TaskSupervisor(self._background_failed)
         self.reporter = Reporter(
@@ -106,6 +121,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_rescan, "manual")
         self._serve_metrics()
+        if self.settings.watch and self._watch.start():
+            self._refresh_watch()
         log.info(
             "daemon_started",
             uri=self.settings.uri,
@@ -128,6 +145,9 @@ class Daemon:
             self.notifier.stopping()
             log.info("daemon_stopping")
             self._tasks.cancel_all()
+            if self._watch_refresh is not None:
+                self._watch_refresh.cancel()
+            self._watch.close()
             if not await self._scheduler.close(STOP_TIMEOUT):
                 log.error("daemon_stop_timeout", detail="looks still running were abandoned")
             await asyncio.to_thread(self._connection.close)
@@ -175,41 +195,143 @@ class Daemon:
     # ------------------------------------------------------------------ looking
 
     async def _periodic_rescan(self) -> None:
-        await self._rescan_all("rescan")
+        await self._rescan_all("rescan", only_changed=True)
 
     async def _watch_for_snapshots(self) -> None:
-        """libvirt announces no snapshot: compare the running domains' XML with their known
-        chains now and then, so a layer is known before a commit can take it away again."""
+        """The safety net for snapshots the directory watch cannot see (an overlay made in a
+        directory no known layer lives in): compare the XML of running domains whose chains
+        hold bitmaps with their known chains, so a layer is known before a commit can take it
+        away again.  Nothing at all is read when no such domain runs."""
+        keys = {key for key in self._memory.with_bitmaps if self._memory.running.get(key)}
+        for key in await self._grown(keys):
+            self._scheduler.submit(key, "rescan")
+
+    async def _grown(self, keys: set[DiskKey]) -> list[DiskKey]:
+        """Which of these running disks' chains gained layers on top, from their XML."""
         conn = self._connection.conn
-        if conn is None:
-            return
+        if conn is None or not keys:
+            return []
+        known: dict[str, dict[str, tuple[str, ...]]] = {}
+        for uuid, target in keys:
+            if (uuid, target) in self._memory.chains:
+                known.setdefault(uuid, {})[target] = self._memory.chains[(uuid, target)]
         try:
-            grown = await asyncio.to_thread(self.checker.grown_chains, conn)
+            return await asyncio.to_thread(self.checker.grown_chains, conn, known)
         except VirtBitmapdError as error:  # the connection's own handling reports it
             log.debug("snapshot_watch_failed", error=str(error))
-            return
-        for key in grown:
-            self._scheduler.submit(key, "rescan")
+            return []
+
+    # ------------------------------------------------------------------ the directory watch
+
+    def _remember_look(
+        self, key: DiskKey, chain: tuple[str, ...], running: bool, bitmaps: bool
+    ) -> None:
+        if self._memory.chains.get(key) != chain:
+            self._memory.chains[key] = chain
+            directories = {os.path.dirname(path) for path in chain}
+            if self.settings.watch and directories - self._watch.directories:
+                self._refresh_watch()  # a new directory: at once (changes before are not seen)
+            else:
+                self._schedule_watch_refresh()
+        self._memory.running[key] = running
+        if bitmaps:
+            self._memory.with_bitmaps.add(key)
+        else:
+            self._memory.with_bitmaps.discard(key)
+
+    def _schedule_watch_refresh(self) -> None:
+        if self._watch_refresh is None:
+            loop = asyncio.get_running_loop()
+            self._watch_refresh = loop.call_later(WATCH_REFRESH, self._refresh_watch)
+
+    def _refresh_watch(self) -> None:
+        if self._watch_refresh is not None:
+            self._watch_refresh.cancel()
+            self._watch_refresh = None
+        before = self._watch.directories
+        self._watch.watch(
+            layer_directories(self._memory.chains.values(), self.settings.storage_roots)
+        )
+        now = self._watch.directories
+        if now != before:
+            self.metrics.watched_directories.set(len(now))
+            log.debug("watch_changed", added=sorted(now - before), removed=sorted(before - now))
+
+    def _files_changed(self, changes: Changes) -> None:
+        """Names changed in watched directories: look at the shut-off disks whose layers they
+        are; compare the XML of the running domains whose chains live there (a new file may be
+        a snapshot being taken); a storage root that holds no known layer could be anyone's."""
+        known = {path for chain in self._memory.chains.values() for path in chain}
+        new_files = {
+            os.path.join(directory, name)
+            for directory, names in changes.items()
+            for name in names
+            if name and os.path.join(directory, name) not in known
+        }
+        running: set[DiskKey] = set()
+        covered: set[str] = set()
+        for key, chain in self._memory.chains.items():
+            layers = [path for path in chain if os.path.dirname(path) in changes]
+            if not layers:
+                continue
+            covered.update(os.path.dirname(path) for path in layers)
+            if self._memory.running.get(key):
+                running.add(key)
+            elif any(
+                {"", os.path.basename(path)} & changes[os.path.dirname(path)] for path in layers
+            ):
+                self._scheduler.submit(key, "watch")
+        if set(changes) - covered and new_files:
+            running.update(key for key, up in self._memory.running.items() if up)
+        if running:
+            self._tasks.spawn("watch", self._look_for_growth(running, len(new_files)))
+
+    async def _look_for_growth(self, keys: set[DiskKey], new_files: int) -> None:
+        """Compare the XML of these running disks a few times over a few seconds, until as
+        many have grown as new files appeared (once when none did)."""
+        found = 0
+        for delay in GROWTH_CHECKS if new_files else GROWTH_CHECKS[:1]:
+            await asyncio.sleep(delay)
+            for key in await self._grown(keys):
+                keys.discard(key)
+                found += 1
+                self._scheduler.submit(key, "watch")
+            if not keys or found >= new_files:
+                return
 
     async def _ping_watchdog(self) -> None:
         self.notifier.watchdog()
 
-    async def _rescan_all(self, trigger: str) -> None:
+    async def _rescan_all(self, trigger: str, *, only_changed: bool = False) -> None:
+        """``only_changed``: look only at the disks something says changed (the periodic
+        rescan); else at every disk."""
         conn = self._connection.conn
         if conn is None:
             return
         try:
             domains = await asyncio.to_thread(conn.listAllDomains, 0)
+            active = {
+                dom.UUIDString()
+                for dom in await asyncio.to_thread(
+                    conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+                )
+            }
         except libvirt.libvirtError as error:
             log.error("rescan_failed", trigger=trigger, error=str(error))
             return
         present = set()
+        unread = 0
         for dom in domains:
-            present.add(dom.UUIDString())
-            await self._rescan_domain(dom, trigger)
+            uuid = dom.UUIDString()
+            present.add(uuid)
+            if only_changed:
+                unread += await self._rescan_changed(dom, uuid in active, trigger)
+            else:
+                await self._rescan_domain(dom, trigger)
         for uuid in self.store.known():
             if uuid not in present:
                 self._absent(uuid)
+        log.debug("rescan_done", trigger=trigger, domains=len(domains), unread_disks=unread)
 
     def _absent(self, uuid: str) -> None:
         """A known domain libvirt does not list: a transient domain that stopped (oVirt runs
@@ -243,6 +365,25 @@ class Daemon:
             log.error("state_unusable", domain=name, error=str(error))
             return
         log.info("domain_forgotten", domain=name, reason=reason)
+
+    async def _rescan_changed(self, dom: Any, running: bool, trigger: str) -> int:
+        """Ask for looks at the domain's disks something says changed; how many were not."""
+        try:
+            need = await asyncio.to_thread(self.checker.needs_look, dom, running)
+        except VirtBitmapdError:
+            need = None  # the look says what is wrong
+        if need is None:
+            await self._rescan_domain(dom, trigger)
+            return 0
+        changed, unread = need
+        uuid = dom.UUIDString()
+        self.metrics.rescan_unread.inc(unread)
+        if unread:
+            with contextlib.suppress(VirtBitmapdError):
+                self.store.touch(uuid)  # seen: its chains are kept while it is listed
+        for target in changed:
+            self._scheduler.submit((uuid, target), trigger)
+        return unread
 
     async def _rescan_domain(self, dom: Any, trigger: str) -> None:
         try:
@@ -278,3 +419,9 @@ class Daemon:
             self.reporter.disk_failed(key, uuid, error, trigger)
             return
         self.reporter.publish(report, trigger, job_type, completed=completed)
+        if report.skipped is not None:
+            self._memory.chains.pop(key, None)
+            self._schedule_watch_refresh()
+        elif report.error is None and report.chain:
+            bitmaps = any(report.bitmap_states.values())
+            self._remember_look(key, report.chain, report.running, bitmaps)

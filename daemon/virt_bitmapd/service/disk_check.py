@@ -36,6 +36,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
+from ..fingerprints import Seen, stat_layers, unchanged
 from ..handover import Handover
 from ..heal import HealResult, heal_chain
 from ..healing import HealPlan, HealStep, annotate, plan_healing
@@ -56,7 +57,7 @@ from ..storage_roots import require_inside
 from ..tracking import Commit, copied_away, detect_commits, grew_on_top
 from ..transports.libvirt_monitor import LibvirtMonitor
 from .chain_reader import ChainNow, current_chain, domain_disks, resolved
-from .checkpoint_reader import domain_checkpoints
+from .checkpoint_reader import checkpoint_names, domain_checkpoints
 from .reports import (
     NO_SUCH_DISK,
     CommitReport,
@@ -86,6 +87,7 @@ class _Judged:
     quarantine_error: VirtBitmapdError | None
     healed: tuple[HealStep, ...]
     heal_error: VirtBitmapdError | None
+    checkpoint_names: tuple[str, ...]
 
 
 #: Commit results that prove the committed layers' bits reached the base.
@@ -118,29 +120,66 @@ class DiskChecker:
         names += [t for t in (known.chains if known else {}) if t not in names]
         return tuple(names), disks.skipped
 
-    def grown_chains(self, conn: libvirt.virConnect) -> list[tuple[str, str]]:
+    def grown_chains(
+        self, conn: libvirt.virConnect, known: Mapping[str, Mapping[str, tuple[str, ...]]]
+    ) -> list[tuple[str, str]]:
         """(domain UUID, disk target) of running disks whose chain gained layers on top since
-        the last look: snapshots, which libvirt announces with no event.  Only the domain XML
-        is read, so this is cheap enough to run every few seconds."""
+        the last look: snapshots, which libvirt announces with no event.  ``known``: domain
+        UUID -> disk target -> chain at the last look, for the domains to compare (others are
+        not read).  Only the domain XML is read, no image and no monitor command."""
         grown = []
         try:
             running = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         except libvirt.libvirtError as error:
             raise LibvirtFailed(f"cannot list the running domains: {error}") from error
         for domain in running:
+            chains = known.get(domain.UUIDString())
+            if not chains:
+                continue
             try:
-                uuid = domain.UUIDString()
                 disks = domain_disks(domain)
             except LibvirtFailed:
                 continue  # stopped or undefined meanwhile: its lifecycle event covers it
-            known = self._store.load(uuid)
-            if known is None:
-                continue
             for disk in disks.disks:
-                old = known.chains.get(disk.target)
+                old = chains.get(disk.target)
                 if old is not None and grew_on_top(old, resolved(disk).paths):
-                    grown.append((uuid, disk.target))
+                    grown.append((domain.UUIDString(), disk.target))
         return grown
+
+    def needs_look(
+        self, domain: libvirt.virDomain, running: bool
+    ) -> tuple[tuple[str, ...], int] | None:
+        """For a periodic rescan: the domain's disk targets something says changed since their
+        last complete look, and how many are left unread; None when nothing is remembered to
+        compare with (look at all).
+        A shut-off domain costs a stat per layer: its XML changes only with a lifecycle event,
+        which asks for looks itself.  A running one also its XML and checkpoint list (a
+        snapshot or checkpoint changes no layer's stat until QEMU writes it out)."""
+        state = self._store.load(domain.UUIDString())
+        if state is None or not state.chains:
+            return None
+        chains: dict[str, tuple[str, ...]] | None = None
+        names = None
+        if running:
+            chains = {disk.target: resolved(disk).paths for disk in domain_disks(domain).disks}
+            if set(chains) != set(state.chains):
+                return None  # a disk came or went
+            names = checkpoint_names(domain)
+        changed = []
+        for target, chain in state.chains.items():
+            seen = state.seen.get(target)
+            if (
+                seen is None
+                or seen.chain != chain
+                or not unchanged(
+                    seen,
+                    chain=None if chains is None else chains[target],
+                    checkpoints=names,
+                    stats=stat_layers(chain),
+                )
+            ):
+                changed.append(target)
+        return tuple(changed), len(state.chains) - len(changed)
 
     def check(self, domain: libvirt.virDomain, target: str, *, copied: bool = False) -> DiskReport:
         """One look.  ``copied``: a block copy of this disk just completed (its pivot replaced
@@ -173,6 +212,7 @@ class DiskChecker:
         except VirtBitmapdError as error:
             return replace(base, error=error)
         old = state.chains.get(target, ())
+        stats_before = stat_layers({*old, *disk.paths})  # before anything is read
         seen_before = state.bitmaps.get(target, {})
         last_look = state.seen_at.get(target)
         replaced = copied_away(old, now.paths) if copied else ()
@@ -217,6 +257,13 @@ class DiskChecker:
         )
         now = judged.now
         states, invalid = bitmap_states(now.images)
+        clean = not (
+            any(r.error is not None for r in reports)
+            or judged.checkpoint_error
+            or judged.quarantine_error
+            or judged.heal_error
+            or now.job_running
+        )  # else the next rescan must read again: what failed may work then
         if not any(r.error is not None and r.error.retryable for r in reports):
             self._store.put_disk(
                 uuid,
@@ -228,6 +275,7 @@ class DiskChecker:
                 seen_at=started_at,
                 generation=generation,
                 merged_into=merged,
+                seen=Seen.of(now.paths, stats_before, judged.checkpoint_names) if clean else None,
             )
         return replace(
             base,
@@ -265,6 +313,7 @@ class DiskChecker:
             checkpoint_error = None
         except VirtBitmapdError as error:
             checkpoints, checkpoint_error = (), error
+        names = tuple(sorted(checkpoint.name for checkpoint in checkpoints))
         if copied:  # the new top holds the bitmaps of every layer the copy replaced
             merged.update(_copied_into(now.paths, checkpoints, target))
         found = dict(after_commits) | lost_layers(now.images, checkpoints, target, merged)
@@ -327,6 +376,7 @@ class DiskChecker:
             quarantine_error=quarantine_error,
             healed=healed,
             heal_error=heal_error,
+            checkpoint_names=names,
         )
 
     def _reconcile(

@@ -51,6 +51,12 @@ class DiskMemory:
     absent_logged: set[str] = field(default_factory=set)
     #: each checkpoint's state at the disk's last look (``reports.health_memory``)
     checkpoint_states: dict[DiskKey, dict[str, str]] = field(default_factory=dict)
+    #: the chain, top first, and whether the domain ran, at the disk's last complete look: what
+    #: the directory watch and the snapshot safety net compare with
+    chains: dict[DiskKey, tuple[str, ...]] = field(default_factory=dict)
+    running: dict[DiskKey, bool] = field(default_factory=dict)
+    #: disks whose chain held a bitmap at the last look (the safety net watches only those)
+    with_bitmaps: set[DiskKey] = field(default_factory=set)
 
     def record_error(self, key: DiskKey, kind: str, message: str) -> bool:
         """Remember a failed look; True when it differs from the disk's last error (log it)."""
@@ -73,15 +79,18 @@ class DiskMemory:
             self.unclaimed_commits,
             self.errors,
             self.checkpoint_states,
+            self.chains,
+            self.running,
         )
 
     def forget_disk(self, key: DiskKey) -> None:
         for mapping in self._per_disk():
             mapping.pop(key, None)
         self.skip_logged.discard(key)
+        self.with_bitmaps.discard(key)
 
     def forget_domain(self, uuid: str) -> None:
-        keys = set(self.skip_logged).union(*self._per_disk())
+        keys = set(self.skip_logged).union(self.with_bitmaps, *self._per_disk())
         for key in keys:
             if key[0] == uuid:
                 self.forget_disk(key)

@@ -1,0 +1,72 @@
+"""What a rescan compares before it reads anything heavier: a ``stat`` per layer.
+
+A look reads a disk's images (``qemu-img``, their headers) or QEMU's node data, and libvirt's
+checkpoints. A rescan only needs to when something may have changed since the last look: a
+layer's stat (device, inode, size, modification and change times; the change time cannot be set
+back by anyone), the running domain's chain in its XML, or its list of checkpoints. A look takes
+the stats *before* it reads, so a change made while it reads shows at the next rescan.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["LayerStat", "Seen", "stat_layer", "stat_layers", "unchanged"]
+
+#: (device, inode, size, mtime ns, ctime ns); None when the layer cannot be stat'ed
+LayerStat = tuple[int, int, int, int, int] | None
+
+
+def stat_layer(path: str) -> LayerStat:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stat_layers(paths: Iterable[str]) -> dict[str, LayerStat]:
+    return {path: stat_layer(path) for path in paths}
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What one complete look at a disk saw, for the next rescan to compare."""
+
+    chain: tuple[str, ...]
+    stats: tuple[LayerStat, ...]
+    #: the domain's checkpoint names (running domains: libvirt adds a checkpoint's bitmap in
+    #: QEMU, which writes it to the image only when it closes it)
+    checkpoints: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        chain: tuple[str, ...],
+        stats_before: Mapping[str, LayerStat],
+        checkpoints: tuple[str, ...] | None,
+    ) -> Seen | None:
+        """None when a layer was not stat'ed before the look read it (one found on the way):
+        then nothing proves the next rescan may skip the disk."""
+        if any(stats_before.get(path) is None for path in chain):
+            return None
+        return cls(chain, tuple(stats_before[path] for path in chain), checkpoints)
+
+
+def unchanged(
+    seen: Seen,
+    *,
+    chain: tuple[str, ...] | None,
+    checkpoints: tuple[str, ...] | None,
+    stats: Mapping[str, LayerStat],
+) -> bool:
+    """Whether nothing says the disk changed since ``seen``: the chain (None: not read, a
+    shut-off domain's XML changes only with an event) and the checkpoints (None: not read) as
+    they were, and every layer's stat the same."""
+    if chain is not None and chain != seen.chain:
+        return False
+    if checkpoints is not None and checkpoints != seen.checkpoints:
+        return False
+    return all(stats.get(path) == stat for path, stat in zip(seen.chain, seen.stats, strict=True))
