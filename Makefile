@@ -10,7 +10,7 @@ UNITDIR    ?= /etc/systemd/system
 CONFDIR    ?= /etc/virt-bitmapd
 PYTHON     ?= python3
 
-.PHONY: install uninstall demo test soak deb
+.PHONY: install uninstall demo test soak idle-cost deb
 
 install:
 	scripts/setup.sh
@@ -45,6 +45,12 @@ test:
 soak:
 	scripts/setup.sh
 	.venv/bin/python bench/soak.py --seed $${SEED:-$$(date +%s)} --minutes $${MINUTES:-10}
+
+# What an idle host costs with 10, 50 and 100 running domains beside 500 shut-off ones
+# (bench/idle_cost.py; about 15 minutes)
+idle-cost:
+	scripts/setup.sh
+	.venv/bin/python bench/idle_cost.py
 
 # The Debian package, built by Debian's own python3 from a copy of the tree (tracked files and
 # new ones not ignored) in $(DEBDIR)/src: $(DEBDIR)/virt-bitmapd_VERSION_all.deb

@@ -24,7 +24,7 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Collection, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Set
 from typing import Any
 
 from . import qcow2_header
@@ -140,16 +140,18 @@ def recent_overlays(
     newer_than: float,
     exclude: Set[str],
     storage_roots: Sequence[str],
-    not_overlays: Collection[str] = (),
+    not_overlays: Callable[[], Collection[str]] = tuple,
 ) -> dict[str, str]:
     """Regular files directly in ``directories`` and under ``storage_roots``, modified after
-    ``newer_than`` (a time.time()), other than ``exclude`` and ``not_overlays`` (disks a domain
-    uses as raw: their header is their guest's), whose qcow2 header names a plain backing file
-    with the format qcow2 recorded: each with that backing file (absolute, symlinks resolved).
+    ``newer_than`` (a time.time()), other than ``exclude`` and ``not_overlays()`` (disks a
+    domain uses as raw: their header is their guest's), whose qcow2 header names a plain backing
+    file with the format qcow2 recorded: each with that backing file (absolute, symlinks
+    resolved).  ``not_overlays`` is asked once, before the first header is read, and only if
+    some file is recent enough (asking libvirt costs a call per domain of the host).
 
     Only the headers are read (no process per file).  A file that is not such an overlay, or
     cannot be read, is left out: it is evidence of nothing."""
-    skip = set(exclude) | {os.path.realpath(path) for path in not_overlays}
+    skip: set[str] | None = None
     found = {}
     for directory in set(directories):
         try:
@@ -161,7 +163,11 @@ def recent_overlays(
                 if not entry.is_file() or entry.stat().st_mtime <= newer_than:
                     continue
                 path = os.path.realpath(entry.path)
-                if path in skip or not is_inside(path, storage_roots):
+                if path in exclude or not is_inside(path, storage_roots):
+                    continue
+                if skip is None:
+                    skip = {os.path.realpath(raw) for raw in not_overlays()}
+                if path in skip:
                     continue
                 header = read_header(path)
             except (OSError, ImageCorrupt, ImageMissing, ImageUnreadable):

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from typing import Any
 
 import libvirt
@@ -87,7 +88,7 @@ class Daemon:
             look=lambda key: self._scheduler.submit(key, "event"),
             forget=lambda uuid, name: self._forget(uuid, name, "undefined"),
             rescan=lambda dom: self._tasks.spawn(
-                "rescan_domain", self._rescan_domain(dom, "rescan")
+                "rescan_domain", self._rescan_domain_now(dom, "rescan")
             ),
         )
         self._connection = Connection(
@@ -308,6 +309,7 @@ class Daemon:
         conn = self._connection.conn
         if conn is None:
             return
+        started = time.monotonic()
         try:
             domains = await asyncio.to_thread(conn.listAllDomains, 0)
             active = {
@@ -320,18 +322,31 @@ class Daemon:
             log.error("rescan_failed", trigger=trigger, error=str(error))
             return
         present = set()
-        unread = 0
+        unread = disks = 0
         for dom in domains:
             uuid = dom.UUIDString()
             present.add(uuid)
             if only_changed:
                 unread += await self._rescan_changed(dom, uuid in active, trigger)
             else:
-                await self._rescan_domain(dom, trigger)
+                disks += await self._rescan_domain(dom, trigger)
         for uuid in self.store.known():
             if uuid not in present:
                 self._absent(uuid)
         log.debug("rescan_done", trigger=trigger, domains=len(domains), unread_disks=unread)
+        if not only_changed:
+            self._tasks.spawn(
+                "rescan", self._rescan_finished(trigger, started, len(domains), disks)
+            )
+
+    async def _rescan_finished(
+        self, trigger: str, started: float, domains: int, disks: int
+    ) -> None:
+        """Say when every look a full rescan asked for has been taken (how long a startup
+        takes on this host)."""
+        await self._scheduler.drain()
+        seconds = round(time.monotonic() - started, 3)
+        log.info("rescan_finished", trigger=trigger, domains=domains, disks=disks, seconds=seconds)
 
     def _absent(self, uuid: str) -> None:
         """A known domain libvirt does not list: a transient domain that stopped (oVirt runs
@@ -385,12 +400,16 @@ class Daemon:
             self._scheduler.submit((uuid, target), trigger)
         return unread
 
-    async def _rescan_domain(self, dom: Any, trigger: str) -> None:
+    async def _rescan_domain_now(self, dom: Any, trigger: str) -> None:
+        await self._rescan_domain(dom, trigger)
+
+    async def _rescan_domain(self, dom: Any, trigger: str) -> int:
+        """Ask for a look at each of the domain's disks; how many."""
         try:
             targets, skipped = await asyncio.to_thread(self.checker.targets, dom)
         except VirtBitmapdError as error:
             log.warning("domain_unreadable", domain=dom.name(), error=str(error))
-            return
+            return 0
         uuid = dom.UUIDString()
         self._memory.absent_logged.discard(uuid)
         for disk in skipped:
@@ -399,6 +418,7 @@ class Daemon:
                 log.info("disk_skipped", domain=dom.name(), disk=disk.target, reason=disk.reason)
         for target in targets:
             self._scheduler.submit((uuid, target), trigger)
+        return len(targets)
 
     async def _look_at_disk(self, key: DiskKey, trigger: str) -> None:
         uuid, target = key

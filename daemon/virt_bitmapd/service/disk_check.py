@@ -20,6 +20,7 @@ is there and hands it to pure code:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -222,11 +223,12 @@ class DiskChecker:
         beside: dict[str, str] = {}  # recent overlays beside the chains, read once a look
         if old and old != now.paths and last_look is not None:
             try:  # maintenance between two looks may have hidden a commit
-                host = host_disks(domain)
+                host = functools.cache(lambda: host_disks(domain))  # only if files changed
                 beside = overlays_beside(
                     now.paths, old, since=last_look, storage_roots=self._roots, host=host
                 )
-                commits += hidden_commits_of(now.paths, beside, host)
+                if beside:
+                    commits += hidden_commits_of(now.paths, beside, host())
             except VirtBitmapdError as error:
                 return replace(base, error=error)
         reports = tuple(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import libvirt
@@ -98,7 +98,7 @@ def overlays_beside(
     *,
     since: float,
     storage_roots: Sequence[str],
-    host: HostDisks,
+    host: Callable[[], HostDisks],
 ) -> dict[str, str]:
     """qcow2 overlays in the folders of the old and new chains' layers, changed since
     ``since``, in neither chain and never a raw disk's file, each with what it backs onto.
@@ -109,7 +109,7 @@ def overlays_beside(
         newer_than=since,
         exclude=known,
         storage_roots=storage_roots,
-        not_overlays=host.raw_files,
+        not_overlays=lambda: host().raw_files,
     )
 
 
