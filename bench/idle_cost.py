@@ -325,7 +325,7 @@ def measure(host: Host, n: int, args: argparse.Namespace) -> Row:
     baseline.stop()
     return Row(
         running=n,
-        disks=n + len(host.stopped),
+        disks=len(host.running) + len(host.stopped),
         startup=startup,
         tools=tools,
         warm_startup=warm,

@@ -10,8 +10,10 @@ the stats *before* it reads, so a change made while it reads shows at the next r
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from .model import Bitmap, Image
 
 __all__ = ["LayerStat", "Seen", "stat_layer", "stat_layers", "unchanged"]
 
@@ -40,19 +42,39 @@ class Seen:
     #: the domain's checkpoint names (running domains: libvirt adds a checkpoint's bitmap in
     #: QEMU, which writes it to the image only when it closes it)
     checkpoints: tuple[str, ...] | None = None
+    #: each layer's format and virtual size (empty when not remembered)
+    formats: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
 
     @classmethod
     def of(
         cls,
-        chain: tuple[str, ...],
+        images: Sequence[Image],
         stats_before: Mapping[str, LayerStat],
         checkpoints: tuple[str, ...] | None,
     ) -> Seen | None:
         """None when a layer was not stat'ed before the look read it (one found on the way):
         then nothing proves the next rescan may skip the disk."""
+        chain = tuple(image.path for image in images)
         if any(stats_before.get(path) is None for path in chain):
             return None
-        return cls(chain, tuple(stats_before[path] for path in chain), checkpoints)
+        return cls(
+            chain,
+            tuple(stats_before[path] for path in chain),
+            checkpoints,
+            tuple(image.format for image in images),
+            tuple(image.virtual_size for image in images),
+        )
+
+    def images(self, bitmaps: Mapping[str, tuple[Bitmap, ...]]) -> tuple[Image, ...] | None:
+        """The chain as that look saw it, with ``bitmaps`` per layer; None when its formats
+        and sizes were not remembered."""
+        if len(self.formats) != len(self.chain) or len(self.sizes) != len(self.chain):
+            return None
+        return tuple(
+            Image(path=path, format=fmt, virtual_size=size, bitmaps=bitmaps.get(path, ()))
+            for path, fmt, size in zip(self.chain, self.formats, self.sizes, strict=True)
+        )
 
 
 def unchanged(

@@ -74,7 +74,11 @@ def _seen_from_json(raw: Any) -> Seen:
     stats = tuple(_layer_stat(item) for item in raw["stats"])
     if len(stats) != len(chain):
         raise ValueError(f"{len(stats)} stats for a chain of {len(chain)} layers")
-    return Seen(chain, stats, None if checkpoints is None else _strings(checkpoints))
+    formats = _strings(raw.get("formats", []))
+    sizes = tuple(int(size) for size in raw.get("sizes", []))
+    return Seen(
+        chain, stats, None if checkpoints is None else _strings(checkpoints), formats, sizes
+    )
 
 
 def _layer_stat(raw: Any) -> LayerStat:
@@ -266,6 +270,8 @@ class StateStore:
                     "chain": list(seen.chain),
                     "stats": [None if s is None else list(s) for s in seen.stats],
                     "checkpoints": None if seen.checkpoints is None else list(seen.checkpoints),
+                    "formats": list(seen.formats),
+                    "sizes": list(seen.sizes),
                 }
                 for disk, seen in sorted(state.seen.items())
             },

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 from virt_bitmapd.fingerprints import Seen, stat_layers, unchanged
+from virt_bitmapd.model import Image
 from virt_bitmapd.service.inotify import IN_CREATE, Event, parse_events
 from virt_bitmapd.service.layer_watch import LayerWatch, layer_directories
 
@@ -111,7 +112,8 @@ def test_a_rescan_skips_only_what_nothing_says_changed(tmp_path: Path) -> None:
     base.write_bytes(b"b")
     top.write_bytes(b"t")
     chain = (str(top), str(base))
-    seen = Seen.of(chain, stat_layers(chain), ("cp1",))
+    images = [Image(path=path, format="qcow2") for path in chain]
+    seen = Seen.of(images, stat_layers(chain), ("cp1",))
     assert seen is not None
     assert unchanged(seen, chain=chain, checkpoints=("cp1",), stats=stat_layers(chain))
     assert unchanged(seen, chain=None, checkpoints=None, stats=stat_layers(chain))
@@ -125,5 +127,6 @@ def test_a_rescan_skips_only_what_nothing_says_changed(tmp_path: Path) -> None:
 
 def test_a_layer_not_stated_before_the_read_proves_nothing(tmp_path: Path) -> None:
     layer = tmp_path / "new.qcow2"
-    assert Seen.of((str(layer),), {}, None) is None
-    assert Seen.of((str(layer),), stat_layers([str(layer)]), None) is None  # it does not exist
+    image = Image(path=str(layer), format="qcow2")
+    assert Seen.of([image], {}, None) is None
+    assert Seen.of([image], stat_layers([str(layer)]), None) is None  # it does not exist

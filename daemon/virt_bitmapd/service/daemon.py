@@ -22,7 +22,6 @@ goes on.  SIGTERM stops taking work, lets running looks finish, and exits within
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -33,6 +32,7 @@ import structlog
 
 from ..config import Settings, parse_listen
 from ..errors import LibvirtFailed, VirtBitmapdError
+from ..fingerprints import Seen
 from ..handover import Handover
 from ..observability.metrics import Metrics
 from ..observability.sdnotify import Notifier
@@ -199,13 +199,23 @@ class Daemon:
         await self._rescan_all("rescan", only_changed=True)
 
     async def _watch_for_snapshots(self) -> None:
-        """The safety net for snapshots the directory watch cannot see (an overlay made in a
-        directory no known layer lives in): compare the XML of running domains whose chains
-        hold bitmaps with their known chains, so a layer is known before a commit can take it
-        away again.  Nothing at all is read when no such domain runs."""
-        keys = {key for key in self._memory.with_bitmaps if self._memory.running.get(key)}
+        """The safety net for snapshots the directory watch cannot see (a chain in a directory
+        the watch could not be set on, or --no-watch): compare the XML of those running
+        domains whose chains hold bitmaps with their known chains, so a layer is known before a
+        commit can take it away again.  Nothing at all is read when no such domain runs."""
+        keys = {
+            key
+            for key in self._memory.with_bitmaps
+            if self._memory.running.get(key) and not self._watched(key)
+        }
         for key in await self._grown(keys):
             self._scheduler.submit(key, "rescan")
+
+    def _watched(self, key: DiskKey) -> bool:
+        """Whether every directory of the disk's chain is watched: then a snapshot is seen
+        there (its old top is reopened read-only by QEMU: a close after writing)."""
+        chain = self._memory.chains.get(key, ())
+        return bool(chain) and {os.path.dirname(p) for p in chain} <= self._watch.directories
 
     async def _grown(self, keys: set[DiskKey]) -> list[DiskKey]:
         """Which of these running disks' chains gained layers on top, from their XML."""
@@ -259,45 +269,35 @@ class Daemon:
             log.debug("watch_changed", added=sorted(now - before), removed=sorted(before - now))
 
     def _files_changed(self, changes: Changes) -> None:
-        """Names changed in watched directories: look at the shut-off disks whose layers they
-        are; compare the XML of the running domains whose chains live there (a new file may be
-        a snapshot being taken); a storage root that holds no known layer could be anyone's."""
-        known = {path for chain in self._memory.chains.values() for path in chain}
-        new_files = {
-            os.path.join(directory, name)
-            for directory, names in changes.items()
-            for name in names
-            if name and os.path.join(directory, name) not in known
-        }
+        """Names changed in watched directories.  A shut-off disk whose layers they are is
+        looked at.  A running disk whose layers they are has its XML compared a few times: a
+        snapshot reopens the old top read-only (a close after writing there, wherever the new
+        overlay is made), and its file appears before libvirt switches the domain onto it.
+        Other names (a new file nobody uses yet) wake nothing: a snapshot onto it shows on its
+        domain's own top."""
         running: set[DiskKey] = set()
-        covered: set[str] = set()
         for key, chain in self._memory.chains.items():
-            layers = [path for path in chain if os.path.dirname(path) in changes]
-            if not layers:
+            if not any(
+                {"", os.path.basename(path)} & changes.get(os.path.dirname(path), set())
+                for path in chain
+            ):
                 continue
-            covered.update(os.path.dirname(path) for path in layers)
             if self._memory.running.get(key):
                 running.add(key)
-            elif any(
-                {"", os.path.basename(path)} & changes[os.path.dirname(path)] for path in layers
-            ):
+            else:
                 self._scheduler.submit(key, "watch")
-        if set(changes) - covered and new_files:
-            running.update(key for key, up in self._memory.running.items() if up)
         if running:
-            self._tasks.spawn("watch", self._look_for_growth(running, len(new_files)))
+            self._tasks.spawn("watch", self._look_for_growth(running))
 
-    async def _look_for_growth(self, keys: set[DiskKey], new_files: int) -> None:
-        """Compare the XML of these running disks a few times over a few seconds, until as
-        many have grown as new files appeared (once when none did)."""
-        found = 0
-        for delay in GROWTH_CHECKS if new_files else GROWTH_CHECKS[:1]:
+    async def _look_for_growth(self, keys: set[DiskKey]) -> None:
+        """Compare the XML of these running disks a few times over a few seconds, until each
+        has grown or the time is up."""
+        for delay in GROWTH_CHECKS:
             await asyncio.sleep(delay)
             for key in await self._grown(keys):
                 keys.discard(key)
-                found += 1
                 self._scheduler.submit(key, "watch")
-            if not keys or found >= new_files:
+            if not keys:
                 return
 
     async def _ping_watchdog(self) -> None:
@@ -321,14 +321,22 @@ class Daemon:
         except libvirt.libvirtError as error:
             log.error("rescan_failed", trigger=trigger, error=str(error))
             return
-        present = set()
+        present = {dom.UUIDString() for dom in domains}
         unread = disks = 0
-        for dom in domains:
-            uuid = dom.UUIDString()
-            present.add(uuid)
-            if only_changed:
-                unread += await self._rescan_changed(dom, uuid in active, trigger)
-            else:
+        if only_changed:
+            plan, unread = await asyncio.to_thread(
+                self.checker.changed_disks, domains, active, self._known_looks()
+            )
+            self.metrics.rescan_unread.inc(unread)
+            for dom, changed in plan:
+                if changed is None:
+                    disks += await self._rescan_domain(dom, trigger)
+                else:
+                    disks += len(changed)
+                    for target in changed:
+                        self._scheduler.submit((dom.UUIDString(), target), trigger)
+        else:
+            for dom in domains:
                 disks += await self._rescan_domain(dom, trigger)
         for uuid in self.store.known():
             if uuid not in present:
@@ -381,24 +389,12 @@ class Daemon:
             return
         log.info("domain_forgotten", domain=name, reason=reason)
 
-    async def _rescan_changed(self, dom: Any, running: bool, trigger: str) -> int:
-        """Ask for looks at the domain's disks something says changed; how many were not."""
-        try:
-            need = await asyncio.to_thread(self.checker.needs_look, dom, running)
-        except VirtBitmapdError:
-            need = None  # the look says what is wrong
-        if need is None:
-            await self._rescan_domain(dom, trigger)
-            return 0
-        changed, unread = need
-        uuid = dom.UUIDString()
-        self.metrics.rescan_unread.inc(unread)
-        if unread:
-            with contextlib.suppress(VirtBitmapdError):
-                self.store.touch(uuid)  # seen: its chains are kept while it is listed
-        for target in changed:
-            self._scheduler.submit((uuid, target), trigger)
-        return unread
+    def _known_looks(self) -> dict[str, dict[str, Seen | None]]:
+        """Domain UUID -> disk target -> what its last complete look saw."""
+        known: dict[str, dict[str, Seen | None]] = {}
+        for uuid, target in self._memory.chains:
+            known.setdefault(uuid, {})[target] = self._memory.seen.get((uuid, target))
+        return known
 
     async def _rescan_domain_now(self, dom: Any, trigger: str) -> None:
         await self._rescan_domain(dom, trigger)
@@ -429,7 +425,9 @@ class Daemon:
         try:
             dom = await asyncio.to_thread(conn.lookupByUUIDString, uuid)
             copied = job_type == "copy" and completed
-            report = await asyncio.to_thread(self.checker.check, dom, target, copied=copied)
+            report = await asyncio.to_thread(
+                self.checker.check, dom, target, copied=copied, trust_seen=trigger == "startup"
+            )
         except libvirt.libvirtError as error:
             if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return  # undefined meanwhile: the lifecycle event forgets it
@@ -445,3 +443,6 @@ class Daemon:
         elif report.error is None and report.chain:
             bitmaps = any(report.bitmap_states.values())
             self._remember_look(key, report.chain, report.running, bitmaps)
+            self._memory.seen[key] = report.seen
+        else:
+            self._memory.seen.pop(key, None)  # a failed look proves nothing: read next time

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 
 import libvirt
@@ -37,7 +37,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
-from ..fingerprints import Seen, stat_layers, unchanged
+from ..fingerprints import LayerStat, Seen, stat_layers, unchanged
 from ..handover import Handover
 from ..heal import HealResult, heal_chain
 from ..healing import HealPlan, HealStep, annotate, plan_healing
@@ -147,45 +147,51 @@ class DiskChecker:
                     grown.append((domain.UUIDString(), disk.target))
         return grown
 
-    def needs_look(
-        self, domain: libvirt.virDomain, running: bool
-    ) -> tuple[tuple[str, ...], int] | None:
-        """For a periodic rescan: the domain's disk targets something says changed since their
-        last complete look, and how many are left unread; None when nothing is remembered to
-        compare with (look at all).
-        A shut-off domain costs a stat per layer: its XML changes only with a lifecycle event,
-        which asks for looks itself.  A running one also its XML and checkpoint list (a
-        snapshot or checkpoint changes no layer's stat until QEMU writes it out)."""
-        state = self._store.load(domain.UUIDString())
-        if state is None or not state.chains:
-            return None
-        chains: dict[str, tuple[str, ...]] | None = None
-        names = None
-        if running:
-            chains = {disk.target: resolved(disk).paths for disk in domain_disks(domain).disks}
-            if set(chains) != set(state.chains):
-                return None  # a disk came or went
-            names = checkpoint_names(domain)
-        changed = []
-        for target, chain in state.chains.items():
-            seen = state.seen.get(target)
-            if (
-                seen is None
-                or seen.chain != chain
-                or not unchanged(
-                    seen,
-                    chain=None if chains is None else chains[target],
-                    checkpoints=names,
-                    stats=stat_layers(chain),
-                )
-            ):
-                changed.append(target)
-        return tuple(changed), len(state.chains) - len(changed)
+    def changed_disks(
+        self,
+        domains: Sequence[libvirt.virDomain],
+        running: Set[str],
+        known: Mapping[str, Mapping[str, Seen | None]],
+    ) -> tuple[list[tuple[libvirt.virDomain, tuple[str, ...] | None]], int]:
+        """For a periodic rescan, per domain: the disk targets something says changed since
+        their last complete look, or None when nothing is known to compare with (look at them
+        all); and how many disks are left unread.  ``running``: the running domains' UUIDs;
+        ``known``: domain UUID -> disk target -> what its last complete look saw (None: it
+        proved nothing).  A shut-off domain costs a stat per layer: its XML changes only with a
+        lifecycle event, which asks for looks itself.  A running one also its XML and its
+        checkpoint list: a snapshot or a checkpoint changes no layer's stat until QEMU writes
+        it out."""
+        plan: list[tuple[libvirt.virDomain, tuple[str, ...] | None]] = []
+        unread = 0
+        for domain in domains:
+            uuid = domain.UUIDString()
+            disks = known.get(uuid)
+            changed = None
+            if disks:
+                try:
+                    changed = _changed_targets(domain, disks, uuid in running)
+                except VirtBitmapdError:
+                    changed = None  # the look says what is wrong
+            if changed is not None and len(changed) < len(disks or {}):
+                unread += len(disks or {}) - len(changed)
+                with contextlib.suppress(VirtBitmapdError):
+                    self._store.touch(uuid)  # seen: its chains are kept while it is listed
+            plan.append((domain, changed))
+        return plan, unread
 
-    def check(self, domain: libvirt.virDomain, target: str, *, copied: bool = False) -> DiskReport:
+    def check(
+        self,
+        domain: libvirt.virDomain,
+        target: str,
+        *,
+        copied: bool = False,
+        trust_seen: bool = False,
+    ) -> DiskReport:
         """One look.  ``copied``: a block copy of this disk just completed (its pivot replaced
         the top by a copy that holds the top's bitmaps), so the layers it replaced were not
-        committed and their checkpoints live on in the new top."""
+        committed and their checkpoints live on in the new top.  ``trust_seen`` (a startup):
+        a shut-off disk whose layers' stats and checkpoints are what the last look saw is not
+        read again; the bitmaps that look saw stand for its images."""
         started_at = time.time()  # files changed after this are news to the next look
         try:
             uuid = domain.UUIDString()
@@ -208,13 +214,14 @@ class DiskChecker:
             require_inside(disk.layers[0].path, self._roots)
         except OutsideStorageRoots as error:
             return replace(base, skipped=str(error))
-        try:
-            now = current_chain(domain, disk, running)
-        except VirtBitmapdError as error:
-            return replace(base, error=error)
         old = state.chains.get(target, ())
         stats_before = stat_layers({*old, *disk.paths})  # before anything is read
         seen_before = state.bitmaps.get(target, {})
+        remembered = state.seen.get(target) if trust_seen and not running else None
+        try:
+            now, known_checkpoints = _chain_now(domain, disk, running, remembered, state)
+        except VirtBitmapdError as error:
+            return replace(base, error=error)
         last_look = state.seen_at.get(target)
         replaced = copied_away(old, now.paths) if copied else ()
         commits = tuple(
@@ -256,6 +263,7 @@ class DiskChecker:
             after_commits=untrusted_after(reports),
             merged=merged,
             copied=copied,
+            known_checkpoints=known_checkpoints,
         )
         now = judged.now
         states, invalid = bitmap_states(now.images)
@@ -266,6 +274,7 @@ class DiskChecker:
             or judged.heal_error
             or now.job_running
         )  # else the next rescan must read again: what failed may work then
+        seen = Seen.of(now.images, stats_before, judged.checkpoint_names) if clean else None
         if not any(r.error is not None and r.error.retryable for r in reports):
             self._store.put_disk(
                 uuid,
@@ -277,7 +286,7 @@ class DiskChecker:
                 seen_at=started_at,
                 generation=generation,
                 merged_into=merged,
-                seen=Seen.of(now.paths, stats_before, judged.checkpoint_names) if clean else None,
+                seen=seen,
             )
         return replace(
             base,
@@ -293,6 +302,7 @@ class DiskChecker:
             quarantine_error=judged.quarantine_error,
             healed=judged.healed,
             heal_error=judged.heal_error,
+            seen=seen,
         )
 
     def _judge(
@@ -305,13 +315,16 @@ class DiskChecker:
         after_commits: Mapping[str, str],
         merged: dict[str, str],
         copied: bool = False,
+        known_checkpoints: tuple[Checkpoint, ...] | None = None,
     ) -> _Judged:
         """The disk's checkpoints against its chain: what is untrusted now (``remembered``, what
         the commits of this look left, and checkpoints whose birth layer went without its bits),
         quarantined by policy, and each checkpoint's health."""
         target = now.disk.target
         try:
-            checkpoints = domain_checkpoints(domain)
+            checkpoints = (
+                known_checkpoints if known_checkpoints is not None else domain_checkpoints(domain)
+            )
             checkpoint_error = None
         except VirtBitmapdError as error:
             checkpoints, checkpoint_error = (), error
@@ -463,6 +476,66 @@ class DiskChecker:
         return reconcile_at_rest(
             commit.top, commit.base, storage_roots=self._roots, base_before=base_before
         )
+
+
+def _chain_now(
+    domain: libvirt.virDomain,
+    disk: Disk,
+    running: bool,
+    remembered: Seen | None,
+    state: DomainState,
+) -> tuple[ChainNow, tuple[Checkpoint, ...] | None]:
+    """The disk's chain now: as ``remembered`` when nothing says it changed since (then with
+    the domain's checkpoints, read to know), else read."""
+    old = state.chains.get(disk.target, ())
+    if remembered is not None and old[: len(disk.paths)] == disk.paths:
+        stats = stat_layers(remembered.chain)
+        now, checkpoints = _as_seen(domain, disk, remembered, stats, state)
+        if now is not None:
+            return now, checkpoints
+    return current_chain(domain, disk, running), None
+
+
+def _as_seen(
+    domain: libvirt.virDomain,
+    disk: Disk,
+    seen: Seen,
+    stats: Mapping[str, LayerStat],
+    state: DomainState,
+) -> tuple[ChainNow | None, tuple[Checkpoint, ...] | None]:
+    """The chain of a shut-off disk as its last look saw it, when nothing says it changed
+    since: every layer's stat and the domain's checkpoints the same (and those checkpoints,
+    read to know)."""
+    images = seen.images(state.bitmaps.get(disk.target, {}))
+    if images is None or not unchanged(seen, chain=None, checkpoints=None, stats=stats):
+        return None, None
+    checkpoints = domain_checkpoints(domain)
+    if tuple(sorted(checkpoint.name for checkpoint in checkpoints)) != seen.checkpoints:
+        return None, checkpoints
+    return ChainNow(disk=disk, paths=seen.chain, images=images), checkpoints
+
+
+def _changed_targets(
+    domain: libvirt.virDomain, disks: Mapping[str, Seen | None], running: bool
+) -> tuple[str, ...] | None:
+    chains: dict[str, tuple[str, ...]] | None = None
+    names = None
+    if running:
+        chains = {disk.target: resolved(disk).paths for disk in domain_disks(domain).disks}
+        if set(chains) != set(disks):
+            return None  # a disk came or went
+        names = checkpoint_names(domain)
+    return tuple(
+        target
+        for target, seen in disks.items()
+        if seen is None
+        or not unchanged(
+            seen,
+            chain=None if chains is None else chains[target],
+            checkpoints=names,
+            stats=stat_layers(seen.chain),
+        )
+    )
 
 
 def _merged_into(

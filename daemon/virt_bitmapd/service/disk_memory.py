@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..fingerprints import Seen
+
 __all__ = ["COMMIT_ATTEMPTS", "DiskKey", "DiskMemory", "commit_retry_delay", "look_retry_delay"]
 
 DiskKey = tuple[str, str]  # (domain UUID, disk target)
@@ -55,6 +57,8 @@ class DiskMemory:
     #: the directory watch and the snapshot safety net compare with
     chains: dict[DiskKey, tuple[str, ...]] = field(default_factory=dict)
     running: dict[DiskKey, bool] = field(default_factory=dict)
+    #: what the disk's last complete look saw before it read (None: it proved nothing)
+    seen: dict[DiskKey, Seen | None] = field(default_factory=dict)
     #: disks whose chain held a bitmap at the last look (the safety net watches only those)
     with_bitmaps: set[DiskKey] = field(default_factory=set)
 
@@ -81,6 +85,7 @@ class DiskMemory:
             self.checkpoint_states,
             self.chains,
             self.running,
+            self.seen,
         )
 
     def forget_disk(self, key: DiskKey) -> None:

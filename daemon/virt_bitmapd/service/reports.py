@@ -18,6 +18,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
+from ..fingerprints import Seen
 from ..healing import HealStep
 from ..health import CheckpointHealth, State
 from ..model import Bitmap, Image, Outcome, Plan, Result, SkipReason
@@ -91,6 +92,8 @@ class DiskReport:
     #: Bitmaps this look rebuilt from overlays' allocation (policy heal), and a failure to.
     healed: tuple[HealStep, ...] = ()
     heal_error: VirtBitmapdError | None = None
+    #: What this look saw before it read, if it may spare a rescan the reading.
+    seen: Seen | None = None
 
 
 @dataclass(frozen=True, slots=True)
