@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import json
 import sys
 from collections.abc import Sequence
@@ -19,6 +17,7 @@ from .model import Result
 from .observability.logs import configure as configure_logging
 from .reconcile import reconcile_at_rest
 from .service.daemon import Daemon
+from .service.heap import limit_arenas
 from .status import host_status
 from .storage_roots import root_problem
 
@@ -210,19 +209,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_format, settings.log_level)
-    _few_malloc_arenas()
+    limit_arenas()
     return asyncio.run(Daemon(settings).run())
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def _few_malloc_arenas() -> None:
-    """glibc gives each thread that allocates its own malloc arena, up to 8 per core; the
-    daemon's worker threads (libvirt calls, QEMU tools) each keep one partly used.  Two keep
-    its resident memory flat whatever the number of disks.  Before any thread starts."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -210,9 +210,10 @@ class Metrics:
             )
         disks = [states for (d, _), states in self._checkpoints_by_disk.items() if d == domain]
         for state in CHECKPOINT_STATES:
-            if disks:
-                self.checkpoints.labels(domain, state).set(sum(s.get(state, 0) for s in disks))
-            else:
+            count = sum(s.get(state, 0) for s in disks)
+            if count:
+                self.checkpoints.labels(domain, state).set(count)
+            else:  # a series per domain and state would cost memory on hosts of many domains
                 with contextlib.suppress(KeyError):  # never published
                     self.checkpoints.remove(domain, state)
         per_domain = [n for (d, _), n in self._untrusted_by_disk.items() if d == domain]

@@ -41,6 +41,7 @@ from .connection import BACKOFF_MAX, Connection, EventHandlers
 from .disk_check import DiskChecker
 from .disk_memory import DiskKey, DiskMemory
 from .event_intake import EventIntake
+from .heap import give_back_memory
 from .layer_watch import Changes, LayerWatch, layer_directories
 from .leftovers import remove_leftovers
 from .libvirt_events import LibvirtEventThread, route_libvirt_errors
@@ -353,6 +354,7 @@ class Daemon:
         """Say when every look a full rescan asked for has been taken (how long a startup
         takes on this host)."""
         await self._scheduler.drain()
+        give_back_memory()
         seconds = round(time.monotonic() - started, 3)
         log.info("rescan_finished", trigger=trigger, domains=domains, disks=disks, seconds=seconds)
 

@@ -192,7 +192,8 @@ class DiskChecker:
         committed and their checkpoints live on in the new top.  ``trust_seen`` (a startup):
         a shut-off disk whose layers' stats and checkpoints are what the last look saw is not
         read again; the bitmaps that look saw stand for its images."""
-        started_at = time.time()  # files changed after this are news to the next look
+        # files changed after this are news to the next look
+        started_at = (started_ns := time.time_ns()) / 1e9
         try:
             uuid = domain.UUIDString()
             generation = self._store.generation(uuid)  # before anything is read
@@ -274,6 +275,7 @@ class DiskChecker:
             or judged.heal_error
             or now.job_running
         )  # else the next rescan must read again: what failed may work then
+        stats_before |= _unchanged_since(started_ns, now.paths, stats_before)
         seen = Seen.of(now.images, stats_before, judged.checkpoint_names) if clean else None
         if not any(r.error is not None and r.error.retryable for r in reports):
             self._store.put_disk(
@@ -476,6 +478,16 @@ class DiskChecker:
         return reconcile_at_rest(
             commit.top, commit.base, storage_roots=self._roots, base_before=base_before
         )
+
+
+def _unchanged_since(
+    started_ns: int, paths: Sequence[str], stats: Mapping[str, LayerStat]
+) -> dict[str, LayerStat]:
+    """Stats of the layers the look found on its way (not stat'ed before it read them) whose
+    change time is older than the look: those are what a stat before the read would have given
+    (a change time cannot be set back)."""
+    found = stat_layers(path for path in paths if stats.get(path) is None)
+    return {path: st for path, st in found.items() if st is not None and st[4] < started_ns}
 
 
 def _chain_now(
