@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.images import K64, ChainBuilder, MiB, bitmaps, dirty_extents, expected, run
-from helpers.libvirt_env import virsh
+from helpers.libvirt_env import Domains, virsh
 
 
 def build(folder: Path) -> ChainBuilder:
@@ -23,6 +23,23 @@ def build(folder: Path) -> ChainBuilder:
     c.checkpoint("cp3")
     c.write(9 * MiB, K64, 0xCC)
     return c
+
+
+def tracked(
+    tmp_path: Path,
+    domains: Domains,
+    daemon_factory: Any,
+    *extra: str,
+    running: bool,
+    **daemon: Any,
+) -> tuple[ChainBuilder, Any, Any]:
+    """The usual start: the test chain, a domain on it, a daemon (with ``extra`` arguments)
+    that has seen its disk."""
+    c = build(tmp_path / "images")
+    dom = domains.define(c.active, start=running)
+    process = daemon_factory(**daemon).start(*extra)
+    process.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    return c, dom, process
 
 
 def commit_s1_live(dom: Any, c: ChainBuilder, *options: str) -> None:
@@ -71,10 +88,10 @@ def guest_write(dom: Any, offset: int, length: int, pattern: int) -> None:
     assert "error" not in out.lower(), out
 
 
-def snapshot(dom: Any, overlay: Path) -> None:
+def snapshot(dom: Any, overlay: Path, *options: str) -> None:
     """A disk-only external snapshot of vda onto ``overlay``, as a backup tool or person takes
     one (libvirt sends no event for it)."""
     virsh(
-        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
+        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata", *options,
         "--diskspec", f"vda,file={overlay}",
     )  # fmt: skip

@@ -47,26 +47,10 @@ from helpers.scenarios import (
     commit_offline,
     commit_s1_live,
     is_for,
+    tracked,
 )
 
 pytestmark = pytest.mark.real
-
-
-def tracked(
-    tmp_path: Path,
-    domains: Domains,
-    daemon_factory: Any,
-    *extra: str,
-    running: bool,
-    **daemon: Any,
-) -> tuple[ChainBuilder, Any, Any]:
-    """The usual start: the test chain, a domain on it, a daemon (with ``extra`` arguments)
-    that has seen its disk."""
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active, start=running)
-    process = daemon_factory(**daemon).start(*extra)
-    process.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
-    return c, dom, process
 
 
 def test_live_commit_is_verified_already_consistent(

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from helpers.images import create
-from helpers.libvirt_env import Domains, virsh
-from helpers.scenarios import assert_base_holds_the_data, build, commit_offline, is_for
+from helpers.libvirt_env import Domains
+from helpers.scenarios import assert_base_holds_the_data, commit_offline, is_for, snapshot, tracked
 from virt_bitmapd.service.inotify import Inotify
 
 pytestmark = pytest.mark.real
@@ -21,49 +21,30 @@ IN_OPEN = 0x00000020
 SAFETY_NET_OFF = ("--snapshot-watch-interval", "0")
 
 
-def tracked_domain(
-    tmp_path: Path, domains: Domains, daemon_factory: Any, *extra: str, running: bool, **kw: Any
-) -> tuple[Any, Any, Any]:
-    c = build(tmp_path / "images")
-    dom = domains.define(c.active, start=running)
-    daemon = daemon_factory(**kw).start(*extra)
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
-    return c, dom, daemon
+def assert_known_soon(daemon: Any, dom: Any, overlay: Path, started: float) -> None:
+    """The daemon learnt of ``overlay`` as the disk's new top through the watch, in time."""
+    changed = daemon.wait_for(is_for(dom, "chain_changed"), timeout=5, what="overlay known")
+    assert changed["chain"][0] == str(overlay) and changed["trigger"] == "watch", changed
+    assert time.monotonic() - started < 2.5
 
 
 def test_a_libvirt_snapshot_is_known_within_seconds(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    _, dom, daemon = tracked_domain(
-        tmp_path, domains, daemon_factory, *SAFETY_NET_OFF, running=True
-    )
+    _, dom, daemon = tracked(tmp_path, domains, daemon_factory, *SAFETY_NET_OFF, running=True)
     overlay = tmp_path / "images" / "snap1.qcow2"
-    virsh(
-        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
-        "--diskspec", f"vda,file={overlay}",
-    )  # fmt: skip
-    taken = time.monotonic()
-    changed = daemon.wait_for(is_for(dom, "chain_changed"), timeout=5, what="snapshot known")
-    assert changed["chain"][0] == str(overlay) and changed["trigger"] == "watch", changed
-    assert time.monotonic() - taken < 2.5
+    snapshot(dom, overlay)
+    assert_known_soon(daemon, dom, overlay, time.monotonic())
 
 
 def test_an_overlay_made_by_qemu_img_in_a_watched_directory_is_known_within_seconds(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c, dom, daemon = tracked_domain(
-        tmp_path, domains, daemon_factory, *SAFETY_NET_OFF, running=True
-    )
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, *SAFETY_NET_OFF, running=True)
     overlay = create(tmp_path / "images" / "made-by-hand.qcow2", backing=c.active)
     time.sleep(1)  # its creation alone changes no chain
-    virsh(
-        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata", "--reuse-external",
-        "--diskspec", f"vda,file={overlay}",
-    )  # fmt: skip
-    taken = time.monotonic()
-    changed = daemon.wait_for(is_for(dom, "chain_changed"), timeout=5, what="overlay known")
-    assert changed["chain"][0] == str(overlay) and changed["trigger"] == "watch", changed
-    assert time.monotonic() - taken < 2.5
+    snapshot(dom, overlay, "--reuse-external")
+    assert_known_soon(daemon, dom, overlay, time.monotonic())
 
 
 def test_without_the_watch_a_snapshot_is_found_by_the_safety_net(
@@ -74,7 +55,7 @@ def test_without_the_watch_a_snapshot_is_found_by_the_safety_net(
     after writing in a watched directory.)"""
     elsewhere = tmp_path / "elsewhere" / "below"
     elsewhere.mkdir(parents=True)
-    _, dom, daemon = tracked_domain(
+    _, dom, daemon = tracked(
         tmp_path,
         domains,
         daemon_factory,
@@ -84,17 +65,11 @@ def test_without_the_watch_a_snapshot_is_found_by_the_safety_net(
         running=True,
     )
     overlay = elsewhere / "snap.qcow2"
-    virsh(
-        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
-        "--diskspec", f"vda,file={overlay}",
-    )  # fmt: skip
+    snapshot(dom, overlay)
     changed = daemon.wait_for(is_for(dom, "chain_changed"), timeout=10, what="overlay found")
     assert changed["chain"][0] == str(overlay) and changed["trigger"] == "rescan", changed
     second = elsewhere / "snap2.qcow2"
-    virsh(
-        "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata",
-        "--diskspec", f"vda,file={second}",
-    )  # fmt: skip
+    snapshot(dom, second)
     changed = daemon.wait_for(is_for(dom, "chain_changed"), timeout=10, what="second overlay")
     assert changed["chain"][0] == str(second), changed
 
@@ -102,7 +77,7 @@ def test_without_the_watch_a_snapshot_is_found_by_the_safety_net(
 def test_a_cold_merge_is_found_by_the_watch_without_a_rescan(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c, dom, daemon = tracked_domain(tmp_path, domains, daemon_factory, running=False)
+    c, dom, daemon = tracked(tmp_path, domains, daemon_factory, running=False)
     images = str(tmp_path / "images")
     daemon.wait_for(lambda e: e.get("event") == "watch_changed" and images in e["added"])
     commit_offline(c)  # qemu-img commit, then rebase: the rescan is an hour away
@@ -119,9 +94,7 @@ def opened(watcher: Inotify, layers: set[str]) -> set[str]:
 def test_a_rescan_reopens_no_unchanged_image(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    c, _, daemon = tracked_domain(
-        tmp_path, domains, daemon_factory, running=False, rescan_interval=1
-    )
+    c, _, daemon = tracked(tmp_path, domains, daemon_factory, running=False, rescan_interval=1)
     layers = {layer.name for layer in c.layers}
     watcher = Inotify()
     try:
