@@ -220,7 +220,9 @@ class DiskChecker:
         seen_before = state.bitmaps.get(target, {})
         remembered = state.seen.get(target) if trust_seen and not running else None
         try:
-            now, known_checkpoints = _chain_now(domain, disk, running, remembered, state)
+            now, known_checkpoints = _chain_now(
+                domain, disk, running, remembered=remembered, state=state, stats=stats_before
+            )
         except VirtBitmapdError as error:
             return replace(base, error=error)
         last_look = state.seen_at.get(target)
@@ -494,14 +496,15 @@ def _chain_now(
     domain: libvirt.virDomain,
     disk: Disk,
     running: bool,
+    *,
     remembered: Seen | None,
     state: DomainState,
+    stats: Mapping[str, LayerStat],
 ) -> tuple[ChainNow, tuple[Checkpoint, ...] | None]:
-    """The disk's chain now: as ``remembered`` when nothing says it changed since (then with
-    the domain's checkpoints, read to know), else read."""
+    """The disk's chain now: as ``remembered`` when nothing says it changed since ``stats``
+    were taken (then with the domain's checkpoints, read to know), else read."""
     old = state.chains.get(disk.target, ())
     if remembered is not None and old[: len(disk.paths)] == disk.paths:
-        stats = stat_layers(remembered.chain)
         now, checkpoints = _as_seen(domain, disk, remembered, stats, state)
         if now is not None:
             return now, checkpoints
