@@ -1,4 +1,8 @@
-"""Command line: ``virt-bitmapd run | status | inspect | reconcile | heal | check-config``."""
+"""Command line: ``virt-bitmapd run | status | inspect | reconcile | heal | check-config``.
+
+What only the one-shot commands print with (``report``, ``status``) is imported by them, when
+they run: the service carries none of it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__, images, report
+from . import __version__, images
 from .config import DEFAULT_PATH, ConfigError, Settings, load
 from .errors import ImageInUse, VirtBitmapdError
 from .handover import Handover
@@ -18,7 +22,6 @@ from .observability.logs import configure as configure_logging
 from .reconcile import reconcile_at_rest
 from .service.daemon import Daemon
 from .service.heap import limit_arenas
-from .status import host_status
 from .storage_roots import root_problem
 
 __all__ = ["main"]
@@ -235,6 +238,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from . import report
+
     open_elsewhere = False
     try:
         chain = images.read_chain(args.image)
@@ -249,6 +254,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from . import report
+    from .status import host_status
+
     settings = load(args.config or DEFAULT_PATH, {"uri": args.uri})
     found = host_status(settings.uri, settings.state_dir, args.domain)
     if args.json:
@@ -275,6 +283,8 @@ def _reconcile_roots(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    from . import report
+
     outcome = reconcile_at_rest(
         args.top, args.base, storage_roots=_reconcile_roots(args), dry_run=args.dry_run
     )
@@ -295,6 +305,8 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _heal(args: argparse.Namespace) -> int:
+    from . import report
+
     done = heal_chain(args.image, storage_roots=_reconcile_roots(args), dry_run=args.dry_run)
     if args.json:
         print(json.dumps({"result": done.result.value, **report.heal_json(done.plan)}, indent=2))
@@ -339,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except VirtBitmapdError as error:
         if getattr(args, "json", False):
+            from . import report
+
             print(json.dumps({"result": "failed", "error": report.error_json(error)}, indent=2))
         print(f"virt-bitmapd {args.command}: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StateUnusable
-from .fingerprints import LayerStat, Seen
+from .fingerprints import LayerStat, Seen, pack_stat, stat_fields
 from .health import Distrust
 from .model import Bitmap
 
@@ -85,7 +85,7 @@ def _layer_stat(raw: Any) -> LayerStat:
     if raw is None:
         return None
     dev, ino, size, mtime, ctime = (int(n) for n in raw)
-    return (dev, ino, size, mtime, ctime)
+    return pack_stat(dev, ino, size, mtime, ctime)
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -268,7 +268,7 @@ class StateStore:
             "seen": {
                 disk: {
                     "chain": list(seen.chain),
-                    "stats": [None if s is None else list(s) for s in seen.stats],
+                    "stats": [None if s is None else list(stat_fields(s)) for s in seen.stats],
                     "checkpoints": None if seen.checkpoints is None else list(seen.checkpoints),
                     "formats": list(seen.formats),
                     "sizes": list(seen.sizes),

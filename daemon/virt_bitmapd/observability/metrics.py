@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping
 
@@ -10,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
 from .. import __version__
+from .disk_states import BITMAP_STATES, CHECKPOINT_STATES, DiskStates
 
 __all__ = ["BITMAP_STATES", "CHECKPOINT_STATES", "RESULTS", "TRIGGERS", "Metrics"]
 
@@ -22,8 +22,6 @@ RESULTS = (
     "failed",
     "skipped",
 )
-BITMAP_STATES = ("valid", "disabled", "inconsistent", "broken_chain")
-CHECKPOINT_STATES = ("usable", "broken", "untrusted", "missing", "orphan_bitmap")
 # Reconciliations take from tens of milliseconds (verification) to minutes (huge bitmaps).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -76,26 +74,8 @@ class Metrics:
             "Bitmaps merged into a commit base (created ones included)",
             registry=r,
         )
-        self.bitmaps = Gauge(
-            "virt_bitmapd_bitmaps",
-            "Checkpoint bitmaps on the host's disks at the last scan, by state",
-            ["state"],
-            registry=r,
-        )
-        self.untrusted = Gauge(
-            "virt_bitmapd_untrusted_bitmaps",
-            "Bitmaps of a domain that cannot be trusted: its next backup must be full",
-            ["domain"],
-            registry=r,
-        )
-        self.checkpoints = Gauge(
-            "virt_bitmapd_checkpoints",
-            "A domain's checkpoints, one per disk each, by state at the last look: usable, "
-            "broken (libvirt refuses a backup from it), untrusted (may miss data, or "
-            "quarantined), missing (no bitmap); and bitmaps no checkpoint names (orphan_bitmap)",
-            ["domain", "state"],
-            registry=r,
-        )
+        self.disk_states = DiskStates()
+        r.register(self.disk_states)
         self.quarantines = Counter(
             "virt_bitmapd_quarantines_total",
             "Untrusted bitmaps disabled so that libvirt refuses backups from them (disabled), "
@@ -154,16 +134,11 @@ class Metrics:
         for trigger in TRIGGERS:
             for result in RESULTS:
                 self.reconciliations.labels(trigger, result)
-        for state in BITMAP_STATES:
-            self.bitmaps.labels(state).set(0)
         for result in ("disabled", "failed"):
             self.quarantines.labels(result)
         for result in ("healed", "failed"):
             self.heals.labels(result)
         self.libvirt_connected.set(0)
-        self._bitmaps_by_disk: dict[tuple[str, str], Mapping[str, int]] = {}
-        self._untrusted_by_disk: dict[tuple[str, str], int] = {}
-        self._checkpoints_by_disk: dict[tuple[str, str], Mapping[str, int]] = {}
         self._error_kinds: set[str] = set()
 
     def record(
@@ -180,48 +155,17 @@ class Metrics:
         self, domain: str, disk: str, states: Mapping[str, int], untrusted: int
     ) -> None:
         """What the last look at one disk found; totals are kept per host and per domain."""
-        self._bitmaps_by_disk[(domain, disk)] = dict(states)
-        self._untrusted_by_disk[(domain, disk)] = untrusted
-        self._publish(domain)
+        self.disk_states.set_bitmaps(domain, disk, states, untrusted)
 
     def set_disk_checkpoints(self, domain: str, disk: str, states: Mapping[str, int]) -> None:
         """How many of one disk's checkpoints are in each state; published per domain."""
-        self._checkpoints_by_disk[(domain, disk)] = dict(states)
-        self._publish(domain)
+        self.disk_states.set_checkpoints(domain, disk, states)
 
     def forget_disk(self, domain: str, disk: str) -> None:
-        self._bitmaps_by_disk.pop((domain, disk), None)
-        self._untrusted_by_disk.pop((domain, disk), None)
-        self._checkpoints_by_disk.pop((domain, disk), None)
-        self._publish(domain)
+        self.disk_states.forget_disk(domain, disk)
 
     def forget_domain(self, domain: str) -> None:
-        keys = set(self._bitmaps_by_disk) | set(self._checkpoints_by_disk)
-        for key in [key for key in keys if key[0] == domain]:
-            self._bitmaps_by_disk.pop(key, None)
-            self._untrusted_by_disk.pop(key, None)
-            self._checkpoints_by_disk.pop(key, None)
-        self._publish(domain)
-
-    def _publish(self, domain: str) -> None:
-        for state in BITMAP_STATES:
-            self.bitmaps.labels(state).set(
-                sum(states.get(state, 0) for states in self._bitmaps_by_disk.values())
-            )
-        disks = [states for (d, _), states in self._checkpoints_by_disk.items() if d == domain]
-        for state in CHECKPOINT_STATES:
-            count = sum(s.get(state, 0) for s in disks)
-            if count:
-                self.checkpoints.labels(domain, state).set(count)
-            else:  # a series per domain and state would cost memory on hosts of many domains
-                with contextlib.suppress(KeyError):  # never published
-                    self.checkpoints.remove(domain, state)
-        per_domain = [n for (d, _), n in self._untrusted_by_disk.items() if d == domain]
-        if per_domain:
-            self.untrusted.labels(domain).set(sum(per_domain))
-        else:
-            with contextlib.suppress(KeyError):  # never published
-                self.untrusted.remove(domain)
+        self.disk_states.forget_domain(domain)
 
     def set_disks_in_error(self, kinds: Mapping[str, int]) -> None:
         """How many disks are in error now, per kind; kinds seen before and gone go to 0."""

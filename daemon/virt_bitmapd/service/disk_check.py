@@ -37,7 +37,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
-from ..fingerprints import LayerStat, Seen, stat_layers, unchanged
+from ..fingerprints import LayerStat, Seen, change_time_ns, stat_layers, unchanged
 from ..handover import Handover
 from ..heal import HealResult, heal_chain
 from ..healing import HealPlan, HealStep, annotate, plan_healing
@@ -489,7 +489,9 @@ def _unchanged_since(
     change time is older than the look: those are what a stat before the read would have given
     (a change time cannot be set back)."""
     found = stat_layers(path for path in paths if stats.get(path) is None)
-    return {path: st for path, st in found.items() if st is not None and st[4] < started_ns}
+    return {
+        path: st for path, st in found.items() if st is not None and change_time_ns(st) < started_ns
+    }
 
 
 def _chain_now(
