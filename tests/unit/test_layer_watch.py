@@ -4,14 +4,16 @@ and the stat comparison a rescan makes before it reads."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import struct
 from pathlib import Path
 
-from virt_bitmapd.fingerprints import Seen, stat_layers, unchanged
+from virt_bitmapd.fingerprints import Seen, change_time_ns, stat_fields, stat_layers, unchanged
 from virt_bitmapd.model import Image
 from virt_bitmapd.service.inotify import IN_CREATE, Event, parse_events
 from virt_bitmapd.service.layer_watch import LayerWatch, layer_directories
+from virt_bitmapd.state import StateStore
 
 
 def record(wd: int, mask: int, name: bytes, padded: int) -> bytes:
@@ -130,3 +132,29 @@ def test_a_layer_not_stated_before_the_read_proves_nothing(tmp_path: Path) -> No
     image = Image(path=str(layer), format="qcow2")
     assert Seen.of([image], {}, None) is None
     assert Seen.of([image], stat_layers([str(layer)]), None) is None  # it does not exist
+
+
+def test_what_a_look_saw_survives_a_restart_exactly(tmp_path: Path) -> None:
+    layer = tmp_path / "base.qcow2"
+    layer.write_bytes(b"b")
+    stats = stat_layers([str(layer)])
+    image = Image(path=str(layer), format="qcow2", virtual_size=1 << 40)
+    seen = Seen.of([image], stats, ("cp1",))
+    assert seen is not None
+    st = layer.stat()
+    assert stat_fields(stats[str(layer)] or b"") == (
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
+    assert change_time_ns(stats[str(layer)] or b"") == st.st_ctime_ns
+    store = StateStore(tmp_path / "state")
+    store.put_disk(
+        "u1", name="vm1", disk="vda", chain=seen.chain, untrusted={}, bitmaps={}, seen=seen
+    )
+    state = StateStore(tmp_path / "state").load("u1")
+    assert state is not None and state.seen["vda"] == seen
+    saved = json.loads((tmp_path / "state" / "domains" / "u1.json").read_text())
+    assert saved["seen"]["vda"]["stats"] == [list(stat_fields(stats[str(layer)] or b""))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,47 @@ def test_untrusted_names_of_the_first_format_are_read_with_a_reason(tmp_path: Pa
     (tmp_path / "domains" / "u1.json").write_text(json.dumps(document))
     state = StateStore(tmp_path).load("u1")
     assert state is not None and state.untrusted["vda"] == {"cp1": Distrust(NO_REASON_KEPT)}
+
+
+def test_disk_series_are_built_when_scraped() -> None:
+    metrics = Metrics()
+    text = generate_latest(metrics.registry).decode()
+    assert 'virt_bitmapd_bitmaps{state="broken_chain"} 0.0' in text  # every state, always
+    metrics.set_disk_checkpoints("vm1", "vda", {"usable": 2, "broken": 0})
+    metrics.set_disk_checkpoints("vm1", "vdb", {"usable": 1, "missing": 1})
+    text = generate_latest(metrics.registry).decode()
+    assert 'virt_bitmapd_checkpoints{domain="vm1",state="usable"} 3.0' in text
+    assert 'virt_bitmapd_checkpoints{domain="vm1",state="missing"} 1.0' in text
+    assert 'state="broken"' not in text  # only states some checkpoint is in
+    assert "virt_bitmapd_untrusted_bitmaps{" not in text  # no bitmaps counted yet
+    metrics.forget_disk("vm1", "vdb")
+    text = generate_latest(metrics.registry).decode()
+    assert 'virt_bitmapd_checkpoints{domain="vm1",state="usable"} 2.0' in text
+    assert 'state="missing"' not in text
+    metrics.forget_disk("vm1", "vda")
+    assert "vm1" not in generate_latest(metrics.registry).decode()
+
+
+def test_disk_series_can_be_scraped_while_looks_change_them() -> None:
+    metrics = Metrics()
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            generate_latest(metrics.registry)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for round_ in range(300):
+            for index in range(20):
+                domain, disk = f"vm{index}", f"vd{round_ % 3}"
+                metrics.set_disk_bitmaps(domain, disk, {"valid": round_ % 4}, untrusted=0)
+                metrics.set_disk_checkpoints(domain, disk, {"usable": 1})
+                if round_ % 5 == 0:
+                    metrics.forget_domain(domain)
+    finally:
+        stop.set()
+        scraper.join()
+    text = generate_latest(metrics.registry).decode()
+    assert 'virt_bitmapd_checkpoints{domain="vm0",state="usable"}' in text

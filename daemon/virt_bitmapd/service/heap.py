@@ -1,10 +1,7 @@
 """glibc heap housekeeping, so the daemon's resident memory follows what it holds.
 
 * glibc gives each thread that allocates its own malloc arena, up to 8 per core; the daemon's
-  worker threads (libvirt calls, QEMU tools) would each keep one partly used. One is enough:
-  Python code runs one thread at a time (the GIL), and the threads mostly wait on libvirt and
-  QEMU tools, so nothing contends for it (measured: 0.3 MiB less than two on a host of 600
-  disks).
+  worker threads (libvirt calls, QEMU tools) would each keep one partly used. Two are enough.
 * A full rescan (a startup on a host of hundreds of domains) parses much and keeps little; the
   freed memory stays in the heap until ``malloc_trim`` gives it back.
 
@@ -26,7 +23,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None)
 
 
-def limit_arenas(arenas: int = 1) -> None:
+def limit_arenas(arenas: int = 2) -> None:
     """Before any thread starts."""
     with contextlib.suppress(OSError, AttributeError):
         _libc().mallopt(M_ARENA_MAX, arenas)
