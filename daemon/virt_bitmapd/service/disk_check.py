@@ -165,15 +165,13 @@ class DiskChecker:
         unread = 0
         for domain in domains:
             uuid = domain.UUIDString()
-            disks = known.get(uuid)
+            disks = known.get(uuid, {})
             changed = None
             if disks:
-                try:
+                with contextlib.suppress(VirtBitmapdError):  # the look says what is wrong
                     changed = _changed_targets(domain, disks, uuid in running)
-                except VirtBitmapdError:
-                    changed = None  # the look says what is wrong
-            if changed is not None and len(changed) < len(disks or {}):
-                unread += len(disks or {}) - len(changed)
+            if changed is not None and len(changed) < len(disks):
+                unread += len(disks) - len(changed)
                 with contextlib.suppress(VirtBitmapdError):
                     self._store.touch(uuid)  # seen: its chains are kept while it is listed
             plan.append((domain, changed))
@@ -332,7 +330,7 @@ class DiskChecker:
             checkpoint_error = None
         except VirtBitmapdError as error:
             checkpoints, checkpoint_error = (), error
-        names = tuple(sorted(checkpoint.name for checkpoint in checkpoints))
+        names = _names(checkpoints)
         if copied:  # the new top holds the bitmaps of every layer the copy replaced
             merged.update(_copied_into(now.paths, checkpoints, target))
         found = dict(after_commits) | lost_layers(now.images, checkpoints, target, merged)
@@ -504,13 +502,15 @@ def _chain_now(
     stats: Mapping[str, LayerStat],
 ) -> tuple[ChainNow, tuple[Checkpoint, ...] | None]:
     """The disk's chain now: as ``remembered`` when nothing says it changed since ``stats``
-    were taken (then with the domain's checkpoints, read to know), else read."""
+    were taken, else read; and the domain's checkpoints when they were read to know (None:
+    not read)."""
     old = state.chains.get(disk.target, ())
+    checkpoints = None
     if remembered is not None and old[: len(disk.paths)] == disk.paths:
         now, checkpoints = _as_seen(domain, disk, remembered, stats, state)
         if now is not None:
             return now, checkpoints
-    return current_chain(domain, disk, running), None
+    return current_chain(domain, disk, running), checkpoints
 
 
 def _as_seen(
@@ -527,9 +527,14 @@ def _as_seen(
     if images is None or not unchanged(seen, chain=None, checkpoints=None, stats=stats):
         return None, None
     checkpoints = domain_checkpoints(domain)
-    if tuple(sorted(checkpoint.name for checkpoint in checkpoints)) != seen.checkpoints:
+    if _names(checkpoints) != seen.checkpoints:
         return None, checkpoints
     return ChainNow(disk=disk, paths=seen.chain, images=images), checkpoints
+
+
+def _names(checkpoints: Sequence[Checkpoint]) -> tuple[str, ...]:
+    """Sorted, as ``checkpoint_names`` gives them and ``Seen`` keeps them."""
+    return tuple(sorted(checkpoint.name for checkpoint in checkpoints))
 
 
 def _changed_targets(
