@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__, images
@@ -29,6 +30,9 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# how long `reconcile` waits for an image another process holds, and how often it tries
+LOCK_WAIT = 10.0
+LOCK_RETRY = 0.5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -285,9 +289,19 @@ def _reconcile_roots(args: argparse.Namespace) -> tuple[str, ...] | None:
 def _reconcile(args: argparse.Namespace) -> int:
     from . import report
 
-    outcome = reconcile_at_rest(
-        args.top, args.base, storage_roots=_reconcile_roots(args), dry_run=args.dry_run
-    )
+    roots = _reconcile_roots(args)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            outcome = reconcile_at_rest(
+                args.top, args.base, storage_roots=roots, dry_run=args.dry_run
+            )
+            break
+        except ImageInUse:
+            # the daemon's watch may have seen the commit too and be reconciling it this moment
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(LOCK_RETRY)
     if outcome.result is not Result.PLANNED:
         _tell_the_daemon(args, outcome.plan.base, outcome.committed)
     if args.json:
