@@ -9,12 +9,13 @@ away (see ``health``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .domain_xml import disks_of_element, libvirt_root
 from .errors import DomainXMLInvalid
 
-__all__ = ["Checkpoint", "CheckpointDisk", "parse_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointDisk", "names_of", "parse_checkpoint", "sorted_names"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,3 +70,13 @@ def parse_checkpoint(xml: str) -> Checkpoint:
             )
         )
     return Checkpoint(name=name, created=created, disks=tuple(disks))
+
+
+def sorted_names(names: Iterable[str]) -> tuple[str, ...]:
+    """Checkpoint names in the one order every comparison of them uses (``Seen`` keeps them
+    so), whether they came from libvirt's list or from the checkpoints' XML."""
+    return tuple(sorted(names))
+
+
+def names_of(checkpoints: Iterable[Checkpoint]) -> tuple[str, ...]:
+    return sorted_names(checkpoint.name for checkpoint in checkpoints)

@@ -1,38 +1,25 @@
 """Command line: ``virt-bitmapd run | status | inspect | reconcile | heal | check-config``.
 
-What only the one-shot commands print with (``report``, ``status``) is imported by them, when
-they run: the service carries none of it.
+This module only parses.  Each command lives in ``commands/`` and is imported when it runs, so
+a one-shot command loads nothing of the service (``virt-bitmapd reconcile``, which a cold-merge
+tool runs once per merge, starts without asyncio's machinery, libvirt's event thread or
+prometheus_client).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib
 import json
 import sys
-import time
 from collections.abc import Sequence
 
-from . import __version__, images
-from .config import DEFAULT_PATH, ConfigError, Settings, load
-from .errors import ImageInUse, VirtBitmapdError
-from .handover import Handover
-from .heal import HealResult, heal_chain
-from .model import Result
-from .observability.logs import configure as configure_logging
-from .reconcile import reconcile_at_rest
-from .service.daemon import Daemon
-from .service.heap import limit_arenas
-from .storage_roots import root_problem
+from . import __version__
+from .commands import EXIT_FAILED, EXIT_USAGE
+from .config import DEFAULT_PATH, ConfigError
+from .errors import VirtBitmapdError
 
 __all__ = ["main"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-# how long `reconcile` waits for an image another process holds, and how often it tries
-LOCK_WAIT = 10.0
-LOCK_RETRY = 0.5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,181 +180,21 @@ def _add_root_arguments(command: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load(
-        args.config,
-        {
-            "uri": args.uri,
-            "state_dir": args.state_dir,
-            "storage_roots": tuple(args.storage_root) if args.storage_root else None,
-            "rescan_interval": args.rescan_interval,
-            "snapshot_watch_interval": args.snapshot_watch_interval,
-            "watch": args.watch,
-            "concurrency": args.concurrency,
-            "metrics_listen": args.metrics_listen,
-            "log_format": args.log_format,
-            "log_level": args.log_level,
-            "untrusted_policy": args.untrusted,
-            "heal": args.heal,
-        },
-    )
-
-
-def _run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    configure_logging(settings.log_format, settings.log_level)
-    limit_arenas()
-    return asyncio.run(Daemon(settings).run())
-
-
-def _check_config(args: argparse.Namespace) -> int:
-    settings = load(args.path)
-    print(f"{args.path}: ok")
-    for name in (
-        "uri",
-        "storage_roots",
-        "state_dir",
-        "rescan_interval",
-        "snapshot_watch_interval",
-        "watch",
-        "concurrency",
-        "metrics_listen",
-        "log_format",
-        "log_level",
-        "untrusted_policy",
-        "heal",
-    ):
-        print(f"  {name} = {getattr(settings, name)!r}")
-    return EXIT_OK
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    from . import report
-
-    open_elsewhere = False
-    try:
-        chain = images.read_chain(args.image)
-    except ImageInUse:
-        chain = images.read_chain(args.image, force_share=True)
-        open_elsewhere = True
-    if args.json:
-        print(json.dumps(report.chain_json(chain, open_elsewhere=open_elsewhere), indent=2))
-    else:
-        print(report.chain_text(chain, open_elsewhere=open_elsewhere))
-    return EXIT_OK
-
-
-def _status(args: argparse.Namespace) -> int:
-    from . import report
-    from .status import host_status
-
-    settings = load(args.config or DEFAULT_PATH, {"uri": args.uri})
-    found = host_status(settings.uri, settings.state_dir, args.domain)
-    if args.json:
-        print(json.dumps(report.status_json(found), indent=2))
-    else:
-        print(report.status_text(found))
-    return EXIT_OK if found.complete else EXIT_FAILED
-
-
-def _reconcile_roots(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """The flags' roots; else the config file's (the host's rule applies to people too); else
-    none, for images a person names on a machine where nothing is configured."""
-    if args.storage_root:
-        problems = [
-            f"--storage-root: {problem}"
-            for problem in map(root_problem, args.storage_root)
-            if problem is not None
-        ]
-        if problems:
-            raise ConfigError(problems)
-        return tuple(args.storage_root)
-    settings = load(args.config or DEFAULT_PATH)
-    return settings.storage_roots if settings.source != "defaults" else None
-
-
-def _reconcile(args: argparse.Namespace) -> int:
-    from . import report
-
-    roots = _reconcile_roots(args)
-    deadline = time.monotonic() + LOCK_WAIT
-    while True:
-        try:
-            outcome = reconcile_at_rest(
-                args.top, args.base, storage_roots=roots, dry_run=args.dry_run
-            )
-            break
-        except ImageInUse:
-            # the daemon's watch may have seen the commit too and be reconciling it this moment
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(LOCK_RETRY)
-    if outcome.result is not Result.PLANNED:
-        _tell_the_daemon(args, outcome.plan.base, outcome.committed)
-    if args.json:
-        document = {
-            "result": outcome.result.value,
-            "plan": report.plan_json(outcome.plan, outcome.outcome),
-        }
-        print(json.dumps(document, indent=2))
-    else:
-        print(report.plan_text(outcome.plan, outcome.outcome))
-        print(f"result: {outcome.result.value}")
-        if outcome.result is Result.PLANNED:
-            print("dry run: nothing was changed")
-    return EXIT_OK
-
-
-def _heal(args: argparse.Namespace) -> int:
-    from . import report
-
-    done = heal_chain(args.image, storage_roots=_reconcile_roots(args), dry_run=args.dry_run)
-    if args.json:
-        print(json.dumps({"result": done.result.value, **report.heal_json(done.plan)}, indent=2))
-    else:
-        print(report.heal_text(done.chain.top.path, done.plan))
-        print(f"result: {done.result.value}")
-        if done.result is HealResult.PLANNED:
-            print("dry run: nothing was changed")
-    return EXIT_FAILED if done.plan.refused else EXIT_OK
-
-
-def _tell_the_daemon(args: argparse.Namespace, base: str, committed: tuple[str, ...]) -> None:
-    """Leave a record for the daemon, so that deleting the committed layers now is not taken
-    for a loss (see handover)."""
-    state_dir = load(args.config or DEFAULT_PATH).state_dir
-    try:
-        Handover(state_dir).record(base, committed)
-    except OSError as error:
-        print(
-            f"virt-bitmapd reconcile: note: {state_dir}: the daemon could not be told "
-            f"({error.strerror}); it will report these layers' bits as unprovable once they "
-            "are deleted",
-            file=sys.stderr,
-        )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {
-        "inspect": _inspect,
-        "reconcile": _reconcile,
-        "heal": _heal,
-        "run": _run,
-        "check-config": _check_config,
-        "status": _status,
-    }[args.command]
+    command = importlib.import_module(f".commands.{args.command.replace('-', '_')}", __package__)
     try:
-        return handler(args)
+        result: int = command.main(args)
+        return result
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
     except VirtBitmapdError as error:
         if getattr(args, "json", False):
-            from . import report
+            from .printing import error_json
 
-            print(json.dumps({"result": "failed", "error": report.error_json(error)}, indent=2))
+            print(json.dumps({"result": "failed", "error": error_json(error)}, indent=2))
         print(f"virt-bitmapd {args.command}: {error}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -4,14 +4,10 @@ Each class's name says what went wrong and its ``kind`` (used in metric labels, 
 says the same in snake case.  Each message names the image, bitmap or domain it is about.
 ``retryable`` says whether trying the same thing later may succeed; it follows the cause (a lock
 held by another process, a tool that did not answer in time), so a few classes decide it per
-instance.  ``image_error_from_qemu`` turns what QEMU says about an image into one of these, by
-patterns checked against QEMU's own messages.
+instance.  What QEMU's tools say is turned into these by ``qemu_messages``.
 """
 
 from __future__ import annotations
-
-import re
-import signal
 
 __all__ = [
     "BaseCannotHoldBitmaps",
@@ -42,8 +38,6 @@ __all__ = [
     "TransactionRefused",
     "UnseenLayersForked",
     "VirtBitmapdError",
-    "describe_exit",
-    "image_error_from_qemu",
 ]
 
 
@@ -299,18 +293,6 @@ class CrashDamagedBitmaps(BitsUnrecoverable):
         )
 
 
-def describe_exit(code: int | None) -> str:
-    """A process's end in words: its exit status, or the signal that ended it."""
-    if code is None:
-        return "did not end"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
-
-
 class QMPError(VirtBitmapdError):
     """QEMU answered a QMP command with an error."""
 
@@ -340,37 +322,3 @@ class StateUnusable(VirtBitmapdError):
 
     kind = "state_unusable"
     retryable = True
-
-
-# ------------------------------------------------------------------ QEMU's words
-
-
-def _tidy_qemu_message(image: str, message: str) -> str:
-    """QEMU repeats "Could not open 'X': " once per block layer; once is enough, and not at all
-    when X is the image the error names already."""
-    message = re.sub(r"(Could not open '[^']*': )\1+", r"\1", message.strip())
-    own = f"Could not open '{image}': "
-    return message[len(own) :] if message.startswith(own) else message
-
-
-# What QEMU says, as seen from qemu-img 7.2 and qemu-storage-daemon
-# (tests/real/test_qemu_messages.py produces each of these and checks the kind).
-_IN_USE = re.compile(r"Failed to get \S+ \"?\w+\"? lock|Is another process using the image")
-_MISSING = re.compile(r"No such file or directory")
-_CORRUPT = re.compile(
-    r"offset invalid|[Ii]mage is corrupt|[Mm]arking image as corrupt|not in qcow2 format"
-    r"|Unsupported qcow2 version|Invalid backing file offset|Backing file name too long"
-    r"|Unsupported value|too large|Image too small"
-)
-
-
-def image_error_from_qemu(image: str, message: str) -> ImageError:
-    """Classify what a QEMU tool said when it could not open ``image``."""
-    message = _tidy_qemu_message(image, message)
-    if _IN_USE.search(message):
-        return ImageInUse(image, "in use by another process (a running VM?): " + message)
-    if _MISSING.search(message):
-        return ImageMissing(image, message)
-    if _CORRUPT.search(message):
-        return ImageCorrupt(image, message)
-    return ImageUnreadable(image, message)

@@ -26,6 +26,7 @@ __all__ = [
     "stat_layer",
     "stat_layers",
     "unchanged",
+    "unchanged_on_disk",
 ]
 
 #: (device, inode, size, mtime ns, ctime ns), packed: a host's every layer is remembered, and
@@ -119,3 +120,11 @@ def unchanged(
     if checkpoints is not None and checkpoints != seen.checkpoints:
         return False
     return all(stats.get(path) == stat for path, stat in zip(seen.chain, seen.stats, strict=True))
+
+
+def unchanged_on_disk(seen: Seen | None) -> bool:
+    """Whether every layer of a disk is as its last complete look saw it, by a stat of each
+    (None: that look proved nothing)."""
+    return seen is not None and unchanged(
+        seen, chain=None, checkpoints=None, stats=stat_layers(seen.chain)
+    )

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["Handover"]
+from .retention import RETENTION
 
-RETENTION = 90 * 86400  # seconds a record waits for the daemon
+__all__ = ["Handover"]
 
 
 class Handover:

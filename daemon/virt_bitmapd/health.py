@@ -33,6 +33,7 @@ __all__ = [
     "Distrust",
     "NextBackup",
     "State",
+    "committed_into",
     "disk_health",
     "lost_layers",
     "run_bottom",
@@ -123,7 +124,7 @@ def run_bottom(chain: Sequence[Image], bitmap: str) -> str | None:
     return bottom
 
 
-def _committed_into(layer: str, merged_into: Mapping[str, str]) -> set[str]:
+def committed_into(layer: str, merged_into: Mapping[str, str]) -> set[str]:
     """Every layer ``layer`` reached through commits virt-bitmapd saw handled well."""
     reached: set[str] = set()
     while layer in merged_into and merged_into[layer] not in reached:
@@ -144,7 +145,7 @@ def _lost_reason(
     if bottom is None:
         return None  # not in the top: libvirt refuses it, nothing is hidden
     born_in = disk.chain_then[0]
-    fine = {born_in, *disk.chain_then[1:], *_committed_into(born_in, merged_into)}
+    fine = {born_in, *disk.chain_then[1:], *committed_into(born_in, merged_into)}
     if bottom in fine:
         return None
     paths = [image.path for image in chain]

@@ -35,11 +35,10 @@ from .errors import (
     ImageUnreadable,
     ToolCrashed,
     ToolFailed,
-    describe_exit,
-    image_error_from_qemu,
 )
 from .model import QCOW2, Bitmap, Chain, Image
 from .qcow2_header import NotQcow2, Qcow2Header
+from .qemu_messages import describe_exit, image_error_from_qemu
 from .storage_roots import is_inside
 
 __all__ = ["backing_path", "read_chain", "read_header", "read_image", "recent_overlays"]

@@ -43,10 +43,10 @@ from .errors import (
     RepairRefused,
     TransactionRefused,
     VirtBitmapdError,
-    image_error_from_qemu,
 )
 from .model import Chain, Image, Outcome, Plan, Reconciliation, Result, find_bitmap
 from .planner import plan as make_plan
+from .qemu_messages import image_error_from_qemu
 from .qmp import (
     JSON,
     OWN_PREFIX,

@@ -142,6 +142,11 @@ class StateStore:
         with self._lock:
             return self._generations.get(uuid, 0)
 
+    def is_current(self, uuid: str, generation: int) -> bool:
+        """Whether the domain was not forgotten since ``generation`` was read: work begun
+        before a forget must not bring the domain back, nor speak for it."""
+        return self._generations.get(uuid, 0) == generation
+
     def _path(self, uuid: str) -> Path:
         if not uuid or "/" in uuid or uuid.startswith("."):
             raise ValueError(f"not a domain UUID: {uuid!r}")
@@ -197,7 +202,7 @@ class StateStore:
         ``generation`` was read. ``seen``: what the look saw, if it may spare the next one
         reading the images (None forgets an earlier one)."""
         with self._lock:
-            if self._generations.get(uuid, 0) != generation:
+            if not self.is_current(uuid, generation):
                 return False
             state = self.load(uuid) or DomainState(uuid=uuid, name=name)
             state.name = name
@@ -226,7 +231,7 @@ class StateStore:
 
     def drop_disk(self, uuid: str, disk: str, generation: int = 0) -> None:
         with self._lock:
-            if self._generations.get(uuid, 0) != generation:
+            if not self.is_current(uuid, generation):
                 return
             state = self.load(uuid)
             if state is not None and disk in state.chains:

@@ -9,19 +9,16 @@ directory.  It never writes anything, and works whether the daemon runs or not.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import libvirt
 
-from .checkpoint_xml import Checkpoint
 from .errors import LibvirtFailed, VirtBitmapdError
-from .healing import annotate, plan_healing
-from .health import CheckpointHealth, Distrust, disk_health, lost_layers, untrusted_now
-from .model import Image
-from .service.chain_reader import current_chain, domain_disks, resolved
-from .service.checkpoint_reader import domain_checkpoints
-from .state import DomainState, StateStore
+from .health import CheckpointHealth
+from .look.judge import distrust, judge
+from .readers.chain import current_chain, domain_disks, resolved
+from .readers.checkpoints import domain_checkpoints
+from .state import StateStore
 
 __all__ = ["DiskStatus", "DomainStatus", "HostStatus", "host_status"]
 
@@ -111,21 +108,20 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
         except VirtBitmapdError as error:
             judged.append(DiskStatus(disk=disk.target, error=str(error)))
             continue
-        untrusted = _untrusted(state, disk.target, chain, checkpoints)
-        why = {bitmap: distrust.why for bitmap, distrust in untrusted.items()}
-        healing = plan_healing(
+        merged = {} if state is None else state.merged_into.get(disk.target, {})
+        untrusted = distrust(
             chain,
-            checkpoints=checkpoints,
-            target=disk.target,
-            untrusted=set(untrusted),
-            merged_into={} if state is None else state.merged_into.get(disk.target, {}),
+            checkpoints,
+            disk.target,
+            remembered={} if state is None else state.untrusted.get(disk.target, {}),
+            after_commits={},
+            merged_into=merged,
         )
-        health = disk_health(chain, checkpoints, disk.target, why)
         judged.append(
             DiskStatus(
                 disk=disk.target,
                 chain=tuple(image.path for image in chain),
-                checkpoints=annotate(health, healing, chain[0].path),
+                checkpoints=judge(chain, checkpoints, disk.target, untrusted, merged),
             )
         )
     return DomainStatus(
@@ -135,15 +131,3 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
         disks=tuple(judged),
         skipped=tuple((skip.target, skip.reason) for skip in disks.skipped),
     )
-
-
-def _untrusted(
-    state: DomainState | None,
-    target: str,
-    chain: Sequence[Image],
-    checkpoints: Sequence[Checkpoint],
-) -> dict[str, Distrust]:
-    remembered = {} if state is None else state.untrusted.get(target, {})
-    merged = {} if state is None else state.merged_into.get(target, {})
-    found = lost_layers(chain, checkpoints, target, merged)
-    return untrusted_now(remembered, found, chain, checkpoints, target)

@@ -77,7 +77,7 @@ def test_live_active_commit_with_pivot(
         for s in ("ready", "completed")
     ]
     assert [e["job_type"] for e in events] == ["active_commit", "active_commit"]
-    assert events[0]["action"] == "remember the chain"
+    assert events[0]["action"] == "look at the disk before the pivot"
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "already_consistent", entry
     assert entry["removed"] == [str(c.layers[2]), str(c.layers[1])]

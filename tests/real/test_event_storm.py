@@ -61,13 +61,13 @@ def test_a_burst_of_a_thousand_events_looks_at_each_disk_once_or_twice(
 
     async def main() -> None:
         daemon = Daemon(settings)
-        check = daemon.checker.check
+        look = daemon.look
 
         def counting(domain: Any, target: str, **options: Any) -> Any:
             looks[(domain.UUIDString(), target)] += 1
-            return check(domain, target, **options)
+            return look(domain, target, **options)
 
-        daemon.checker.check = counting  # type: ignore[method-assign]
+        daemon.look = counting  # type: ignore[assignment]
         running = asyncio.create_task(daemon.run())
         try:
             await until(lambda: len(looks) >= DISKS, "the startup looks")

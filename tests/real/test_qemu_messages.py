@@ -18,8 +18,8 @@ from virt_bitmapd.errors import (
     ImageInUse,
     ImageMissing,
     ImageUnreadable,
-    image_error_from_qemu,
 )
+from virt_bitmapd.qemu_messages import image_error_from_qemu
 
 pytestmark = pytest.mark.real
 

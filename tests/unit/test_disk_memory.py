@@ -47,7 +47,7 @@ def test_the_memory_shrinks_when_a_domain_goes() -> None:
     memory = DiskMemory()
     for uuid in ("u1", "u2"):
         key = (uuid, "vda")
-        memory.job_of_event[key] = ("commit", True)
+        memory.checkpoint_states[key] = {"cp1": "usable"}
         memory.skip_logged.add(key)
         memory.look_delays[key] = 5.0
         memory.commit_failures[key] = 2
@@ -56,7 +56,7 @@ def test_the_memory_shrinks_when_a_domain_goes() -> None:
         memory.absent_logged.add(uuid)
     memory.forget_domain("u1")
     held = (
-        memory.job_of_event,
+        memory.checkpoint_states,
         memory.skip_logged,
         memory.look_delays,
         memory.commit_failures,

@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from virt_bitmapd.handover import RETENTION, Handover
+from virt_bitmapd.handover import Handover
+from virt_bitmapd.retention import RETENTION
 
 
 def test_a_record_answers_once_for_the_layers_it_covers(tmp_path: Path) -> None:

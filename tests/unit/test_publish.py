@@ -17,21 +17,34 @@ from virt_bitmapd.errors import (
     ToolCrashed,
     VirtBitmapdError,
 )
+from virt_bitmapd.look.findings import CommitReport, LookResult
 from virt_bitmapd.model import Result
 from virt_bitmapd.observability.metrics import Metrics
 from virt_bitmapd.service.daemon import Daemon
 from virt_bitmapd.service.disk_memory import COMMIT_ATTEMPTS
-from virt_bitmapd.service.reports import CommitReport, DiskReport
+from virt_bitmapd.service.scheduler import BlockJob, LookRequest
 from virt_bitmapd.service.tasks import TaskSupervisor
 from virt_bitmapd.tracking import Commit
 
 
+def publish(
+    daemon: Daemon,
+    report: LookResult,
+    trigger: str,
+    job_type: str | None,
+    *,
+    completed: bool = False,
+) -> None:
+    job = None if job_type is None else BlockJob(job_type, completed)
+    daemon.applier.publish(report, LookRequest((trigger,), job))
+
+
 def one_commit(
     removed: str, base: str, *, running: bool = True, kept: tuple[str, ...] = (), **ending: Any
-) -> DiskReport:
+) -> LookResult:
     """A look that found ``removed`` committed into ``base`` (``kept``: the layers above, still
     in the chain); ``ending``: the CommitReport's result or error."""
-    return DiskReport(
+    return LookResult(
         domain="vm1",
         uuid="u1",
         disk="vda",
@@ -52,7 +65,7 @@ def one_commit(
 def test_a_commit_event_with_no_known_layer_gone_is_reported_unverified(tmp_path: Path) -> None:
     metrics = Metrics()
     daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=metrics)
-    report = DiskReport(
+    report = LookResult(
         domain="vm1",
         uuid="u1",
         disk="vda",
@@ -61,7 +74,7 @@ def test_a_commit_event_with_no_known_layer_gone_is_reported_unverified(tmp_path
         previous_chain=("/i/base",),
     )
     with capture_logs() as logs:
-        daemon.reporter.publish(report, "event", "commit", completed=True)
+        publish(daemon, report, "event", "commit", completed=True)
     entry = next(e for e in logs if e["event"] == "reconciliation")
     assert entry["result"] == "skipped" and entry["log_level"] == "warning"
     assert "not verified" in entry["reason"]
@@ -71,9 +84,9 @@ def test_a_commit_event_with_no_known_layer_gone_is_reported_unverified(tmp_path
 
 def test_a_look_after_another_event_says_nothing_of_commits(tmp_path: Path) -> None:
     daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
-    report = DiskReport(domain="vm1", uuid="u1", disk="vda", chain=("/i/a",), previous_chain=())
+    report = LookResult(domain="vm1", uuid="u1", disk="vda", chain=("/i/a",), previous_chain=())
     with capture_logs() as logs:
-        daemon.reporter.publish(report, "rescan", None)
+        publish(daemon, report, "rescan", None)
     assert not [e for e in logs if e["event"] == "reconciliation"]
 
 
@@ -84,24 +97,24 @@ def test_a_commit_already_handled_by_the_look_at_ready_is_not_reported_unverifie
     handled = one_commit("/i/top", "/i/base", result=Result.ALREADY_CONSISTENT)
     unchanged = replace(handled, commits=(), previous_chain=("/i/base",))
     with capture_logs() as logs:
-        daemon.reporter.publish(handled, "event", None)  # the look started at READY saw the pivot
-        daemon.reporter.publish(unchanged, "event", "active_commit", completed=True)
+        publish(daemon, handled, "event", None)  # the look started at READY saw the pivot
+        publish(daemon, unchanged, "event", "active_commit", completed=True)
     results = [e["result"] for e in logs if e["event"] == "reconciliation"]
     assert results == ["already_consistent"]
 
 
 def test_the_look_at_ready_finds_no_commit_and_says_nothing_of_it(tmp_path: Path) -> None:
     daemon = Daemon(Settings(state_dir=str(tmp_path)), metrics=Metrics())
-    grown = DiskReport(
+    grown = LookResult(
         domain="vm1", uuid="u1", disk="vda", chain=("/i/o", "/i/a"), previous_chain=("/i/a",)
     )
     with capture_logs() as logs:
-        daemon.reporter.publish(grown, "event", "active_commit", completed=False)
+        publish(daemon, grown, "event", "active_commit", completed=False)
     assert [e["event"] for e in logs] == ["chain_changed"]
 
 
-def _failing(error: VirtBitmapdError) -> DiskReport:
-    return DiskReport(domain="vm1", uuid="u1", disk="vda", error=error)
+def _failing(error: VirtBitmapdError) -> LookResult:
+    return LookResult(domain="vm1", uuid="u1", disk="vda", error=error)
 
 
 def test_a_disk_failing_the_same_way_is_logged_once_and_counted_in_a_gauge(
@@ -112,8 +125,8 @@ def test_a_disk_failing_the_same_way_is_logged_once_and_counted_in_a_gauge(
     corrupt = ImageCorrupt("/i/a.qcow2", "not a qcow2 image QEMU may open: no qcow2 magic")
     with capture_logs() as logs:
         for _ in range(3):
-            daemon.reporter.publish(_failing(corrupt), "rescan", None)
-        daemon.reporter.publish(_failing(ImageCorrupt("/i/a.qcow2", "other")), "rescan", None)
+            publish(daemon, _failing(corrupt), "rescan", None)
+        publish(daemon, _failing(ImageCorrupt("/i/a.qcow2", "other")), "rescan", None)
     levels = [(e["event"], e["log_level"]) for e in logs]
     assert levels == [
         ("disk_check_failed", "error"),
@@ -124,9 +137,9 @@ def test_a_disk_failing_the_same_way_is_logged_once_and_counted_in_a_gauge(
     gauge = metrics.registry.get_sample_value
     assert gauge("virt_bitmapd_disks_in_error", {"kind": "image_corrupt"}) == 1
     assert gauge("virt_bitmapd_disk_errors_total", {"kind": "image_corrupt"}) == 4
-    healthy = DiskReport(domain="vm1", uuid="u1", disk="vda", chain=("/i/a",))
+    healthy = LookResult(domain="vm1", uuid="u1", disk="vda", chain=("/i/a",))
     with capture_logs() as logs:
-        daemon.reporter.publish(healthy, "rescan", None)
+        publish(daemon, healthy, "rescan", None)
     assert [e["event"] for e in logs] == ["disk_check_recovered", "chain_changed"]
     assert gauge("virt_bitmapd_disks_in_error", {"kind": "image_corrupt"}) == 0
 
@@ -140,7 +153,7 @@ def test_a_commit_that_may_pass_is_retried_then_counted_failed(tmp_path: Path) -
         duration=0.1,
         error=ImageInUse("/i/base", "in use by another process"),
     )
-    report = DiskReport(
+    report = LookResult(
         domain="vm1",
         uuid="u1",
         disk="vda",
@@ -154,7 +167,7 @@ def test_a_commit_that_may_pass_is_retried_then_counted_failed(tmp_path: Path) -
         events = []
         for _ in range(COMMIT_ATTEMPTS):
             with capture_logs() as logs:
-                daemon.reporter.publish(report, "rescan", None)
+                publish(daemon, report, "rescan", None)
             events += [e["event"] for e in logs]
         return events
 
@@ -194,8 +207,8 @@ def test_two_commit_events_within_a_minute_each_get_their_line(tmp_path: Path) -
         first, commits=(), chain=("/i/o2", "/i/active", "/i/base"), previous_chain=first.chain
     )
     with capture_logs() as logs:
-        daemon.reporter.publish(first, "event", "commit", completed=True)
-        daemon.reporter.publish(second, "event", "commit", completed=True)
+        publish(daemon, first, "event", "commit", completed=True)
+        publish(daemon, second, "event", "commit", completed=True)
     results = [e["result"] for e in logs if e["event"] == "reconciliation"]
     assert results == ["already_consistent", "skipped"]
 
@@ -208,7 +221,7 @@ def test_a_tool_crash_behind_a_failure_is_counted(tmp_path: Path) -> None:
     damaged.__cause__ = crash
     report = one_commit("/i/s1", "/i/base", running=False, error=damaged)
     with capture_logs() as logs:
-        daemon.reporter.publish(report, "rescan", None)
+        publish(daemon, report, "rescan", None)
     line = next(e for e in logs if e["event"] == "reconciliation")
     assert line["result"] == "unrecoverable" and line["untrusted"] == ["cp1"]
     assert metrics.registry.get_sample_value("virt_bitmapd_tool_crashes_total") == 1

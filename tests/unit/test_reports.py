@@ -14,19 +14,21 @@ from virt_bitmapd.errors import (
     VirtBitmapdError,
 )
 from virt_bitmapd.health import CheckpointHealth, NextBackup, State
-from virt_bitmapd.model import Bitmap, Image, Plan, Result, Skip, SkipReason
-from virt_bitmapd.service.reports import (
+from virt_bitmapd.look.findings import (
     CommitReport,
-    DiskReport,
+    LookResult,
     bitmap_states,
     bitmaps_at_risk,
+    result_label,
+    untrusted_after,
+)
+from virt_bitmapd.model import Bitmap, Image, Plan, Result, Skip, SkipReason
+from virt_bitmapd.service.effects import (
     chain_line,
     checkpoint_counts,
     commit_line,
     health_lines,
     health_memory,
-    result_label,
-    untrusted_after,
     unverified_commit_line,
 )
 from virt_bitmapd.tracking import Commit
@@ -138,7 +140,7 @@ def test_a_commit_is_logged_at_the_level_of_its_end(
         assert line.fields["untrusted"] == ["cp1"] and line.fields["bitmaps"] == ["cp1"]
 
 
-SEEN = DiskReport(domain="d", uuid="u", disk="vda", chain=("/i/b",), previous_chain=("/i/b",))
+SEEN = LookResult(domain="d", uuid="u", disk="vda", chain=("/i/b",), previous_chain=("/i/b",))
 
 
 @pytest.mark.parametrize(
@@ -153,7 +155,7 @@ SEEN = DiskReport(domain="d", uuid="u", disk="vda", chain=("/i/b",), previous_ch
     ],
 )
 def test_a_commit_event_no_look_could_verify(
-    report: DiskReport, job_type: str | None, completed: bool, just_handled: bool, said: bool
+    report: LookResult, job_type: str | None, completed: bool, just_handled: bool, said: bool
 ) -> None:
     line = unverified_commit_line(
         report, "event", job_type, completed=completed, just_handled=just_handled
@@ -164,8 +166,8 @@ def test_a_commit_event_no_look_could_verify(
 
 
 def test_chain_lines() -> None:
-    first = DiskReport(domain="d", uuid="u", disk="vda", chain=("/a",), first_sight=True)
-    moved = DiskReport(domain="d", uuid="u", disk="vda", chain=("/a",), previous_chain=("/b",))
+    first = LookResult(domain="d", uuid="u", disk="vda", chain=("/a",), first_sight=True)
+    moved = LookResult(domain="d", uuid="u", disk="vda", chain=("/a",), previous_chain=("/b",))
     assert chain_line(first, "startup", saved=True).event == "disk_tracked"  # type: ignore[union-attr]
     assert chain_line(moved, "rescan", saved=True).event == "chain_changed"  # type: ignore[union-attr]
     assert chain_line(moved, "rescan", saved=False) is None  # to be tried again

@@ -7,7 +7,14 @@ import asyncio
 import pytest
 
 from virt_bitmapd.service.event_intake import Action, block_job_action
-from virt_bitmapd.service.scheduler import TRANSITIONS, Scheduler, Slot, TransitionError
+from virt_bitmapd.service.scheduler import (
+    TRANSITIONS,
+    BlockJob,
+    LookRequest,
+    Scheduler,
+    Slot,
+    TransitionError,
+)
 
 
 def run(coroutine: object) -> None:
@@ -20,16 +27,16 @@ def test_burst_for_a_busy_key_coalesces_into_one_more_run() -> None:
     async def main() -> None:
         gate = asyncio.Event()
 
-        async def job(key: str, trigger: str) -> None:
-            calls.append((key, trigger))
+        async def job(key: str, request: LookRequest) -> None:
+            calls.append((key, request.trigger))
             await gate.wait()
 
         scheduler = Scheduler(job, concurrency=4)
-        scheduler.submit("vda", "event")
+        scheduler.submit("vda", LookRequest.because("event"))
         await asyncio.sleep(0)
         assert scheduler.state("vda") is Slot.RUNNING
         for trigger in ("rescan", "event", "manual"):
-            scheduler.submit("vda", trigger)
+            scheduler.submit("vda", LookRequest.because(trigger))
         assert scheduler.state("vda") is Slot.AGAIN
         gate.set()
         await scheduler.drain()
@@ -39,12 +46,42 @@ def test_burst_for_a_busy_key_coalesces_into_one_more_run() -> None:
     assert calls == [("vda", "event"), ("vda", "rescan")]
 
 
+def test_coalesced_requests_keep_every_reason_and_the_latest_job() -> None:
+    requests: list[LookRequest] = []
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def job(key: str, request: LookRequest) -> None:
+            requests.append(request)
+            await gate.wait()
+
+        scheduler = Scheduler(job, concurrency=1)
+        scheduler.submit("vda", LookRequest.because("rescan"))
+        await asyncio.sleep(0)
+        ready = BlockJob("active_commit", completed=False)
+        completed = BlockJob("active_commit", completed=True)
+        scheduler.submit("vda", LookRequest.because("watch"))
+        scheduler.submit("vda", LookRequest.because("event", ready))
+        scheduler.submit("vda", LookRequest.because("event", completed))
+        scheduler.submit("vda", LookRequest.because("watch"))
+        gate.set()
+        await scheduler.drain()
+
+    run(main())
+    assert requests == [
+        LookRequest(("rescan",)),
+        LookRequest(("watch", "event"), BlockJob("active_commit", completed=True)),
+    ]
+    assert requests[1].trigger == "watch"
+
+
 def test_keys_run_in_parallel_up_to_the_bound() -> None:
     running = 0
     peak = 0
 
     async def main() -> None:
-        async def job(key: str, trigger: str) -> None:
+        async def job(key: str, request: LookRequest) -> None:
             nonlocal running, peak
             running += 1
             peak = max(peak, running)
@@ -53,7 +90,7 @@ def test_keys_run_in_parallel_up_to_the_bound() -> None:
 
         scheduler = Scheduler(job, concurrency=2)
         for key in "abcdef":
-            scheduler.submit(key, "rescan")
+            scheduler.submit(key, LookRequest.because("rescan"))
         await scheduler.drain()
 
     run(main())
@@ -64,15 +101,15 @@ def test_a_crashing_job_does_not_stop_the_key() -> None:
     calls = 0
 
     async def main() -> None:
-        async def job(key: str, trigger: str) -> None:
+        async def job(key: str, request: LookRequest) -> None:
             nonlocal calls
             calls += 1
             raise RuntimeError("bug")
 
         scheduler = Scheduler(job, concurrency=1)
-        scheduler.submit("a", "event")
+        scheduler.submit("a", LookRequest.because("event"))
         await scheduler.drain()
-        scheduler.submit("a", "event")
+        scheduler.submit("a", LookRequest.because("event"))
         await scheduler.drain()
 
     run(main())
@@ -83,16 +120,16 @@ def test_closed_scheduler_takes_nothing_and_waits_for_running_jobs() -> None:
     finished: list[str] = []
 
     async def main() -> None:
-        async def job(key: str, trigger: str) -> None:
+        async def job(key: str, request: LookRequest) -> None:
             await asyncio.sleep(0.05)
             finished.append(key)
 
         scheduler = Scheduler(job, concurrency=1)
-        scheduler.submit("a", "event")
-        scheduler.submit("b", "event")
+        scheduler.submit("a", LookRequest.because("event"))
+        scheduler.submit("b", LookRequest.because("event"))
         await asyncio.sleep(0)
         assert await scheduler.close(timeout=5)
-        assert not scheduler.submit("c", "event")
+        assert not scheduler.submit("c", LookRequest.because("event"))
 
     run(main())
     assert finished == ["a"]  # "b" was queued, never started
@@ -100,7 +137,7 @@ def test_closed_scheduler_takes_nothing_and_waits_for_running_jobs() -> None:
 
 def test_transition_table_names_state_and_event() -> None:
     assert (Slot.IDLE, "finish") not in TRANSITIONS
-    scheduler = Scheduler(lambda key, trigger: asyncio.sleep(0), concurrency=1)
+    scheduler = Scheduler(lambda key, request: asyncio.sleep(0), concurrency=1)
     with pytest.raises(TransitionError, match="'finish' does not fit state 'idle'"):
         scheduler._move("vda", "finish")
 
@@ -110,7 +147,7 @@ def test_transition_table_names_state_and_event() -> None:
     [
         ("commit", "completed", Action.LOOK),
         ("active_commit", "completed", Action.LOOK),
-        ("active_commit", "ready", Action.REMEMBER_CHAIN),
+        ("active_commit", "ready", Action.LOOK_BEFORE_PIVOT),
         ("commit", "ready", Action.NONE),
         ("commit", "failed", Action.NONE),
         ("active_commit", "canceled", Action.NONE),

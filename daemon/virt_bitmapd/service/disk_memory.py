@@ -39,8 +39,6 @@ def commit_retry_delay(failures: int) -> float | None:
 
 @dataclass(slots=True)
 class DiskMemory:
-    #: the block job an event announced for a disk: its type, and whether it completed
-    job_of_event: dict[DiskKey, tuple[str, bool]] = field(default_factory=dict)
     #: disks whose skip (raw, outside the storage roots, ...) was logged already
     skip_logged: set[DiskKey] = field(default_factory=set)
     look_delays: dict[DiskKey, float] = field(default_factory=dict)
@@ -77,7 +75,6 @@ class DiskMemory:
 
     def _per_disk(self) -> tuple[dict[DiskKey, Any], ...]:
         return (
-            self.job_of_event,
             self.look_delays,
             self.commit_failures,
             self.unclaimed_commits,

@@ -23,7 +23,8 @@ import libvirt
 import structlog
 
 from ..observability.metrics import Metrics
-from .disk_memory import DiskKey, DiskMemory
+from .disk_memory import DiskKey
+from .scheduler import BlockJob, LookRequest
 
 __all__ = ["Action", "EventIntake", "block_job_action"]
 
@@ -53,7 +54,9 @@ class Action(enum.Enum):
     """What a block job event asks for; the value is what the log says."""
 
     LOOK = "look at the disk"
-    REMEMBER_CHAIN = "remember the chain"
+    #: an active commit at READY: its whole chain is still in place, and a look now knows
+    #: every layer the commit will take (it may also find the pivot done already)
+    LOOK_BEFORE_PIVOT = "look at the disk before the pivot"
     NONE = "none"
 
 
@@ -61,7 +64,7 @@ _ACTIONS = {
     ("copy", "completed"): Action.LOOK,
     ("commit", "completed"): Action.LOOK,
     ("active_commit", "completed"): Action.LOOK,
-    ("active_commit", "ready"): Action.REMEMBER_CHAIN,
+    ("active_commit", "ready"): Action.LOOK_BEFORE_PIVOT,
 }
 
 
@@ -73,16 +76,14 @@ class EventIntake:
     def __init__(
         self,
         metrics: Metrics,
-        memory: DiskMemory,
         *,
-        look: Callable[[DiskKey], object],
+        look: Callable[[DiskKey, LookRequest], object],
         forget: Callable[[str, str], None],
         rescan: Callable[[Any], None],
     ) -> None:
-        """``look(key)`` asks for a look at a disk, ``forget(uuid, name)`` forgets an undefined
-        domain, ``rescan(dom)`` looks at all of a domain's disks."""
+        """``look(key, request)`` asks for a look at a disk, ``forget(uuid, name)`` forgets an
+        undefined domain, ``rescan(dom)`` looks at all of a domain's disks."""
         self._metrics = metrics
-        self._memory = memory
         self._look = look
         self._forget = forget
         self._rescan = rescan
@@ -102,10 +103,9 @@ class EventIntake:
             status=status_name,
             action=action.value,
         )
-        if action is not Action.NONE:  # the look at READY may already find the pivot done
-            key = (dom.UUIDString(), disk)
-            self._memory.job_of_event[key] = (type_name, action is Action.LOOK)
-            self._look(key)
+        if action is not Action.NONE:
+            job = BlockJob(type_name, completed=action is Action.LOOK)
+            self._look((dom.UUIDString(), disk), LookRequest.because("event", job))
 
     def lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:

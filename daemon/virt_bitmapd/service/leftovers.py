@@ -14,8 +14,8 @@ import libvirt
 
 from ..errors import VirtBitmapdError
 from ..qmp import blockdev_del, leftovers, query_nodes, remove_bitmaps
+from ..readers.chain import domain_disks
 from ..transports.libvirt_monitor import LibvirtMonitor
-from .chain_reader import domain_disks
 
 __all__ = ["Removed", "remove_leftovers"]
 

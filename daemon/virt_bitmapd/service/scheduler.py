@@ -7,7 +7,9 @@ Each key moves through a small state machine, written as a table:
                                        RUNNING --submit--> AGAIN --finish--> QUEUED
 
 so a burst of events for one disk while it is being reconciled causes exactly one more look,
-with the freshest state, instead of one per event.
+with the freshest state, instead of one per event.  What is asked for is a ``LookRequest``:
+requests coalesced into one run merge their reasons (none is dropped) and keep the latest block
+job an event announced.
 """
 
 from __future__ import annotations
@@ -15,13 +17,44 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-__all__ = ["Scheduler", "Slot", "TransitionError"]
+__all__ = ["BlockJob", "LookRequest", "Scheduler", "Slot", "TransitionError"]
 
 log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockJob:
+    """The block job a libvirt event announced for the disk."""
+
+    type: str
+    #: COMPLETED (else READY: an active commit waiting for its pivot)
+    completed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LookRequest:
+    """Why a look is wanted: its reasons (the first is the trigger that logs and metrics name)
+    and the block job an event announced, if one did."""
+
+    reasons: tuple[str, ...]
+    job: BlockJob | None = None
+
+    @classmethod
+    def because(cls, reason: str, job: BlockJob | None = None) -> LookRequest:
+        return cls((reason,), job)
+
+    @property
+    def trigger(self) -> str:
+        return self.reasons[0]
+
+    def merged(self, later: LookRequest) -> LookRequest:
+        reasons = self.reasons + tuple(r for r in later.reasons if r not in self.reasons)
+        return LookRequest(reasons, later.job or self.job)
 
 
 class Slot(enum.Enum):
@@ -47,17 +80,17 @@ class TransitionError(RuntimeError):
         super().__init__(f"{key}: event {event!r} does not fit state {slot.value!r}")
 
 
-Job = Callable[[Any, str], Awaitable[None]]
+Job = Callable[[Any, LookRequest], Awaitable[None]]
 
 
 class Scheduler:
-    """``submit(key, trigger)`` runs ``job(key, trigger)``, serialized per key, at most
-    ``concurrency`` at once.  Coalesced submissions keep the first trigger."""
+    """``submit(key, request)`` runs ``job(key, request)``, serialized per key, at most
+    ``concurrency`` at once.  Coalesced submissions merge their requests."""
 
     def __init__(self, job: Job, concurrency: int) -> None:
         self._job = job
         self._slots: dict[Hashable, Slot] = {}
-        self._triggers: dict[Hashable, str] = {}
+        self._requests: dict[Hashable, LookRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._limit = asyncio.Semaphore(concurrency)
         self._closed = False
@@ -76,13 +109,14 @@ class Scheduler:
             self._slots[key] = new
         return new
 
-    def submit(self, key: Hashable, trigger: str) -> bool:
+    def submit(self, key: Hashable, request: LookRequest) -> bool:
         """Ask for a run; False once the scheduler is closed (the daemon is stopping)."""
         if self._closed:
             return False
         was_idle = self.state(key) is Slot.IDLE
         self._move(key, "submit")
-        self._triggers.setdefault(key, trigger)
+        waiting = self._requests.get(key)
+        self._requests[key] = request if waiting is None else waiting.merged(request)
         if was_idle:
             task = asyncio.get_running_loop().create_task(self._drive(key))
             self._tasks.add(task)
@@ -94,14 +128,14 @@ class Scheduler:
             async with self._limit:
                 if self._closed:
                     self._slots.pop(key, None)
-                    self._triggers.pop(key, None)
+                    self._requests.pop(key, None)
                     return
                 self._move(key, "start")
-                trigger = self._triggers.pop(key)
+                request = self._requests.pop(key)
                 try:
-                    await self._job(key, trigger)
+                    await self._job(key, request)
                 except Exception:  # a bug in one job must not stop the others
-                    log.exception("job_crashed", key=str(key), trigger=trigger)
+                    log.exception("job_crashed", key=str(key), trigger=request.trigger)
             if self._move(key, "finish") is Slot.IDLE:
                 return
 

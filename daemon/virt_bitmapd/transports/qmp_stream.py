@@ -14,7 +14,8 @@ import subprocess
 import time
 from typing import IO, Any
 
-from ..errors import QMPError, ToolCrashed, ToolFailed, describe_exit
+from ..errors import QMPError, ToolCrashed, ToolFailed
+from ..qemu_messages import describe_exit
 from ..qmp import JSON
 
 __all__ = ["QMPStream"]

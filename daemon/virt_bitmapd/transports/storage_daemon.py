@@ -24,11 +24,10 @@ from ..errors import (
     ToolFailed,
     TransactionRefused,
     VirtBitmapdError,
-    describe_exit,
-    image_error_from_qemu,
 )
 from ..healing import HealStep
 from ..model import Outcome, Plan
+from ..qemu_messages import describe_exit, image_error_from_qemu
 from ..qmp import (
     NodeBitmaps,
     blockdev_add,

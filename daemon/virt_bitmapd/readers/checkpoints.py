@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import libvirt
 
-from ..checkpoint_xml import Checkpoint, parse_checkpoint
+from ..checkpoint_xml import Checkpoint, parse_checkpoint, sorted_names
 from ..errors import LibvirtFailed
 
 __all__ = ["checkpoint_names", "domain_checkpoints"]
@@ -20,7 +20,7 @@ __all__ = ["checkpoint_names", "domain_checkpoints"]
 def checkpoint_names(domain: libvirt.virDomain) -> tuple[str, ...]:
     """The domain's checkpoint names, sorted: one call to libvirt, no XML."""
     try:
-        return tuple(sorted(item.getName() for item in domain.listAllCheckpoints(0)))
+        return sorted_names(item.getName() for item in domain.listAllCheckpoints(0))
     except libvirt.libvirtError as error:
         raise LibvirtFailed(f"cannot list the checkpoints: {error}") from error
 

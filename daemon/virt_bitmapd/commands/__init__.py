@@ -1,0 +1,6 @@
+"""One module per command of ``virt-bitmapd``, each with ``main(args) -> exit status``; the
+command line imports only the one it runs."""
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2

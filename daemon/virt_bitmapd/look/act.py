@@ -1,0 +1,189 @@
+"""The look's stage that changes images: reconcile each commit, quarantine what cannot be
+trusted, heal what can be rebuilt.  Blocking I/O, one transaction each, through the domain's
+QEMU when it runs and with qemu-storage-daemon when it does not; only images under the storage
+roots are changed.  What to do next is asked of the pure rules (``decide``, ``judge``) with
+what each action proved; nothing is re-read in between (``reread`` follows, once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from ..errors import BitsUnrecoverable, CommitUnverifiable, VirtBitmapdError
+from ..handover import Handover
+from ..heal import HealResult, heal_chain
+from ..healing import HealStep
+from ..health import Distrust, to_quarantine
+from ..live import reconcile_live
+from ..model import QCOW2, Image, Reconciliation, Result
+from ..quarantine import quarantine
+from ..readers.chain import ChainNow
+from ..reconcile import reconcile_at_rest
+from ..tracking import Commit
+from ..transports.libvirt_monitor import LibvirtMonitor
+from .decide import Decision, chain_after, merged_into_after
+from .findings import CommitReport, bitmaps_at_risk, untrusted_after
+from .gather import Gathered
+from .judge import distrust, healing_plan
+from .unseen_layers import gone_layers, require_layers, with_unseen_layers
+
+__all__ = ["Acted", "Actor"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Acted:
+    reports: tuple[CommitReport, ...] = ()
+    #: The chain as acting left it, as far as acting proved (``reread`` reads what changed).
+    now: ChainNow
+    merged_into: Mapping[str, str] = field(default_factory=dict)
+    untrusted: Mapping[str, Distrust] = field(default_factory=dict)
+    #: Bitmaps disabled, each with why it is untrusted.
+    quarantined: Mapping[str, str] = field(default_factory=dict)
+    quarantine_error: VirtBitmapdError | None = None
+    healed: tuple[HealStep, ...] = ()
+    heal_error: VirtBitmapdError | None = None
+    #: Whether anything may have changed an image (so the chain is read again).
+    changed: bool = False
+
+
+class Actor:
+    """What acting needs beyond the look's values, configured once."""
+
+    def __init__(self, storage_roots: tuple[str, ...], handover: Handover) -> None:
+        self._roots = storage_roots
+        self._handover = handover
+
+    def __call__(self, gathered: Gathered, decision: Decision) -> Acted:
+        now = gathered.now
+        assert now is not None, "act needs a chain"
+        reports = tuple(self._reconcile(gathered, now, commit) for commit in decision.commits)
+        changed = any(r.outcome is not None and r.outcome.changed for r in reports)
+        now = chain_after(now, reports)
+        merged = merged_into_after(
+            gathered.record.merged_into.get(gathered.target, {}),
+            reports,
+            now.paths,
+            decision.copied_into,
+        )
+        untrusted = distrust(
+            now.images,
+            gathered.checkpoints,
+            gathered.target,
+            remembered=gathered.record.untrusted.get(gathered.target, {}),
+            after_commits=untrusted_after(reports),
+            merged_into=merged,
+        )
+        acted = Acted(
+            reports=reports, now=now, merged_into=merged, untrusted=untrusted, changed=changed
+        )
+        if decision.may_quarantine:
+            acted = self._quarantine(gathered, acted)
+        plan = healing_plan(
+            now.images, gathered.checkpoints, gathered.target, set(untrusted), merged
+        )
+        if decision.may_heal and plan.steps:
+            acted = self._heal(gathered, acted)
+        return acted
+
+    def _quarantine(self, gathered: Gathered, acted: Acted) -> Acted:
+        names = to_quarantine(acted.now.images, acted.untrusted)
+        if not names:
+            return acted
+        try:
+            quarantine(
+                acted.now.disk,
+                names,
+                running=gathered.running,
+                monitor=lambda: LibvirtMonitor(gathered.domain),
+                storage_roots=self._roots,
+            )
+        except VirtBitmapdError as error:
+            return replace(acted, quarantine_error=error, changed=True)
+        why = {name: acted.untrusted[name].why for name in names}
+        return replace(acted, quarantined=why, changed=True)
+
+    def _heal(self, gathered: Gathered, acted: Acted) -> Acted:
+        try:
+            done = heal_chain(
+                acted.now.paths[0],
+                storage_roots=self._roots,
+                formats=acted.now.disk.formats,
+                checkpoints=gathered.checkpoints,
+                target=gathered.target,
+                untrusted=set(acted.untrusted),
+                merged_into=dict(acted.merged_into),
+            )
+        except VirtBitmapdError as error:
+            return replace(acted, heal_error=error, changed=True)
+        healed = done.plan.steps if done.result is HealResult.HEALED else ()
+        return replace(acted, healed=healed, changed=True)
+
+    def _reconcile(self, gathered: Gathered, now: ChainNow, commit: Commit) -> CommitReport:
+        last_bitmaps = gathered.last_bitmaps
+        remembered = last_bitmaps.get(commit.base)
+        base_before = (
+            None
+            if remembered is None
+            else Image(path=commit.base, format=QCOW2, bitmaps=remembered)
+        )
+        running = gathered.running
+        started = time.monotonic()
+        try:
+            if gathered.last_look_at is not None and commit.top == gathered.old_chain[0]:
+                commit = with_unseen_layers(
+                    commit, beside=gathered.beside, last_bitmaps=last_bitmaps, live=running
+                )
+            if self._reconciled_by_command(commit):
+                return CommitReport(
+                    commit=commit,
+                    live=running,
+                    duration=time.monotonic() - started,
+                    result=Result.ALREADY_CONSISTENT,
+                    note="reconciled by virt-bitmapd reconcile before its layers were deleted",
+                )
+            require_layers(commit, last_bitmaps, now.images)
+            done = self._carry_out(gathered, now, commit, base_before)
+        except VirtBitmapdError as error:
+            keeps_bits = error.retryable or isinstance(error, CommitUnverifiable)
+            return CommitReport(
+                commit=commit,
+                live=running,
+                duration=time.monotonic() - started,
+                error=error,
+                at_risk=() if keeps_bits else bitmaps_at_risk(commit, last_bitmaps, now.images),
+            )
+        return CommitReport(
+            commit=commit,
+            live=running,
+            duration=time.monotonic() - started,
+            result=done.result,
+            plan=done.plan,
+            outcome=done.outcome,
+            error=BitsUnrecoverable(commit.base, done.why_untrusted, done.untrusted)
+            if done.untrusted
+            else None,
+        )
+
+    def _reconciled_by_command(self, commit: Commit) -> bool:
+        return (
+            bool(gone_layers(commit))
+            and self._handover.take(commit.base, commit.removed) is not None
+        )
+
+    def _carry_out(
+        self, gathered: Gathered, now: ChainNow, commit: Commit, base_before: Image | None
+    ) -> Reconciliation:
+        if gathered.running:
+            return reconcile_live(
+                LibvirtMonitor(gathered.domain),
+                now.disk,
+                commit,
+                storage_roots=self._roots,
+                base_before=base_before,
+                domain=gathered.name,
+            )
+        return reconcile_at_rest(
+            commit.top, commit.base, storage_roots=self._roots, base_before=base_before
+        )

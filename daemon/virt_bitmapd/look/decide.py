@@ -1,0 +1,164 @@
+"""The look's pure rules: which commits there are, what may be done about them, and what the
+look leaves behind.  No I/O; tested by tables.
+
+``decide`` runs once, on what ``gather`` read, before anything is changed: the commits (layers
+gone from the known chain, less those a completed block copy replaced; plus commits hidden
+between two looks, found from the files beside the chain) and whether this look may quarantine
+or heal.  The other rules are what ``act`` and ``run`` consult once acting has told how each
+commit ended: where committed layers' bits now live, what the chain holds after a
+reconciliation proved its merges, whether the look is clean, which bitmaps to remember.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from ..checkpoint_xml import Checkpoint
+from ..health import committed_into
+from ..model import Bitmap, Image, Result
+from ..readers.chain import ChainNow
+from ..tracking import Commit, copied_away, detect_commits, hidden_commits
+from .findings import CommitReport
+from .gather import Gathered
+
+__all__ = [
+    "CARRIED",
+    "Decision",
+    "bitmaps_to_remember",
+    "chain_after",
+    "decide",
+    "is_clean",
+    "merged_into_after",
+]
+
+#: Commit results that prove the committed layers' bits reached the base.
+CARRIED = (Result.RECONCILED, Result.ALREADY_CONSISTENT, Result.NOTHING_TO_DO)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    commits: tuple[Commit, ...] = ()
+    #: Birth layers a completed block copy replaced -> the new top holding their bitmaps.
+    copied_into: Mapping[str, str] = field(default_factory=dict)
+    #: Policy allows it and no block job is handling bitmaps (libvirt may be, half-way).
+    may_quarantine: bool = False
+    #: Policy allows it, the domain is shut off and its checkpoints could be read.
+    may_heal: bool = False
+
+
+def decide(gathered: Gathered, *, copied: bool, quarantine: bool, heal: bool) -> Decision:
+    """``copied``: a block copy of this disk just completed (its pivot replaced the top by a
+    copy that holds the top's bitmaps), so the layers it replaced were not committed."""
+    now = gathered.now
+    assert now is not None, "decide needs a chain"
+    old = gathered.old_chain
+    replaced = set(copied_away(old, now.paths)) if copied else set()
+    commits = tuple(c for c in detect_commits(old, now.paths) if not set(c.removed) <= replaced)
+    if gathered.beside and gathered.host is not None:
+        in_no_chain = {
+            path: below
+            for path, below in gathered.beside.items()
+            if path not in gathered.host.chain_files
+        }
+        commits += hidden_commits(now.paths, in_no_chain)
+    return Decision(
+        commits=commits,
+        copied_into=_copied_into(now.paths, gathered.checkpoints, gathered.target)
+        if copied
+        else {},
+        may_quarantine=quarantine and not now.job_running,
+        may_heal=heal and not gathered.running and gathered.checkpoint_error is None,
+    )
+
+
+def merged_into_after(
+    known: Mapping[str, str],
+    reports: Sequence[CommitReport],
+    chain: tuple[str, ...],
+    copied_into: Mapping[str, str],
+) -> dict[str, str]:
+    """Layer -> the layer it was committed into with its bits (commits handled well, and what
+    a block copy replaced); kept while it leads to a layer of the chain."""
+    merged = dict(known)
+    for report in reports:
+        if report.error is None and report.result in CARRIED:
+            merged.update(dict.fromkeys(report.commit.removed, report.commit.base))
+    merged.update(copied_into)
+    in_chain = set(chain)
+    return {
+        layer: into
+        for layer, into in merged.items()
+        if into in in_chain or committed_into(into, merged) & in_chain
+    }
+
+
+def chain_after(now: ChainNow, reports: Sequence[CommitReport]) -> ChainNow:
+    """The chain once these reconciliations are done: each base holds every bitmap its plan
+    merged, recording and consistent (the reconciliation verified that before it ended well)."""
+    added: dict[str, dict[str, Bitmap]] = {}
+    for report in reports:
+        if report.error is None and report.outcome is not None and report.outcome.changed:
+            plan = report.outcome.plan
+            for merge in plan.merges:
+                added.setdefault(plan.base, {})[merge.bitmap] = Bitmap(
+                    name=merge.bitmap, granularity=merge.granularity, recording=True
+                )
+    if not added:
+        return now
+    return replace(now, images=tuple(_with_bitmaps(image, added) for image in now.images))
+
+
+def _with_bitmaps(image: Image, added: Mapping[str, Mapping[str, Bitmap]]) -> Image:
+    new = added.get(image.path)
+    if not new:
+        return image
+    kept = tuple(b for b in image.bitmaps if b.name not in new or b.usable)
+    names = {b.name for b in kept}
+    return replace(image, bitmaps=kept + tuple(b for n, b in new.items() if n not in names))
+
+
+def is_clean(
+    reports: Sequence[CommitReport], errors: Sequence[object | None], job_running: bool
+) -> bool:
+    """Whether the look proved its disk's state: no commit, checkpoint read, quarantine or
+    heal failed, and no block job ran meanwhile.  Else the next rescan must read again: what
+    failed may work then."""
+    return not (
+        any(r.error is not None for r in reports)
+        or any(error is not None for error in errors)
+        or job_running
+    )
+
+
+def keeps_old_chain(reports: Sequence[CommitReport]) -> bool:
+    """A commit whose failure may pass is tried again on the chain it was found from: the old
+    chain stays in the state directory until then."""
+    return any(r.error is not None and r.error.retryable for r in reports)
+
+
+def bitmaps_to_remember(
+    now: ChainNow, last_bitmaps: Mapping[str, tuple[Bitmap, ...]]
+) -> dict[str, tuple[Bitmap, ...]]:
+    """Each layer's bitmaps as seen now; but the ones seen before where a block job ran while
+    the chain was read (libvirt may be half-way through its own bitmap handling)."""
+    return {
+        image.path: last_bitmaps[image.path]
+        if now.job_running and image.path in last_bitmaps
+        else image.bitmaps
+        for image in now.images
+    }
+
+
+def _copied_into(
+    chain: tuple[str, ...], checkpoints: Sequence[Checkpoint], target: str
+) -> dict[str, str]:
+    """After a block copy's pivot: each checkpoint's birth layer that is not in ``chain`` any
+    more -> the new top, which libvirt gave the replaced layers' bitmaps."""
+    return {
+        disk.chain_then[0]: chain[0]
+        for checkpoint in checkpoints
+        if (disk := checkpoint.disk(target)) is not None
+        and disk.chain_then
+        and disk.chain_then[0] not in chain
+    }

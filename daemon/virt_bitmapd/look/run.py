@@ -1,0 +1,147 @@
+"""One look at one disk: the stages in order, each once.
+
+    gather (reads) -> decide (pure) -> act (changes) -> reread (what acting changed)
+    -> judge (pure)
+
+The result is a value (``findings.LookResult``) naming the stages it ran; the service turns it
+into effects and applies them.  Blocking code, run off the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import libvirt
+
+from ..checkpoint_xml import names_of
+from ..errors import VirtBitmapdError
+from ..fingerprints import LayerStat, Seen, change_time_ns, stat_layers
+from ..handover import Handover
+from ..readers.chain import ChainNow, current_chain
+from ..state import StateStore
+from .act import Acted, Actor
+from .decide import bitmaps_to_remember, decide, is_clean
+from .findings import LookResult, bitmap_states
+from .gather import Gathered, gather
+from .judge import judge
+
+__all__ = ["STAGES", "Look"]
+
+#: Every stage of a look that reads a chain, in order (``LookResult.stages``); the service
+#: adds its own two (effects, apply).
+STAGES = ("gather", "decide", "act", "reread", "judge")
+
+
+class Look:
+    """Configured once with the daemon's settings; called once per look."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        storage_roots: Sequence[str],
+        handover: Handover,
+        *,
+        untrusted_policy: str = "disable",
+        heal: bool = False,
+    ) -> None:
+        self._store = store
+        self._roots = tuple(storage_roots)
+        self._act = Actor(self._roots, handover)
+        self._quarantine = untrusted_policy == "disable"
+        self._heal = heal
+
+    def __call__(
+        self,
+        domain: libvirt.virDomain,
+        target: str,
+        *,
+        copied: bool = False,
+        trust_last_look: bool = False,
+    ) -> LookResult:
+        """``copied``: a block copy of this disk just completed; ``trust_last_look`` (a
+        startup): a shut-off disk nothing says changed is not read again."""
+        gathered = gather(domain, target, self._store, self._roots, trust_last_look=trust_last_look)
+        result = LookResult(
+            domain=gathered.name,
+            uuid=gathered.uuid,
+            disk=target,
+            running=gathered.running,
+            generation=gathered.generation,
+            started_at=gathered.started_ns / 1e9,
+            stages=("gather",),
+        )
+        if gathered.skipped is not None or gathered.error is not None or gathered.now is None:
+            return _ended(result, gathered)
+        decision = decide(gathered, copied=copied, quarantine=self._quarantine, heal=self._heal)
+        acted = self._act(gathered, decision)
+        now, stats = _reread(gathered, acted)
+        health = (
+            ()
+            if gathered.checkpoint_error
+            else judge(
+                now.images,
+                gathered.checkpoints,
+                target,
+                acted.untrusted,
+                acted.merged_into,
+            )
+        )
+        states, invalid = bitmap_states(now.images)
+        clean = is_clean(
+            acted.reports,
+            (gathered.checkpoint_error, acted.quarantine_error, acted.heal_error),
+            now.job_running,
+        )
+        return replace(
+            result,
+            chain=now.paths,
+            commits=acted.reports,
+            first_sight=target not in gathered.record.chains,
+            previous_chain=gathered.old_chain,
+            bitmap_states=states,
+            untrusted=tuple(sorted(set(acted.untrusted) | invalid)),
+            health=health,
+            checkpoint_error=gathered.checkpoint_error,
+            quarantined=acted.quarantined,
+            quarantine_error=acted.quarantine_error,
+            healed=acted.healed,
+            heal_error=acted.heal_error,
+            seen=Seen.of(now.images, stats, names_of(gathered.checkpoints)) if clean else None,
+            distrust=acted.untrusted,
+            layer_bitmaps=bitmaps_to_remember(now, gathered.last_bitmaps),
+            merged_into=acted.merged_into,
+            stages=STAGES,
+        )
+
+
+def _ended(result: LookResult, gathered: Gathered) -> LookResult:
+    """A look that ends after gathering: the disk is not there or not ours, or a read failed."""
+    return replace(result, skipped=gathered.skipped, error=gathered.error)
+
+
+def _reread(gathered: Gathered, acted: Acted) -> tuple[ChainNow, dict[str, LayerStat]]:
+    """The chain as acting left it, read again only when acting changed something; and each
+    layer's stat from before that read (so the look's own writes are no news to the next)."""
+    now = acted.now
+    if acted.changed:
+        stats = stat_layers(now.paths)  # before the read, as always
+        with contextlib.suppress(VirtBitmapdError):  # else what acting proved stands
+            now = current_chain(gathered.domain, now.disk, gathered.running)
+            stats |= _unchanged_since(gathered.started_ns, now.paths, stats)
+        return now, stats
+    stats = dict(gathered.stats_before)
+    return now, stats | _unchanged_since(gathered.started_ns, now.paths, stats)
+
+
+def _unchanged_since(
+    started_ns: int, paths: Sequence[str], stats: Mapping[str, LayerStat]
+) -> dict[str, LayerStat]:
+    """Stats of the layers the look found on its way (not stat'ed before it read them) whose
+    change time is older than the look: those are what a stat before the read would have given
+    (a change time cannot be set back)."""
+    found = stat_layers(path for path in paths if stats.get(path) is None)
+    return {
+        path: st for path, st in found.items() if st is not None and change_time_ns(st) < started_ns
+    }
