@@ -25,6 +25,8 @@ install:
 	[ -e $(DESTDIR)$(CONFDIR)/config.toml ] || install -m 0644 config/config.toml $(DESTDIR)$(CONFDIR)/config.toml
 	install -m 0644 dashboards/virt-bitmapd.json dashboards/alerts.yml $(DESTDIR)$(SHAREDIR)/
 	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/
+	install -d $(DESTDIR)$(DOCDIR)/docs
+	install -m 0644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 uninstall:

@@ -339,3 +339,31 @@ def test_inspect_reports_validity(tmp_path: Path) -> None:
     }
     text = cli("inspect", str(c.active)).stdout
     assert "'cp2': valid" in text and "'cp1': INVALID" in text
+
+
+def test_reconcile_loads_nothing_of_the_service(tmp_path: Path) -> None:
+    """The command a cold-merge tool runs once per merge starts light: no daemon, no asyncio
+    event machinery of libvirt's, no prometheus_client."""
+    c = three_layer_chain(tmp_path)
+    base, s1 = c.layers[0], c.layers[1]
+    commit(s1, base)
+    program = (
+        "import json, sys\n"
+        "from virt_bitmapd.cli import main\n"
+        f"code = main(['reconcile', '--top', {str(s1)!r}, '--base', {str(base)!r}, "
+        f"'--storage-root', {str(tmp_path)!r}])\n"
+        "print(json.dumps([code, sorted(sys.modules)]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True
+    )
+    code, modules = json.loads(result.stdout.splitlines()[-1])
+    assert code == 0, result.stdout
+    assert "virt_bitmapd.reconcile" in modules  # it did run
+    loaded = [
+        name
+        for name in modules
+        if name.startswith(("virt_bitmapd.service", "virt_bitmapd.look", "prometheus_client"))
+        or name in ("libvirtaio", "virt_bitmapd.observability.metrics", "asyncio")
+    ]
+    assert loaded == [], loaded
