@@ -73,7 +73,7 @@ def parse_checkpoint(xml: str) -> Checkpoint:
 
 
 def sorted_names(names: Iterable[str]) -> tuple[str, ...]:
-    """Checkpoint names in the one order every comparison of them uses (``Seen`` keeps them
+    """Checkpoint names in the one order every comparison of them uses (``Fingerprint`` keeps them
     so), whether they came from libvirt's list or from the checkpoints' XML."""
     return tuple(sorted(names))
 

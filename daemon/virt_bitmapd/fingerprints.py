@@ -14,17 +14,19 @@ import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .model import Bitmap, Image
 
 __all__ = [
+    "Fingerprint",
     "LayerStat",
-    "Seen",
     "change_time_ns",
     "pack_stat",
     "stat_fields",
     "stat_layer",
     "stat_layers",
+    "strings_from_json",
     "unchanged",
     "unchanged_on_disk",
 ]
@@ -62,7 +64,7 @@ def stat_layers(paths: Iterable[str]) -> dict[str, LayerStat]:
 
 
 @dataclass(frozen=True, slots=True)
-class Seen:
+class Fingerprint:
     """What one complete look at a disk saw, for the next rescan to compare."""
 
     chain: tuple[str, ...]
@@ -80,7 +82,7 @@ class Seen:
         images: Sequence[Image],
         stats_before: Mapping[str, LayerStat],
         checkpoints: tuple[str, ...] | None,
-    ) -> Seen | None:
+    ) -> Fingerprint | None:
         """None when a layer was not stat'ed before the look read it (one found on the way):
         then nothing proves the next rescan may skip the disk."""
         chain = tuple(image.path for image in images)
@@ -94,6 +96,32 @@ class Seen:
             tuple(image.virtual_size for image in images),
         )
 
+    @classmethod
+    def from_json(cls, raw: Any) -> Fingerprint:
+        """As the state directory keeps it; raises KeyError, TypeError or ValueError on
+        another shape."""
+        checkpoints = raw.get("checkpoints")
+        chain = strings_from_json(raw["chain"])
+        stats = tuple(_stat_from_json(item) for item in raw["stats"])
+        if len(stats) != len(chain):
+            raise ValueError(f"{len(stats)} stats for a chain of {len(chain)} layers")
+        return cls(
+            chain,
+            stats,
+            None if checkpoints is None else strings_from_json(checkpoints),
+            strings_from_json(raw.get("formats", [])),
+            tuple(int(size) for size in raw.get("sizes", [])),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chain": list(self.chain),
+            "stats": [None if s is None else list(stat_fields(s)) for s in self.stats],
+            "checkpoints": None if self.checkpoints is None else list(self.checkpoints),
+            "formats": list(self.formats),
+            "sizes": list(self.sizes),
+        }
+
     def images(self, bitmaps: Mapping[str, tuple[Bitmap, ...]]) -> tuple[Image, ...] | None:
         """The chain as that look saw it, with ``bitmaps`` per layer; None when its formats
         and sizes were not remembered."""
@@ -106,25 +134,41 @@ class Seen:
 
 
 def unchanged(
-    seen: Seen,
+    fingerprint: Fingerprint,
     *,
     chain: tuple[str, ...] | None,
     checkpoints: tuple[str, ...] | None,
     stats: Mapping[str, LayerStat],
 ) -> bool:
-    """Whether nothing says the disk changed since ``seen``: the chain (None: not read, a
+    """Whether nothing says the disk changed since ``fingerprint``: the chain (None: not read, a
     shut-off domain's XML changes only with an event) and the checkpoints (None: not read) as
     they were, and every layer's stat the same."""
-    if chain is not None and chain != seen.chain:
+    if chain is not None and chain != fingerprint.chain:
         return False
-    if checkpoints is not None and checkpoints != seen.checkpoints:
+    if checkpoints is not None and checkpoints != fingerprint.checkpoints:
         return False
-    return all(stats.get(path) == stat for path, stat in zip(seen.chain, seen.stats, strict=True))
+    return all(
+        stats.get(path) == stat
+        for path, stat in zip(fingerprint.chain, fingerprint.stats, strict=True)
+    )
 
 
-def unchanged_on_disk(seen: Seen | None) -> bool:
+def unchanged_on_disk(fingerprint: Fingerprint | None) -> bool:
     """Whether every layer of a disk is as its last complete look saw it, by a stat of each
     (None: that look proved nothing)."""
-    return seen is not None and unchanged(
-        seen, chain=None, checkpoints=None, stats=stat_layers(seen.chain)
+    return fingerprint is not None and unchanged(
+        fingerprint, chain=None, checkpoints=None, stats=stat_layers(fingerprint.chain)
     )
+
+
+def strings_from_json(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"expected a list of strings, got {value!r:.80}")
+    return tuple(value)
+
+
+def _stat_from_json(raw: Any) -> LayerStat:
+    if raw is None:
+        return None
+    dev, ino, size, mtime, ctime = (int(n) for n in raw)
+    return pack_stat(dev, ino, size, mtime, ctime)

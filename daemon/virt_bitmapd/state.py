@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StateUnusable
-from .fingerprints import LayerStat, Seen, pack_stat, stat_fields
+from .fingerprints import Fingerprint, strings_from_json
 from .health import Distrust
 from .model import Bitmap
 
@@ -44,13 +44,13 @@ class DomainState:
     #: disk target -> layer path -> its bitmaps when last seen (what a base held before a commit)
     bitmaps: dict[str, dict[str, tuple[Bitmap, ...]]] = field(default_factory=dict)
     #: disk target -> when (time.time()) the look that saw that chain began
-    seen_at: dict[str, float] = field(default_factory=dict)
+    looked_at: dict[str, float] = field(default_factory=dict)
     #: disk target -> layer -> the layer it was seen committed into, its bits carried: proof
     #: that a checkpoint taken on a layer now gone lives on below (see health.lost_layers)
     merged_into: dict[str, dict[str, str]] = field(default_factory=dict)
     #: disk target -> what its last complete look saw (stats, checkpoints): a look may trust
     #: the bitmaps above instead of reading the images while nothing says they changed
-    seen: dict[str, Seen] = field(default_factory=dict)
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
 
 
 def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Bitmap, ...]]:
@@ -59,7 +59,7 @@ def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tup
 
 def _distrust_from_json(raw: Any) -> dict[str, Distrust]:
     if isinstance(raw, list):  # names only, as the first releases wrote
-        return {name: Distrust(NO_REASON_KEPT) for name in _strings(raw)}
+        return {name: Distrust(NO_REASON_KEPT) for name in strings_from_json(raw)}
     if not isinstance(raw, dict):
         raise TypeError(f"expected an object of untrusted bitmaps, got {raw!r:.80}")
     return {
@@ -68,30 +68,44 @@ def _distrust_from_json(raw: Any) -> dict[str, Distrust]:
     }
 
 
-def _seen_from_json(raw: Any) -> Seen:
-    checkpoints = raw.get("checkpoints")
-    chain = _strings(raw["chain"])
-    stats = tuple(_layer_stat(item) for item in raw["stats"])
-    if len(stats) != len(chain):
-        raise ValueError(f"{len(stats)} stats for a chain of {len(chain)} layers")
-    formats = _strings(raw.get("formats", []))
-    sizes = tuple(int(size) for size in raw.get("sizes", []))
-    return Seen(
-        chain, stats, None if checkpoints is None else _strings(checkpoints), formats, sizes
-    )
+@dataclass(frozen=True, slots=True)
+class _DiskField:
+    """One per-disk field of DomainState: its key in the file, and how it is read and written
+    (each of its values is per disk target)."""
+
+    attribute: str
+    key: str
+    decode: Callable[[Any], Any]
+    encode: Callable[[Any], Any]
+    #: an empty value is left out of the file
+    omit_empty: bool = False
 
 
-def _layer_stat(raw: Any) -> LayerStat:
-    if raw is None:
-        return None
-    dev, ino, size, mtime, ctime = (int(n) for n in raw)
-    return pack_stat(dev, ino, size, mtime, ctime)
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise TypeError(f"expected a list of strings, got {value!r:.80}")
-    return tuple(value)
+_DISK_FIELDS = (
+    _DiskField("chains", "chains", strings_from_json, list),
+    _DiskField(
+        "untrusted",
+        "untrusted",
+        _distrust_from_json,
+        lambda names: {name: asdict(distrust) for name, distrust in sorted(names.items())},
+        omit_empty=True,
+    ),
+    _DiskField(
+        "bitmaps",
+        "bitmaps",
+        _bitmaps_from_json,
+        lambda layers: {path: [asdict(b) for b in bitmaps] for path, bitmaps in layers.items()},
+    ),
+    _DiskField("looked_at", "seen_at", float, lambda when: when),
+    _DiskField(
+        "merged_into",
+        "merged_into",
+        lambda layers: {str(layer): str(base) for layer, base in layers.items()},
+        lambda layers: dict(sorted(layers.items())),
+        omit_empty=True,
+    ),
+    _DiskField("fingerprints", "seen", Fingerprint.from_json, Fingerprint.to_json),
+)
 
 
 def _state_from_json(uuid: str, raw: Any) -> DomainState:
@@ -101,24 +115,26 @@ def _state_from_json(uuid: str, raw: Any) -> DomainState:
         raise TypeError("the document is not an object")
     if raw.get("version", FORMAT_VERSION) != FORMAT_VERSION:
         raise ValueError(f"version {raw.get('version')!r} is not {FORMAT_VERSION}")
-    return DomainState(
-        uuid=uuid,
-        name=str(raw["name"]),
-        chains={str(disk): _strings(chain) for disk, chain in raw["chains"].items()},
-        untrusted={
-            str(disk): _distrust_from_json(names)
-            for disk, names in raw.get("untrusted", {}).items()
-        },
-        bitmaps={
-            str(disk): _bitmaps_from_json(layers) for disk, layers in raw.get("bitmaps", {}).items()
-        },
-        seen_at={str(disk): float(when) for disk, when in raw.get("seen_at", {}).items()},
-        merged_into={
-            str(disk): {str(layer): str(base) for layer, base in layers.items()}
-            for disk, layers in raw.get("merged_into", {}).items()
-        },
-        seen={str(disk): _seen_from_json(seen) for disk, seen in raw.get("seen", {}).items()},
-    )
+    if "chains" not in raw:
+        raise KeyError("chains")
+    per_disk = {
+        kind.attribute: {
+            str(disk): kind.decode(value) for disk, value in raw.get(kind.key, {}).items()
+        }
+        for kind in _DISK_FIELDS
+    }
+    return DomainState(uuid=uuid, name=str(raw["name"]), **per_disk)
+
+
+def _state_to_json(state: DomainState) -> dict[str, Any]:
+    document: dict[str, Any] = {"version": FORMAT_VERSION, "name": state.name}
+    for kind in _DISK_FIELDS:
+        document[kind.key] = {
+            disk: kind.encode(value)
+            for disk, value in sorted(getattr(state, kind.attribute).items())
+            if value or not kind.omit_empty
+        }
+    return document
 
 
 class StateStore:
@@ -193,14 +209,14 @@ class StateStore:
         chain: tuple[str, ...],
         untrusted: Mapping[str, Distrust],
         bitmaps: Mapping[str, tuple[Bitmap, ...]],
-        seen_at: float | None = None,
+        looked_at: float | None = None,
         generation: int = 0,
         merged_into: Mapping[str, str] | None = None,
-        seen: Seen | None = None,
+        fingerprint: Fingerprint | None = None,
     ) -> bool:
         """Store one disk's chain; False (nothing written) when the domain was forgotten since
-        ``generation`` was read. ``seen``: what the look saw, if it may spare the next one
-        reading the images (None forgets an earlier one)."""
+        ``generation`` was read. ``fingerprint``: what the look saw, if it may spare the next
+        one reading the images (None forgets an earlier one)."""
         with self._lock:
             if not self.is_current(uuid, generation):
                 return False
@@ -211,12 +227,12 @@ class StateStore:
             state.bitmaps[disk] = dict(bitmaps)
             if merged_into is not None:
                 state.merged_into[disk] = dict(merged_into)
-            if seen_at is not None:
-                state.seen_at[disk] = seen_at
-            if seen is None:
-                state.seen.pop(disk, None)
+            if looked_at is not None:
+                state.looked_at[disk] = looked_at
+            if fingerprint is None:
+                state.fingerprints.pop(disk, None)
             else:
-                state.seen[disk] = seen
+                state.fingerprints[disk] = fingerprint
             self._save(state)
             return True
 
@@ -235,12 +251,8 @@ class StateStore:
                 return
             state = self.load(uuid)
             if state is not None and disk in state.chains:
-                del state.chains[disk]
-                state.untrusted.pop(disk, None)
-                state.bitmaps.pop(disk, None)
-                state.seen_at.pop(disk, None)
-                state.merged_into.pop(disk, None)
-                state.seen.pop(disk, None)
+                for kind in _DISK_FIELDS:
+                    getattr(state, kind.attribute).pop(disk, None)
                 self._save(state)
 
     def _save(self, state: DomainState) -> None:
@@ -251,36 +263,7 @@ class StateStore:
 
     def _write(self, state: DomainState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        document = {
-            "version": FORMAT_VERSION,
-            "name": state.name,
-            "chains": {disk: list(chain) for disk, chain in sorted(state.chains.items())},
-            "untrusted": {
-                disk: {name: asdict(distrust) for name, distrust in sorted(names.items())}
-                for disk, names in sorted(state.untrusted.items())
-                if names
-            },
-            "bitmaps": {
-                disk: {path: [asdict(b) for b in bitmaps] for path, bitmaps in layers.items()}
-                for disk, layers in sorted(state.bitmaps.items())
-            },
-            "seen_at": dict(sorted(state.seen_at.items())),
-            "merged_into": {
-                disk: dict(sorted(layers.items()))
-                for disk, layers in sorted(state.merged_into.items())
-                if layers
-            },
-            "seen": {
-                disk: {
-                    "chain": list(seen.chain),
-                    "stats": [None if s is None else list(stat_fields(s)) for s in seen.stats],
-                    "checkpoints": None if seen.checkpoints is None else list(seen.checkpoints),
-                    "formats": list(seen.formats),
-                    "sizes": list(seen.sizes),
-                }
-                for disk, seen in sorted(state.seen.items())
-            },
-        }
+        document = _state_to_json(state)
         target = self._path(state.uuid)
         handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         try:

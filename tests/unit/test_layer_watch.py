@@ -9,7 +9,13 @@ import os
 import struct
 from pathlib import Path
 
-from virt_bitmapd.fingerprints import Seen, change_time_ns, stat_fields, stat_layers, unchanged
+from virt_bitmapd.fingerprints import (
+    Fingerprint,
+    change_time_ns,
+    stat_fields,
+    stat_layers,
+    unchanged,
+)
 from virt_bitmapd.model import Image
 from virt_bitmapd.service.inotify import IN_CREATE, Event, parse_events
 from virt_bitmapd.service.layer_watch import LayerWatch, layer_directories
@@ -115,7 +121,7 @@ def test_a_rescan_skips_only_what_nothing_says_changed(tmp_path: Path) -> None:
     top.write_bytes(b"t")
     chain = (str(top), str(base))
     images = [Image(path=path, format="qcow2") for path in chain]
-    seen = Seen.of(images, stat_layers(chain), ("cp1",))
+    seen = Fingerprint.of(images, stat_layers(chain), ("cp1",))
     assert seen is not None
     assert unchanged(seen, chain=chain, checkpoints=("cp1",), stats=stat_layers(chain))
     assert unchanged(seen, chain=None, checkpoints=None, stats=stat_layers(chain))
@@ -130,8 +136,8 @@ def test_a_rescan_skips_only_what_nothing_says_changed(tmp_path: Path) -> None:
 def test_a_layer_not_stated_before_the_read_proves_nothing(tmp_path: Path) -> None:
     layer = tmp_path / "new.qcow2"
     image = Image(path=str(layer), format="qcow2")
-    assert Seen.of([image], {}, None) is None
-    assert Seen.of([image], stat_layers([str(layer)]), None) is None  # it does not exist
+    assert Fingerprint.of([image], {}, None) is None
+    assert Fingerprint.of([image], stat_layers([str(layer)]), None) is None  # it does not exist
 
 
 def test_what_a_look_saw_survives_a_restart_exactly(tmp_path: Path) -> None:
@@ -139,7 +145,7 @@ def test_what_a_look_saw_survives_a_restart_exactly(tmp_path: Path) -> None:
     layer.write_bytes(b"b")
     stats = stat_layers([str(layer)])
     image = Image(path=str(layer), format="qcow2", virtual_size=1 << 40)
-    seen = Seen.of([image], stats, ("cp1",))
+    seen = Fingerprint.of([image], stats, ("cp1",))
     assert seen is not None
     st = layer.stat()
     assert stat_fields(stats[str(layer)] or b"") == (
@@ -152,9 +158,9 @@ def test_what_a_look_saw_survives_a_restart_exactly(tmp_path: Path) -> None:
     assert change_time_ns(stats[str(layer)] or b"") == st.st_ctime_ns
     store = StateStore(tmp_path / "state")
     store.put_disk(
-        "u1", name="vm1", disk="vda", chain=seen.chain, untrusted={}, bitmaps={}, seen=seen
+        "u1", name="vm1", disk="vda", chain=seen.chain, untrusted={}, bitmaps={}, fingerprint=seen
     )
     state = StateStore(tmp_path / "state").load("u1")
-    assert state is not None and state.seen["vda"] == seen
+    assert state is not None and state.fingerprints["vda"] == seen
     saved = json.loads((tmp_path / "state" / "domains" / "u1.json").read_text())
     assert saved["seen"]["vda"]["stats"] == [list(stat_fields(stats[str(layer)] or b""))]

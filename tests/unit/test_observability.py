@@ -109,14 +109,14 @@ def test_state_store_round_trip_and_corruption(tmp_path: Path) -> None:
         merged_into={"/s1": "/a"},
     )
     store.put_disk(
-        "u1", name="vm1", disk="vdb", chain=("/c",), untrusted={}, bitmaps={}, seen_at=12.5
+        "u1", name="vm1", disk="vdb", chain=("/c",), untrusted={}, bitmaps={}, looked_at=12.5
     )
     state = store.load("u1")
     assert state is not None and state.chains == {"vda": ("/a", "/b"), "vdb": ("/c",)}
     assert state.untrusted["vda"] == {"cp1": Distrust("layers gone", checkpoint_created=7)}
     assert state.merged_into == {"vda": {"/s1": "/a"}}
     assert state.bitmaps["vda"] == {"/b": (bitmap,)}
-    assert state.seen_at == {"vdb": 12.5}
+    assert state.looked_at == {"vdb": 12.5}
     store.drop_disk("u1", "vdb")
     assert store.load("u1").chains == {"vda": ("/a", "/b")}  # type: ignore[union-attr]
     assert store.known() == ["u1"]

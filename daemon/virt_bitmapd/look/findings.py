@@ -17,7 +17,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
-from ..fingerprints import Seen
+from ..fingerprints import Fingerprint
 from ..healing import HealStep
 from ..health import CheckpointHealth, Distrust
 from ..model import Bitmap, Image, Outcome, Plan, Result, SkipReason
@@ -86,7 +86,7 @@ class LookResult:
     healed: tuple[HealStep, ...] = ()
     heal_error: VirtBitmapdError | None = None
     #: What this look saw before it read, if it may spare a rescan the reading.
-    seen: Seen | None = None
+    fingerprint: Fingerprint | None = None
     #: What the state directory is to keep for the disk (see ``StateStore.put_disk``).
     distrust: Mapping[str, Distrust] = field(default_factory=dict)
     layer_bitmaps: Mapping[str, tuple[Bitmap, ...]] = field(default_factory=dict)

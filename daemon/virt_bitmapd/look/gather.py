@@ -22,7 +22,7 @@ import libvirt
 from ..checkpoint_xml import Checkpoint, names_of
 from ..domain_xml import Disk
 from ..errors import LibvirtFailed, OutsideStorageRoots, VirtBitmapdError
-from ..fingerprints import LayerStat, Seen, stat_layers, unchanged
+from ..fingerprints import Fingerprint, LayerStat, stat_layers, unchanged
 from ..model import Bitmap
 from ..readers.chain import ChainNow, current_chain, domain_disks, resolved
 from ..readers.checkpoints import domain_checkpoints
@@ -66,7 +66,7 @@ class Gathered:
     @property
     def last_look_at(self) -> float | None:
         """When the last look that saved a chain began (time.time())."""
-        return self.record.seen_at.get(self.target)
+        return self.record.looked_at.get(self.target)
 
     @property
     def last_bitmaps(self) -> Mapping[str, tuple[Bitmap, ...]]:
@@ -115,13 +115,13 @@ def gather(
         return _with(gathered, skipped=str(error))
     old = gathered.old_chain
     stats = stat_layers({*old, *disk.paths})  # before anything is read
-    last_look = record.seen.get(target) if trust_last_look and not running else None
+    last_look = record.fingerprints.get(target) if trust_last_look and not running else None
     checkpoints: tuple[Checkpoint, ...] | None = None
     checkpoint_error = None
     try:
         now = None
         if last_look is not None and old[: len(disk.paths)] == disk.paths:
-            now, checkpoints = _as_last_seen(domain, disk, last_look, stats, record)
+            now, checkpoints = _as_last_looked(domain, disk, last_look, stats, record)
         if now is None:
             now = current_chain(domain, disk, running)
     except VirtBitmapdError as error:
@@ -161,20 +161,20 @@ def _with(gathered: Gathered, **found: Any) -> Gathered:
     return replace(gathered, **found)
 
 
-def _as_last_seen(
+def _as_last_looked(
     domain: libvirt.virDomain,
     disk: Disk,
-    seen: Seen,
+    fingerprint: Fingerprint,
     stats: Mapping[str, LayerStat],
     record: DomainState,
 ) -> tuple[ChainNow | None, tuple[Checkpoint, ...] | None]:
     """The chain of a shut-off disk as its last look saw it, when nothing says it changed
     since: every layer's stat and the domain's checkpoints the same (and those checkpoints,
     read to know)."""
-    images = seen.images(record.bitmaps.get(disk.target, {}))
-    if images is None or not unchanged(seen, chain=None, checkpoints=None, stats=stats):
+    images = fingerprint.images(record.bitmaps.get(disk.target, {}))
+    if images is None or not unchanged(fingerprint, chain=None, checkpoints=None, stats=stats):
         return None, None
     checkpoints = domain_checkpoints(domain)
-    if names_of(checkpoints) != seen.checkpoints:
+    if names_of(checkpoints) != fingerprint.checkpoints:
         return None, checkpoints
-    return ChainNow(disk=disk, paths=seen.chain, images=images), checkpoints
+    return ChainNow(disk=disk, paths=fingerprint.chain, images=images), checkpoints

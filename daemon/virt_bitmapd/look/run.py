@@ -17,7 +17,7 @@ import libvirt
 
 from ..checkpoint_xml import names_of
 from ..errors import VirtBitmapdError
-from ..fingerprints import LayerStat, Seen, change_time_ns, stat_layers
+from ..fingerprints import Fingerprint, LayerStat, change_time_ns, stat_layers
 from ..handover import Handover
 from ..readers.chain import ChainNow, current_chain
 from ..state import StateStore
@@ -108,7 +108,9 @@ class Look:
             quarantine_error=acted.quarantine_error,
             healed=acted.healed,
             heal_error=acted.heal_error,
-            seen=Seen.of(now.images, stats, names_of(gathered.checkpoints)) if clean else None,
+            fingerprint=Fingerprint.of(now.images, stats, names_of(gathered.checkpoints))
+            if clean
+            else None,
             distrust=acted.untrusted,
             layer_bitmaps=bitmaps_to_remember(now, gathered.last_bitmaps),
             merged_into=acted.merged_into,

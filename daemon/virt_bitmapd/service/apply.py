@@ -97,10 +97,10 @@ class Applier:
                 chain=result.chain,
                 untrusted=result.distrust,
                 bitmaps=result.layer_bitmaps,
-                seen_at=result.started_at,
+                looked_at=result.started_at,
                 generation=result.generation,
                 merged_into=result.merged_into,
-                seen=result.seen,
+                fingerprint=result.fingerprint,
             )
         if drops_record(result):
             self._store.drop_disk(result.uuid, result.disk, result.generation)
@@ -114,7 +114,7 @@ class Applier:
                 self._chains_changed(set())
             return
         if result.error is not None or not result.chain:
-            self._memory.seen.pop(key, None)  # a failed look proves nothing: read next time
+            self._memory.fingerprints.pop(key, None)  # a failed look proves nothing: read next time
             return
         if self._memory.chains.get(key) != result.chain:
             self._memory.chains[key] = result.chain
@@ -124,7 +124,7 @@ class Applier:
             self._memory.with_bitmaps.add(key)
         else:
             self._memory.with_bitmaps.discard(key)
-        self._memory.seen[key] = result.seen
+        self._memory.fingerprints[key] = result.fingerprint
 
     def disks_skipped(self, uuid: str, domain: str, skipped: Sequence[SkippedDisk]) -> None:
         """Disks a domain has that hold no checkpoints (raw, network): told once each."""

@@ -210,7 +210,7 @@ class Daemon:
         if conn is None:
             return  # everything is looked at again after the reconnect
         if request.reasons == ("watch",) and await asyncio.to_thread(
-            unchanged_on_disk, self._memory.seen.get(key)
+            unchanged_on_disk, self._memory.fingerprints.get(key)
         ):  # every layer as the last look left it: the daemon's own write, no news
             log.debug("look_spared", domain=uuid, disk=target, reasons=list(request.reasons))
             return

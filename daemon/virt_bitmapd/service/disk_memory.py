@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..fingerprints import Seen
+from ..fingerprints import Fingerprint
 
 __all__ = ["COMMIT_ATTEMPTS", "DiskKey", "DiskMemory", "commit_retry_delay", "look_retry_delay"]
 
@@ -56,7 +56,7 @@ class DiskMemory:
     chains: dict[DiskKey, tuple[str, ...]] = field(default_factory=dict)
     running: dict[DiskKey, bool] = field(default_factory=dict)
     #: what the disk's last complete look saw before it read (None: it proved nothing)
-    seen: dict[DiskKey, Seen | None] = field(default_factory=dict)
+    fingerprints: dict[DiskKey, Fingerprint | None] = field(default_factory=dict)
     #: disks whose chain held a bitmap at the last look (the safety net watches only those)
     with_bitmaps: set[DiskKey] = field(default_factory=set)
 
@@ -82,7 +82,7 @@ class DiskMemory:
             self.checkpoint_states,
             self.chains,
             self.running,
-            self.seen,
+            self.fingerprints,
         )
 
     def forget_disk(self, key: DiskKey) -> None:

@@ -25,7 +25,7 @@ import structlog
 
 from ..domain_xml import SkippedDisk
 from ..errors import VirtBitmapdError
-from ..fingerprints import Seen, stat_layers, unchanged
+from ..fingerprints import Fingerprint, stat_layers, unchanged
 from ..readers.chain import domain_disks, resolved
 from ..readers.checkpoints import checkpoint_names
 from ..retention import RETENTION
@@ -55,7 +55,7 @@ def disk_targets(
 
 
 def changed_targets(
-    domain: libvirt.virDomain, disks: Mapping[str, Seen | None], running: bool
+    domain: libvirt.virDomain, disks: Mapping[str, Fingerprint | None], running: bool
 ) -> tuple[str, ...] | None:
     """The disk targets something says changed since their last complete look (``disks``:
     target -> what it saw, None: it proved nothing); None when a disk came or went."""
@@ -68,13 +68,13 @@ def changed_targets(
         names = checkpoint_names(domain)
     return tuple(
         target
-        for target, seen in disks.items()
-        if seen is None
+        for target, fingerprint in disks.items()
+        if fingerprint is None
         or not unchanged(
-            seen,
+            fingerprint,
             chain=None if chains is None else chains[target],
             checkpoints=names,
-            stats=stat_layers(seen.chain),
+            stats=stat_layers(fingerprint.chain),
         )
     )
 
@@ -146,9 +146,9 @@ class Rescans:
     ) -> tuple[list[tuple[libvirt.virDomain, tuple[str, ...] | None]], int]:
         """Per domain, the disk targets to look at (None: all of them); and how many disks
         are left unread."""
-        known: dict[str, dict[str, Seen | None]] = {}
+        known: dict[str, dict[str, Fingerprint | None]] = {}
         for uuid, target in self._memory.chains:
-            known.setdefault(uuid, {})[target] = self._memory.seen.get((uuid, target))
+            known.setdefault(uuid, {})[target] = self._memory.fingerprints.get((uuid, target))
         plan: list[tuple[libvirt.virDomain, tuple[str, ...] | None]] = []
         unread = 0
         for domain in domains:
