@@ -9,7 +9,6 @@ into effects and applies them.  Blocking code, run off the event loop.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -19,6 +18,7 @@ from ..checkpoint_xml import names_of
 from ..errors import VirtBitmapdError
 from ..fingerprints import Fingerprint, LayerStat, change_time_ns, stat_layers
 from ..handover import Handover
+from ..health import CheckpointHealth
 from ..readers.chain import ChainNow, current_chain
 from ..state import StateStore
 from .act import Acted, Actor
@@ -27,11 +27,7 @@ from .findings import LookResult, bitmap_states
 from .gather import Gathered, gather
 from .judge import judge
 
-__all__ = ["STAGES", "Look"]
-
-#: Every stage of a look that reads a chain, in order (``LookResult.stages``); the service
-#: adds its own two (effects, apply).
-STAGES = ("gather", "decide", "act", "reread", "judge")
+__all__ = ["Look"]
 
 
 class Look:
@@ -62,6 +58,7 @@ class Look:
     ) -> LookResult:
         """``copied``: a block copy of this disk just completed; ``trust_last_look`` (a
         startup): a shut-off disk nothing says changed is not read again."""
+        ran = ["gather"]  # each stage as it runs: what the result says it did
         gathered = gather(domain, target, self._store, self._roots, trust_last_look=trust_last_look)
         result = LookResult(
             domain=gathered.name,
@@ -70,30 +67,29 @@ class Look:
             running=gathered.running,
             generation=gathered.generation,
             started_at=gathered.started_ns / 1e9,
-            stages=("gather",),
+            stages=tuple(ran),
         )
         if gathered.skipped is not None or gathered.error is not None or gathered.now is None:
             return _ended(result, gathered)
         decision = decide(gathered, copied=copied, quarantine=self._quarantine, heal=self._heal)
+        ran.append("decide")
         acted = self._act(gathered, decision)
+        ran.append("act")
         now, stats = _reread(gathered, acted)
-        health = (
-            ()
-            if gathered.checkpoint_error
-            else judge(
-                now.images,
-                gathered.checkpoints,
-                target,
-                acted.untrusted,
-                acted.merged_into,
+        ran.append("reread")
+        health: tuple[CheckpointHealth, ...] = ()
+        if gathered.checkpoint_error is None:
+            health = judge(
+                now.images, gathered.checkpoints, target, acted.untrusted, acted.merged_into
             )
-        )
+            ran.append("judge")
         states, invalid = bitmap_states(now.images)
         clean = is_clean(
             acted.reports,
             (gathered.checkpoint_error, acted.quarantine_error, acted.heal_error),
             now.job_running,
         )
+        fingerprint = Fingerprint.of(now.images, stats, names_of(gathered.checkpoints))
         return replace(
             result,
             chain=now.paths,
@@ -108,13 +104,11 @@ class Look:
             quarantine_error=acted.quarantine_error,
             healed=acted.healed,
             heal_error=acted.heal_error,
-            fingerprint=Fingerprint.of(now.images, stats, names_of(gathered.checkpoints))
-            if clean
-            else None,
+            fingerprint=fingerprint if clean else None,
             distrust=acted.untrusted,
             layer_bitmaps=bitmaps_to_remember(now, gathered.last_bitmaps),
             merged_into=acted.merged_into,
-            stages=STAGES,
+            stages=tuple(ran),
         )
 
 
@@ -129,10 +123,11 @@ def _reread(gathered: Gathered, acted: Acted) -> tuple[ChainNow, dict[str, Layer
     now = acted.now
     if acted.changed:
         stats = stat_layers(now.paths)  # before the read, as always
-        with contextlib.suppress(VirtBitmapdError):  # else what acting proved stands
+        try:
             now = current_chain(gathered.domain, now.disk, gathered.running)
-            stats |= _unchanged_since(gathered.started_ns, now.paths, stats)
-        return now, stats
+        except VirtBitmapdError:  # what acting proved stands, but proves no fingerprint
+            return now, {}
+        return now, stats | _unchanged_since(gathered.started_ns, now.paths, stats)
     stats = dict(gathered.stats_before)
     return now, stats | _unchanged_since(gathered.started_ns, now.paths, stats)
 
