@@ -15,7 +15,7 @@ if [ -e "$rootfs/.complete" ]; then
 fi
 
 include=(
-  systemd systemd-sysv dbus util-linux iproute2 procps python3
+  systemd systemd-sysv dbus util-linux iproute2 procps python3 curl
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
   qemu-system-common python3-libvirt python3-structlog python3-prometheus-client
 )

@@ -80,10 +80,12 @@ class Actor:
         )
         if decision.may_quarantine:
             acted = self._quarantine(gathered, acted)
-        plan = healing_plan(
-            now.images, gathered.checkpoints, gathered.target, set(untrusted), merged
-        )
-        if decision.may_heal and plan.steps:
+        if (
+            decision.may_heal
+            and healing_plan(
+                now.images, gathered.checkpoints, gathered.target, set(untrusted), merged
+            ).steps
+        ):
             acted = self._heal(gathered, acted)
         return acted
 

@@ -115,13 +115,13 @@ def gather(
         return _with(gathered, skipped=str(error))
     old = gathered.old_chain
     stats = stat_layers({*old, *disk.paths})  # before anything is read
-    last_look = record.fingerprints.get(target) if trust_last_look and not running else None
+    last_fingerprint = record.fingerprints.get(target) if trust_last_look and not running else None
     checkpoints: tuple[Checkpoint, ...] | None = None
     checkpoint_error = None
     try:
         now = None
-        if last_look is not None and old[: len(disk.paths)] == disk.paths:
-            now, checkpoints = _as_last_looked(domain, disk, last_look, stats, record)
+        if last_fingerprint is not None and old[: len(disk.paths)] == disk.paths:
+            now, checkpoints = _as_last_looked(domain, disk, last_fingerprint, stats, record)
         if now is None:
             now = current_chain(domain, disk, running)
     except VirtBitmapdError as error:
