@@ -22,13 +22,13 @@ __all__ = [
     "Fingerprint",
     "LayerStat",
     "change_time_ns",
+    "left_as_they_were",
     "pack_stat",
     "stat_fields",
     "stat_layer",
     "stat_layers",
     "strings_from_json",
     "unchanged",
-    "unchanged_on_disk",
 ]
 
 #: (device, inode, size, mtime ns, ctime ns), packed: a host's every layer is remembered, and
@@ -153,12 +153,9 @@ def unchanged(
     )
 
 
-def unchanged_on_disk(fingerprint: Fingerprint | None) -> bool:
-    """Whether every layer of a disk is as its last complete look saw it, by a stat of each
-    (None: that look proved nothing)."""
-    return fingerprint is not None and unchanged(
-        fingerprint, chain=None, checkpoints=None, stats=stat_layers(fingerprint.chain)
-    )
+def left_as_they_were(stats: Mapping[str, LayerStat]) -> bool:
+    """Whether every layer in ``stats`` (at least one) has that stat still."""
+    return bool(stats) and all(stat_layer(path) == stat for path, stat in stats.items())
 
 
 def strings_from_json(value: Any) -> tuple[str, ...]:

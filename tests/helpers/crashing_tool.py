@@ -3,8 +3,11 @@
 
 Put on PATH under the tool's name.  Environment: VBD_REAL_TOOL (the real binary), VBD_CRASH_AT
 (``before:CMD`` kills the tool when CMD arrives, before passing it on; ``after:CMD`` passes it
-on, then kills), VBD_CRASH_SIGNAL (ABRT, KILL, ...).  The tool's output goes straight to ours;
-when it is dead, this process dies by the same signal, so the caller sees what a crash shows.
+on, then kills; ``hold:CMD`` keeps CMD back and waits forever, the tool holding what it opened,
+as a daemon killed at that moment would leave it), VBD_CRASH_SIGNAL (ABRT, KILL, ...).  The
+tool's output goes straight to ours; when it is dead, this process dies by the same signal, so
+the caller sees what a crash shows.  The real tool dies with this stand-in, as it would with
+its caller.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files from the aborts
     when, _, command = os.environ["VBD_CRASH_AT"].partition(":")
     crash = getattr(signal, "SIG" + os.environ.get("VBD_CRASH_SIGNAL", "ABRT"))
-    tool = subprocess.Popen([os.environ["VBD_REAL_TOOL"], *sys.argv[1:]], stdin=subprocess.PIPE)
+    real = [os.environ["VBD_REAL_TOOL"], *sys.argv[1:]]
+    tool = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", *real], stdin=subprocess.PIPE)
     assert tool.stdin is not None
     for line in sys.stdin.buffer:
         hit = f'"execute": "{command}"'.encode() in line
+        if hit and when == "hold":
+            while True:
+                time.sleep(3600)
         if hit and when == "before":
             break
         tool.stdin.write(line)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,27 +22,11 @@ import pytest
 from helpers.images import K64, ChainBuilder, MiB, bitmaps, run
 from helpers.libvirt_env import Domains
 from helpers.scenarios import build, commit_offline, is_for
+from helpers.stand_ins import crashing_path
 
 pytestmark = pytest.mark.real
 
-HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 CLI = [sys.executable, "-m", "virt_bitmapd.cli"]
-
-
-def crashing_path(folder: Path, at: str, signal_name: str) -> dict[str, str]:
-    """An environment whose qemu-storage-daemon crashes at ``at``."""
-    bin_dir = folder / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "qemu-storage-daemon").symlink_to(HELPERS / "crashing_tool.py")
-    real = shutil.which("qemu-storage-daemon")
-    assert real is not None
-    return {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "VBD_REAL_TOOL": real,
-        "VBD_CRASH_AT": at,
-        "VBD_CRASH_SIGNAL": signal_name,
-    }
 
 
 def committed(folder: Path) -> ChainBuilder:

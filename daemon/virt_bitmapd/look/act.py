@@ -46,6 +46,9 @@ class Acted:
     heal_error: VirtBitmapdError | None = None
     #: Whether anything may have changed an image (so the chain is read again).
     changed: bool = False
+    #: Whether an image was opened for writing at all (a reconciliation at rest that failed
+    #: still opened its base): the look's own writes, no news to the next look.
+    touched: bool = False
 
 
 class Actor:
@@ -60,6 +63,7 @@ class Actor:
         assert now is not None, "act needs a chain"
         reports = tuple(self._reconcile(gathered, now, commit) for commit in decision.commits)
         changed = any(r.outcome is not None and r.outcome.changed for r in reports)
+        touched = changed or (bool(reports) and not gathered.running)
         now = chain_after(now, reports)
         merged = merged_into_after(
             gathered.record.merged_into.get(gathered.target, {}),
@@ -76,7 +80,12 @@ class Actor:
             merged_into=merged,
         )
         acted = Acted(
-            reports=reports, now=now, merged_into=merged, untrusted=untrusted, changed=changed
+            reports=reports,
+            now=now,
+            merged_into=merged,
+            untrusted=untrusted,
+            changed=changed,
+            touched=touched,
         )
         if decision.may_quarantine:
             acted = self._quarantine(gathered, acted)
@@ -102,9 +111,9 @@ class Actor:
                 storage_roots=self._roots,
             )
         except VirtBitmapdError as error:
-            return replace(acted, quarantine_error=error, changed=True)
+            return replace(acted, quarantine_error=error, changed=True, touched=True)
         why = {name: acted.untrusted[name].why for name in names}
-        return replace(acted, quarantined=why, changed=True)
+        return replace(acted, quarantined=why, changed=True, touched=True)
 
     def _heal(self, gathered: Gathered, acted: Acted) -> Acted:
         try:
@@ -118,9 +127,9 @@ class Actor:
                 merged_into=dict(acted.merged_into),
             )
         except VirtBitmapdError as error:
-            return replace(acted, heal_error=error, changed=True)
+            return replace(acted, heal_error=error, changed=True, touched=True)
         healed = done.plan.steps if done.result is HealResult.HEALED else ()
-        return replace(acted, healed=healed, changed=True)
+        return replace(acted, healed=healed, changed=True, touched=True)
 
     def _reconcile(self, gathered: Gathered, now: ChainNow, commit: Commit) -> CommitReport:
         last_bitmaps = gathered.last_bitmaps

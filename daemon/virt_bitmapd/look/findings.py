@@ -17,7 +17,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
-from ..fingerprints import Fingerprint
+from ..fingerprints import Fingerprint, LayerStat
 from ..healing import HealStep
 from ..health import CheckpointHealth, Distrust
 from ..model import Bitmap, Image, Outcome, Plan, Result, SkipReason
@@ -87,6 +87,9 @@ class LookResult:
     heal_error: VirtBitmapdError | None = None
     #: What this look saw before it read, if it may spare a rescan the reading.
     fingerprint: Fingerprint | None = None
+    #: Each layer's stat as the look left it, its own writes included: a change the watch
+    #: reports that leaves every one so is the look's own.
+    left_stats: Mapping[str, LayerStat] = field(default_factory=dict)
     #: What the state directory is to keep for the disk (see ``StateStore.put_disk``).
     distrust: Mapping[str, Distrust] = field(default_factory=dict)
     layer_bitmaps: Mapping[str, tuple[Bitmap, ...]] = field(default_factory=dict)

@@ -75,7 +75,7 @@ class Look:
         ran.append("decide")
         acted = self._act(gathered, decision)
         ran.append("act")
-        now, stats = _reread(gathered, acted)
+        now, stats, left = _reread(gathered, acted)
         ran.append("reread")
         health: tuple[CheckpointHealth, ...] = ()
         if gathered.checkpoint_error is None:
@@ -105,6 +105,7 @@ class Look:
             healed=acted.healed,
             heal_error=acted.heal_error,
             fingerprint=fingerprint if clean else None,
+            left_stats=left,
             distrust=acted.untrusted,
             layer_bitmaps=bitmaps_to_remember(now, gathered.last_bitmaps),
             merged_into=acted.merged_into,
@@ -117,19 +118,25 @@ def _ended(result: LookResult, gathered: Gathered) -> LookResult:
     return replace(result, skipped=gathered.skipped, error=gathered.error)
 
 
-def _reread(gathered: Gathered, acted: Acted) -> tuple[ChainNow, dict[str, LayerStat]]:
-    """The chain as acting left it, read again only when acting changed something; and each
-    layer's stat from before that read (so the look's own writes are no news to the next)."""
+def _reread(
+    gathered: Gathered, acted: Acted
+) -> tuple[ChainNow, dict[str, LayerStat], dict[str, LayerStat]]:
+    """The chain as acting left it, read again only when acting changed something; each
+    chain layer's stat from before that read (for the fingerprint); and every layer's stat as
+    the look left it (old chain and new: its own writes included, they are no news)."""
     now = acted.now
-    if acted.changed:
-        stats = stat_layers(now.paths)  # before the read, as always
-        try:
-            now = current_chain(gathered.domain, now.disk, gathered.running)
-        except VirtBitmapdError:  # what acting proved stands, but proves no fingerprint
-            return now, {}
-        return now, stats | _unchanged_since(gathered.started_ns, now.paths, stats)
-    stats = dict(gathered.stats_before)
-    return now, stats | _unchanged_since(gathered.started_ns, now.paths, stats)
+    layers = {*gathered.old_chain, *now.paths}
+    if not acted.touched:
+        stats = dict(gathered.stats_before)
+        return now, stats | _unchanged_since(gathered.started_ns, now.paths, stats), stats
+    left = stat_layers(layers)  # before the read, as always
+    if not acted.changed:
+        return now, {}, left
+    try:
+        now = current_chain(gathered.domain, now.disk, gathered.running)
+    except VirtBitmapdError:  # what acting proved stands, but proves no fingerprint
+        return now, {}, left
+    return now, left | _unchanged_since(gathered.started_ns, now.paths, left), left
 
 
 def _unchanged_since(

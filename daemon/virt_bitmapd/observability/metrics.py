@@ -110,7 +110,7 @@ class Metrics:
         )
         self.leftovers_removed = Counter(
             "virt_bitmapd_leftovers_removed_total",
-            "Temporary QEMU nodes and probe bitmaps of an earlier run removed, by kind",
+            "What an earlier run left, removed, by kind: QEMU nodes, probe bitmaps, tool processes",
             ["kind"],
             registry=r,
         )

@@ -115,6 +115,7 @@ class Applier:
             return
         if result.error is not None or not result.chain:
             self._memory.fingerprints.pop(key, None)  # a failed look proves nothing: read next time
+            self._memory.left_stats.pop(key, None)
             return
         if self._memory.chains.get(key) != result.chain:
             self._memory.chains[key] = result.chain
@@ -125,6 +126,7 @@ class Applier:
         else:
             self._memory.with_bitmaps.discard(key)
         self._memory.fingerprints[key] = result.fingerprint
+        self._memory.left_stats[key] = result.left_stats
 
     def disks_skipped(self, uuid: str, domain: str, skipped: Sequence[SkippedDisk]) -> None:
         """Disks a domain has that hold no checkpoints (raw, network): told once each."""

@@ -25,12 +25,13 @@ import structlog
 
 from ..config import Settings, parse_listen
 from ..errors import LibvirtFailed, VirtBitmapdError
-from ..fingerprints import unchanged_on_disk
+from ..fingerprints import left_as_they_were
 from ..handover import Handover
 from ..look.run import Look
 from ..observability.metrics import Metrics
 from ..observability.sdnotify import Notifier
 from ..state import StateStore
+from ..transports import children
 from .apply import Applier
 from .chain_watch import ChainWatch
 from .connection import BACKOFF_MAX, Connection, EventHandlers
@@ -124,6 +125,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_rescan, "manual")
         self._serve_metrics()
+        await self._end_leftover_tools()
         self._watch.start()
         log.info(
             "daemon_started",
@@ -176,6 +178,21 @@ class Daemon:
         except OSError as error:  # keeping bitmaps whole matters more than being watched
             log.error("metrics_unavailable", listen=self.settings.metrics_listen, error=str(error))
 
+    async def _end_leftover_tools(self) -> None:
+        """Tools a killed predecessor left running (they may hold images a domain needs)."""
+        records = children.record_in(self.settings.state_dir)
+        try:
+            ended = await asyncio.to_thread(records.end_leftovers)
+        except OSError as error:
+            log.error("state_unusable", path=str(records.directory), error=str(error))
+            return
+        if ended:
+            self.metrics.leftovers_removed.labels("process").inc(len(ended))
+            log.warning(
+                "leftovers_removed",
+                processes=[f"{leftover.tool} (pid {leftover.pid})" for leftover in ended],
+            )
+
     async def _on_connected(self, conn: libvirt.virConnect, first: bool) -> None:
         for removed in await asyncio.to_thread(remove_leftovers, conn):
             self.metrics.leftovers_removed.labels("node").inc(len(removed.nodes))
@@ -210,7 +227,7 @@ class Daemon:
         if conn is None:
             return  # everything is looked at again after the reconnect
         if request.reasons == ("watch",) and await asyncio.to_thread(
-            unchanged_on_disk, self._memory.fingerprints.get(key)
+            left_as_they_were, self._memory.left_stats.get(key, {})
         ):  # every layer as the last look left it: the daemon's own write, no news
             log.debug("look_spared", domain=uuid, disk=target, reasons=list(request.reasons))
             return

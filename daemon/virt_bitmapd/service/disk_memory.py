@@ -8,10 +8,11 @@ memory follows the host's domains instead of growing with every domain it ever s
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..fingerprints import Fingerprint
+from ..fingerprints import Fingerprint, LayerStat
 
 __all__ = ["COMMIT_ATTEMPTS", "DiskKey", "DiskMemory", "commit_retry_delay", "look_retry_delay"]
 
@@ -57,6 +58,8 @@ class DiskMemory:
     running: dict[DiskKey, bool] = field(default_factory=dict)
     #: what the disk's last complete look saw before it read (None: it proved nothing)
     fingerprints: dict[DiskKey, Fingerprint | None] = field(default_factory=dict)
+    #: each layer's stat as the disk's last look left it (``LookResult.left_stats``)
+    left_stats: dict[DiskKey, Mapping[str, LayerStat]] = field(default_factory=dict)
     #: disks whose chain held a bitmap at the last look (the safety net watches only those)
     with_bitmaps: set[DiskKey] = field(default_factory=set)
 
@@ -83,6 +86,7 @@ class DiskMemory:
             self.chains,
             self.running,
             self.fingerprints,
+            self.left_stats,
         )
 
     def forget_disk(self, key: DiskKey) -> None:

@@ -41,6 +41,7 @@ from ..qmp import (
     query_nodes,
     transaction,
 )
+from . import children
 from .qmp_stream import QMPStream
 
 __all__ = ["apply_at_rest", "disable_at_rest", "heal_at_rest"]
@@ -67,7 +68,7 @@ class _Session:
         # stderr goes to a file: a pipe nobody reads until the end could fill and stall us
         self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _close
         try:
-            self._process = subprocess.Popen(
+            self._process = children.start(
                 [binary, "--chardev", "stdio,id=vbd-qmp", "--monitor", "chardev=vbd-qmp"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -245,6 +246,7 @@ def _close(
         process.kill()
         process.communicate()
         failure = failure or f"{binary} did not stop"
+    children.ended(process)
     if failure is None and process.returncode != 0:
         failure = f"{binary} {describe_exit(process.returncode)}"
     errors.seek(0)
