@@ -122,6 +122,14 @@ class Fingerprint:
             "sizes": list(self.sizes),
         }
 
+    def identities(self) -> dict[str, tuple[int, int]]:
+        """Each layer's (device, inode) as stat'ed: which file each path named."""
+        return {
+            path: stat_fields(stat)[:2]
+            for path, stat in zip(self.chain, self.stats, strict=True)
+            if stat is not None
+        }
+
     def images(self, bitmaps: Mapping[str, tuple[Bitmap, ...]]) -> tuple[Image, ...] | None:
         """The chain as that look saw it, with ``bitmaps`` per layer; None when its formats
         and sizes were not remembered."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers.images import K64, MiB, bitmap_names, dirty_extents, expected, run
+from helpers.images import K64, MiB, add_bitmap, bitmap_names, dirty_extents, expected, run, write
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
 from helpers.scenarios import build, guest_write, is_for, snapshot
 
@@ -147,3 +147,36 @@ def test_a_tool_that_deletes_without_reconcile_is_told_unrecoverable(
     delete_committed_layer(c, daemon)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "unrecoverable" and "cp2" in entry["untrusted"], entry
+
+
+def test_a_record_of_reconcile_speaks_for_its_files_once(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """A tool reconciles a cold merge with the command line but keeps the file; the daemon
+    reconciles the same commit itself.  Later a new layer is made at the same path, written,
+    cold-merged without the command line and deleted: the old record must not vouch for it."""
+    c, dom, daemon = cold_merged(tmp_path, domains, daemon_factory)
+    base, s1, active = c.layers
+    assert reconcile_cli(c, daemon).returncode == 0
+    run("qemu-img", "rebase", "-q", "-u", "-b", str(base), "-F", "qcow2", str(active))
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="the daemon's own reconciliation")
+    assert entry["result"] == "already_consistent" and "reason" not in entry, entry
+    # a new layer at the reused path (the old file kept elsewhere, so it is surely another
+    # file), with a bitmap the base lacks
+    s1.rename(s1.with_suffix(".old"))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(s1))
+    for name in ("cp1", "cp2", "cp4"):
+        add_bitmap(s1, name)
+    add_bitmap(active, "cp4")
+    run("qemu-img", "rebase", "-q", "-u", "-b", str(s1), "-F", "qcow2", str(active))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for(
+        lambda e: is_for(dom, "chain_changed")(e) and str(s1) in e["chain"],
+        what="the new layer seen",
+    )
+    write(s1, 20 * MiB, K64, 0x44)  # in s1's cp4, and nowhere else once s1 is gone
+    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
+    delete_committed_layer(c, daemon)
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="the second commit")
+    assert entry["result"] == "unrecoverable", entry
+    assert entry["error_kind"] == "committed_layers_gone" and "cp4" in entry["untrusted"], entry

@@ -23,7 +23,7 @@ from ..readers.chain import ChainNow
 from ..reconcile import reconcile_at_rest
 from ..tracking import Commit
 from ..transports.libvirt_monitor import LibvirtMonitor
-from .decide import Decision, chain_after, merged_into_after
+from .decide import CARRIED, Decision, chain_after, merged_into_after
 from .findings import CommitReport, bitmaps_at_risk, untrusted_after
 from .gather import Gathered
 from .judge import distrust, healing_plan
@@ -146,7 +146,7 @@ class Actor:
                 commit = with_unseen_layers(
                     commit, beside=gathered.beside, last_bitmaps=last_bitmaps, live=running
                 )
-            if self._reconciled_by_command(commit):
+            if self._reconciled_by_command(commit, gathered):
                 return CommitReport(
                     commit=commit,
                     live=running,
@@ -165,6 +165,8 @@ class Actor:
                 error=error,
                 at_risk=() if keeps_bits else bitmaps_at_risk(commit, last_bitmaps, now.images),
             )
+        if done.result in CARRIED and not done.untrusted:
+            self._handover.drop(commit.base, commit.removed)  # what a record would say, done
         return CommitReport(
             commit=commit,
             live=running,
@@ -177,11 +179,13 @@ class Actor:
             else None,
         )
 
-    def _reconciled_by_command(self, commit: Commit) -> bool:
-        return (
-            bool(gone_layers(commit))
-            and self._handover.take(commit.base, commit.removed) is not None
-        )
+    def _reconciled_by_command(self, commit: Commit, gathered: Gathered) -> bool:
+        """Whether `virt-bitmapd reconcile` left a record for exactly these files, now gone."""
+        if not gone_layers(commit):
+            return False
+        last = gathered.record.fingerprints.get(gathered.target)
+        seen = {} if last is None else last.identities()
+        return self._handover.take(commit.base, commit.removed, seen) is not None
 
     def _carry_out(
         self, gathered: Gathered, now: ChainNow, commit: Commit, base_before: Image | None
