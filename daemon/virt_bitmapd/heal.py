@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import images
+from .births import Births
 from .checkpoint_xml import Checkpoint
 from .errors import BitmapUnusableAfter
 from .healing import HealPlan, plan_healing
@@ -48,6 +49,7 @@ def heal_chain(
     target: str = "",
     untrusted: Collection[str] = (),
     merged_into: dict[str, str] | None = None,
+    births: Births | None = None,
 ) -> Healing:
     """Rebuild what ``healing.plan_healing`` accepts in the chain of ``top`` (opened as qcow2,
     layers below as their overlays record, or as ``formats`` says).  ``storage_roots`` None:
@@ -59,6 +61,7 @@ def heal_chain(
         target=target,
         untrusted=untrusted,
         merged_into=merged_into,
+        births=births,
     )
     if not plan.steps:
         return Healing(plan=plan, result=HealResult.NOTHING_TO_DO, chain=chain)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from .births import Births
 from .checkpoint_xml import Checkpoint
 from .health import CheckpointHealth, State, lost_layers
 from .model import Image
@@ -130,6 +131,7 @@ def plan_healing(
     target: str = "",
     untrusted: Collection[str] = (),
     merged_into: dict[str, str] | None = None,
+    births: Births | None = None,
 ) -> HealPlan:
     """How to rebuild every bitmap of ``chain`` (top first) whose chain libvirt finds broken
     only because layers above its lowest copy lack it; the others, refused with the reason.
@@ -139,7 +141,7 @@ def plan_healing(
     images = tuple(chain)
     if not images:
         return HealPlan()
-    lost = lost_layers(images, checkpoints, target, merged_into) if checkpoints else {}
+    lost = lost_layers(images, checkpoints, target, merged_into, births) if checkpoints else {}
     names = dict.fromkeys(bitmap.name for image in images for bitmap in image.bitmaps)
     steps: list[HealStep] = []
     refused: list[Refusal] = []

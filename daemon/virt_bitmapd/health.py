@@ -24,6 +24,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .births import Births, chain_then
 from .checkpoint_xml import Checkpoint, CheckpointDisk
 from .model import Image, SkipReason
 from .planner import bitmap_chain_problem
@@ -133,32 +134,41 @@ def committed_into(layer: str, merged_into: Mapping[str, str]) -> set[str]:
     return reached
 
 
+#: Why a checkpoint whose birth layer nothing proves is not trusted.
+NO_BIRTH = (
+    "libvirt's checkpoint does not say which layer it was taken on (its XML has no <domain>) "
+    "and virt-bitmapd did not see it said: its bits cannot be proven complete"
+)
+
+
 def _lost_reason(
-    chain: Sequence[Image], disk: CheckpointDisk, checkpoint: str, merged_into: Mapping[str, str]
-) -> tuple[str, str] | None:
+    chain: Sequence[Image],
+    disk: CheckpointDisk,
+    checkpoint: Checkpoint,
+    merged_into: Mapping[str, str],
+    births: Births,
+) -> str | None:
     """Why ``disk``'s copies of the checkpoint's bitmap cannot hold every write since it was
-    taken, and the layer concerned; None when they can (or when nothing says which layer was
-    active then)."""
-    if not disk.chain_then:
-        return None
+    taken; None when they can."""
     bottom = run_bottom(chain, disk.bitmap)
     if bottom is None:
         return None  # not in the top: libvirt refuses it, nothing is hidden
-    born_in = disk.chain_then[0]
-    fine = {born_in, *disk.chain_then[1:], *committed_into(born_in, merged_into)}
+    then = chain_then(checkpoint, disk, births)
+    if then is None:
+        return NO_BIRTH
+    born_in = then[0]
+    fine = {born_in, *then[1:], *committed_into(born_in, merged_into)}
     if bottom in fine:
         return None
     paths = [image.path for image in chain]
     if born_in in paths:
         return (
-            f"its copy in {born_in} (the active layer when checkpoint {checkpoint} was taken) "
-            f"is gone: the writes made there are in no copy",
-            born_in,
+            f"its copy in {born_in} (the active layer when checkpoint {checkpoint.name} was "
+            "taken) is gone: the writes made there are in no copy"
         )
     return (
-        f"{born_in} (the active layer when checkpoint {checkpoint} was taken) left the chain "
-        f"and its bits reached no layer that is left; its copies start only in {bottom}",
-        born_in,
+        f"{born_in} (the active layer when checkpoint {checkpoint.name} was taken) left the "
+        f"chain and its bits reached no layer that is left; its copies start only in {bottom}"
     )
 
 
@@ -167,18 +177,20 @@ def lost_layers(
     checkpoints: Iterable[Checkpoint],
     target: str,
     merged_into: Mapping[str, str] | None = None,
+    births: Births | None = None,
 ) -> dict[str, str]:
     """Bitmap -> why, for each checkpoint bitmap of disk ``target`` whose copies in ``chain``
     (top first, paths as in the checkpoints) cannot hold every write since its checkpoint was
-    taken.  ``merged_into``: layer -> the layer virt-bitmapd saw it committed into."""
+    taken.  ``merged_into``: layer -> the layer virt-bitmapd saw it committed into; ``births``:
+    where virt-bitmapd remembers checkpoints were taken (for those whose XML does not say)."""
     lost = {}
     for checkpoint in checkpoints:
         disk = checkpoint.disk(target)
         if disk is None:
             continue
-        reason = _lost_reason(chain, disk, checkpoint.name, merged_into or {})
+        reason = _lost_reason(chain, disk, checkpoint, merged_into or {}, births or {})
         if reason is not None:
-            lost[disk.bitmap] = reason[0]
+            lost[disk.bitmap] = reason
     return lost
 
 

@@ -48,6 +48,9 @@ class DomainState:
     #: disk target -> layer -> the layer it was seen committed into, its bits carried: proof
     #: that a checkpoint taken on a layer now gone lives on below (see health.lost_layers)
     merged_into: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: disk target -> checkpoint -> (its creationTime, the layer it was taken on), as libvirt
+    #: said it while it did (see births)
+    births: dict[str, dict[str, tuple[int, str]]] = field(default_factory=dict)
     #: disk target -> what its last complete look saw (stats, checkpoints): a look may trust
     #: the bitmaps above instead of reading the images while nothing says they changed
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
@@ -105,6 +108,13 @@ _DISK_FIELDS = (
         omit_empty=True,
     ),
     _DiskField("fingerprints", "seen", Fingerprint.from_json, Fingerprint.to_json),
+    _DiskField(
+        "births",
+        "births",
+        lambda births: {str(name): (int(at), str(layer)) for name, (at, layer) in births.items()},
+        lambda births: {name: list(birth) for name, birth in sorted(births.items())},
+        omit_empty=True,
+    ),
 )
 
 
@@ -212,6 +222,7 @@ class StateStore:
         looked_at: float | None = None,
         generation: int = 0,
         merged_into: Mapping[str, str] | None = None,
+        births: Mapping[str, tuple[int, str]] | None = None,
         fingerprint: Fingerprint | None = None,
     ) -> bool:
         """Store one disk's chain; False (nothing written) when the domain was forgotten since
@@ -227,6 +238,8 @@ class StateStore:
             state.bitmaps[disk] = dict(bitmaps)
             if merged_into is not None:
                 state.merged_into[disk] = dict(merged_into)
+            if births is not None:
+                state.births[disk] = dict(births)
             if looked_at is not None:
                 state.looked_at[disk] = looked_at
             if fingerprint is None:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import libvirt
 
+from .births import births_now
 from .errors import LibvirtFailed, VirtBitmapdError
 from .health import CheckpointHealth
-from .look.judge import distrust, judge
+from .look.judge import Evidence, distrust, judge
 from .readers.chain import current_chain, domain_disks, resolved
 from .readers.checkpoints import domain_checkpoints
 from .state import StateStore
@@ -109,19 +110,23 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
             judged.append(DiskStatus(disk=disk.target, error=str(error)))
             continue
         merged = {} if state is None else state.merged_into.get(disk.target, {})
+        births = births_now(
+            checkpoints, disk.target, {} if state is None else state.births.get(disk.target, {})
+        )
+        evidence = Evidence(
+            target=disk.target, checkpoints=checkpoints, merged_into=merged, births=births
+        )
         untrusted = distrust(
             chain,
-            checkpoints,
-            disk.target,
+            evidence,
             remembered={} if state is None else state.untrusted.get(disk.target, {}),
             after_commits={},
-            merged_into=merged,
         )
         judged.append(
             DiskStatus(
                 disk=disk.target,
                 chain=tuple(image.path for image in chain),
-                checkpoints=judge(chain, checkpoints, disk.target, untrusted, merged),
+                checkpoints=judge(chain, evidence, untrusted),
             )
         )
     return DomainStatus(

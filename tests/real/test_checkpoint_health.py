@@ -8,6 +8,7 @@ backend, so the recording bitmaps mark them as they would a guest's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -17,10 +18,21 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from helpers.backups import backup_extents, backup_refusal
-from helpers.images import K64, MiB, bitmaps, create, expected, run
+from helpers.images import (
+    K64,
+    MiB,
+    add_bitmap,
+    bitmaps,
+    create,
+    dirty_extents,
+    expected,
+    run,
+    write,
+)
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
 from helpers.scenarios import guest_write, is_for, snapshot
 
@@ -304,3 +316,88 @@ def test_a_block_copy_keeps_its_checkpoints_trusted(
         e for e in daemon.entries() if is_for(dom, e.get("event", ""))(e) and e["event"] in unwanted
     ]
     assert not [e for e in daemon.entries() if e.get("state") == "untrusted"]
+
+
+def redefine_checkpoint(dom: Any, folder: Path, name: str, created: int, domain: str = "") -> None:
+    """libvirt's checkpoint ``name`` of vda defined anew (metadata only), with ``domain`` (the
+    domain's XML as the checkpoint saw it) or, as oVirt redefines them, without it."""
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.checkpointLookupByName(name).delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    xml = (
+        f"<domaincheckpoint><name>{name}</name><creationTime>{created}</creationTime>"
+        f"<disks><disk name='vda' checkpoint='bitmap' bitmap='{name}'/></disks>"
+        f"{domain}</domaincheckpoint>"
+    )
+    path = folder / f"{name}.xml"
+    path.write_text(xml)
+    virsh("checkpoint-create", dom.name(), str(path), "--redefine")
+
+
+def lose_s1(t: Path, s1: Path, s2: Path) -> None:
+    """s1 committed into t, which lacks the checkpoint's bitmap, and deleted; s2 onto t."""
+    run("qemu-img", "commit", "-q", "-d", "-b", str(t), str(s1))
+    run("qemu-img", "rebase", "-q", "-u", "-b", str(t), "-F", "qcow2", str(s2))
+    s1.unlink()
+
+
+def taken_on_s1(folder: Path) -> tuple[Path, Path, Path]:
+    """t <- s1 (cp9 born here, a write after it) <- s2 (cp9 continued, a write)."""
+    t, s1, s2 = folder / "t.qcow2", folder / "s1.qcow2", folder / "s2.qcow2"
+    create(t)
+    create(s1, backing=t)
+    add_bitmap(s1, "cp9")
+    write(s1, 30 * MiB, K64, 0x5A)  # after the checkpoint: only in s1's copy
+    create(s2, backing=s1)
+    add_bitmap(s2, "cp9")
+    write(s2, 50 * MiB, K64, 0x5C)
+    return t, s1, s2
+
+
+def test_a_checkpoint_nothing_says_where_it_was_taken_is_not_trusted(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """Redefined without <domain>, and the daemon never saw where it was taken: its birth
+    layer may be gone without its bits (here it is), so it is not trusted, nor healed."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    t, s1, s2 = taken_on_s1(folder)
+    lose_s1(t, s1, s2)
+    dom = domains.define(s2)
+    redefine_checkpoint(dom, tmp_path, "cp9", 1_700_000_000)
+    # the hole is real: the one copy left (what an offline backup exports) lacks s1's write
+    assert dirty_extents(s2, "cp9") == expected([(50 * MiB, K64)])
+    daemon = daemon_factory(roots=[folder]).start("--untrusted", "report", "--heal")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    seen = status(daemon, dom.name())["cp9"]
+    assert (seen["state"], seen["next_backup"]) == ("untrusted", "would miss data"), seen
+    assert "<domain>" in seen["reason"]
+    assert not any(e.get("event") == "checkpoint_healed" for e in daemon.entries())
+
+
+def test_where_a_checkpoint_was_taken_is_remembered_through_a_redefinition(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """oVirt redefines its checkpoints without <domain> whenever a VM starts.  The daemon
+    remembers where each was taken while libvirt said it, so a redefined checkpoint is not
+    distrusted for want of proof; and once its birth layer is lost while the daemon is
+    stopped, it is untrusted all the same."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    t, s1, s2 = taken_on_s1(folder)
+    dom = redefine_on(domains, domains.define(s2), s2)
+    on_s1 = redefine_on(domains, dom, s1).XMLDesc(0)  # the domain as the checkpoint saw it
+    dom = redefine_on(domains, dom, s2)
+    redefine_checkpoint(dom, tmp_path, "cp9", 1_700_000_000, domain=on_s1)
+    daemon = daemon_factory(roots=[folder]).start("--untrusted", "report")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    assert status(daemon, dom.name())["cp9"]["state"] == "usable"
+    redefine_checkpoint(dom, tmp_path, "cp9", 1_700_000_000)  # the VM started again
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("rescan_finished", trigger="manual")
+    assert status(daemon, dom.name())["cp9"]["state"] == "usable"
+    assert daemon.stop() == 0
+    lose_s1(t, s1, s2)
+    daemon.start("--untrusted", "report")
+    health = daemon.wait_for(is_for(dom, "checkpoint_health", checkpoint="cp9"), what="health")
+    assert (health["state"], health["next_backup"]) == ("untrusted", "would miss data"), health
+    assert str(s1) in health["reason"]

@@ -26,7 +26,7 @@ from ..transports.libvirt_monitor import LibvirtMonitor
 from .decide import CARRIED, Decision, chain_after, merged_into_after
 from .findings import CommitReport, bitmaps_at_risk, untrusted_after
 from .gather import Gathered
-from .judge import distrust, healing_plan
+from .judge import Evidence, distrust, healing_plan
 from .unseen_layers import gone_layers, require_layers, with_unseen_layers
 
 __all__ = ["Acted", "Actor"]
@@ -37,7 +37,8 @@ class Acted:
     reports: tuple[CommitReport, ...] = ()
     #: The chain as acting left it, as far as acting proved (``reread`` reads what changed).
     now: ChainNow
-    merged_into: Mapping[str, str] = field(default_factory=dict)
+    #: What proves where the checkpoints' bits live, once the commits are handled.
+    evidence: Evidence
     untrusted: Mapping[str, Distrust] = field(default_factory=dict)
     #: Bitmaps disabled, each with why it is untrusted.
     quarantined: Mapping[str, str] = field(default_factory=dict)
@@ -71,30 +72,29 @@ class Actor:
             now.paths,
             decision.copied_into,
         )
+        evidence = Evidence(
+            target=gathered.target,
+            checkpoints=gathered.checkpoints,
+            merged_into=merged,
+            births=decision.births,
+        )
         untrusted = distrust(
             now.images,
-            gathered.checkpoints,
-            gathered.target,
+            evidence,
             remembered=gathered.record.untrusted.get(gathered.target, {}),
             after_commits=untrusted_after(reports),
-            merged_into=merged,
         )
         acted = Acted(
             reports=reports,
             now=now,
-            merged_into=merged,
+            evidence=evidence,
             untrusted=untrusted,
             changed=changed,
             touched=touched,
         )
         if decision.may_quarantine:
             acted = self._quarantine(gathered, acted)
-        if (
-            decision.may_heal
-            and healing_plan(
-                now.images, gathered.checkpoints, gathered.target, set(untrusted), merged
-            ).steps
-        ):
+        if decision.may_heal and healing_plan(now.images, evidence, set(untrusted)).steps:
             acted = self._heal(gathered, acted)
         return acted
 
@@ -124,7 +124,8 @@ class Actor:
                 checkpoints=gathered.checkpoints,
                 target=gathered.target,
                 untrusted=set(acted.untrusted),
-                merged_into=dict(acted.merged_into),
+                merged_into=dict(acted.evidence.merged_into),
+                births=acted.evidence.births,
             )
         except VirtBitmapdError as error:
             return replace(acted, heal_error=error, changed=True, touched=True)

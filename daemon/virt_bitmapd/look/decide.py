@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from ..births import Births, births_now
 from ..checkpoint_xml import Checkpoint
 from ..health import committed_into
 from ..model import Bitmap, Image, Result
@@ -45,6 +46,8 @@ class Decision:
     may_quarantine: bool = False
     #: Policy allows it, the domain is shut off and its checkpoints could be read.
     may_heal: bool = False
+    #: Where each checkpoint was taken, as far as anything proves it (``births``).
+    births: Births = field(default_factory=dict)
 
 
 def decide(gathered: Gathered, *, copied: bool, quarantine: bool, heal: bool) -> Decision:
@@ -69,6 +72,9 @@ def decide(gathered: Gathered, *, copied: bool, quarantine: bool, heal: bool) ->
         else {},
         may_quarantine=quarantine and not now.job_running,
         may_heal=heal and not gathered.running and gathered.checkpoint_error is None,
+        births=births_now(
+            gathered.checkpoints, gathered.target, gathered.record.births.get(gathered.target, {})
+        ),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..births import Births
 from ..errors import (
     BitsUnrecoverable,
     CommitUnverifiable,
@@ -94,6 +95,7 @@ class LookResult:
     distrust: Mapping[str, Distrust] = field(default_factory=dict)
     layer_bitmaps: Mapping[str, tuple[Bitmap, ...]] = field(default_factory=dict)
     merged_into: Mapping[str, str] = field(default_factory=dict)
+    births: Births = field(default_factory=dict)
     #: When (time.time()) the look began: files changed after it are news to the next one.
     started_at: float = 0.0
     #: The stages the look ran, in order (``look.run``): what a reader of the logs can follow.

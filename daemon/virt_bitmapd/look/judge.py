@@ -2,62 +2,71 @@
 and for ``virt-bitmapd status``.  Pure: no I/O.
 
 ``distrust`` says which bitmaps cannot be proven complete (what was remembered and still holds,
-what this look's commits could not carry, checkpoints whose birth layer went without its bits);
-``judge`` gives each checkpoint its state and what the next incremental backup from it does,
-with the healing hint where ``virt-bitmapd heal`` could rebuild it.
+what this look's commits could not carry, checkpoints whose birth layer went without its bits
+or that nothing says where they were taken); ``judge`` gives each checkpoint its state and what
+the next incremental backup from it does, with the healing hint where ``virt-bitmapd heal``
+could rebuild it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
 
+from ..births import Births
 from ..checkpoint_xml import Checkpoint
 from ..healing import HealPlan, annotate, plan_healing
 from ..health import CheckpointHealth, Distrust, disk_health, lost_layers, untrusted_now
 from ..model import Image
 
-__all__ = ["distrust", "healing_plan", "judge"]
+__all__ = ["Evidence", "distrust", "healing_plan", "judge"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evidence:
+    """What, beside the chain, proves where the disk's checkpoints' bits live."""
+
+    target: str
+    #: libvirt's checkpoints of the domain
+    checkpoints: Sequence[Checkpoint] = ()
+    #: layer -> the layer virt-bitmapd saw it committed into with its bits
+    merged_into: Mapping[str, str] = field(default_factory=dict)
+    #: where each checkpoint was taken, as far as anything proves it
+    births: Births = field(default_factory=dict)
 
 
 def distrust(
     chain: Sequence[Image],
-    checkpoints: Sequence[Checkpoint],
-    target: str,
+    evidence: Evidence,
     *,
     remembered: Mapping[str, Distrust],
     after_commits: Mapping[str, str],
-    merged_into: Mapping[str, str],
 ) -> dict[str, Distrust]:
     """Bitmap -> why it is untrusted now.  ``remembered``: what earlier looks distrusted;
     ``after_commits``: what this look's commits could not carry (bitmap -> why)."""
-    found = dict(after_commits) | lost_layers(chain, checkpoints, target, merged_into)
-    return untrusted_now(remembered, found, chain, checkpoints, target)
+    lost = lost_layers(
+        chain, evidence.checkpoints, evidence.target, evidence.merged_into, evidence.births
+    )
+    return untrusted_now(
+        remembered, dict(after_commits) | lost, chain, evidence.checkpoints, evidence.target
+    )
 
 
-def healing_plan(
-    chain: Sequence[Image],
-    checkpoints: Sequence[Checkpoint],
-    target: str,
-    untrusted: Set[str],
-    merged_into: Mapping[str, str],
-) -> HealPlan:
+def healing_plan(chain: Sequence[Image], evidence: Evidence, untrusted: Set[str]) -> HealPlan:
     return plan_healing(
         tuple(chain),
-        checkpoints=checkpoints,
-        target=target,
+        checkpoints=evidence.checkpoints,
+        target=evidence.target,
         untrusted=set(untrusted),
-        merged_into=dict(merged_into),
+        merged_into=dict(evidence.merged_into),
+        births=evidence.births,
     )
 
 
 def judge(
-    chain: Sequence[Image],
-    checkpoints: Sequence[Checkpoint],
-    target: str,
-    untrusted: Mapping[str, Distrust],
-    merged_into: Mapping[str, str],
+    chain: Sequence[Image], evidence: Evidence, untrusted: Mapping[str, Distrust]
 ) -> tuple[CheckpointHealth, ...]:
     why = {name: reason.why for name, reason in untrusted.items()}
-    health = disk_health(chain, checkpoints, target, why)
-    plan = healing_plan(chain, checkpoints, target, set(untrusted), merged_into)
+    health = disk_health(chain, evidence.checkpoints, evidence.target, why)
+    plan = healing_plan(chain, evidence, set(untrusted))
     return annotate(health, plan, chain[0].path)

@@ -79,9 +79,7 @@ class Look:
         ran.append("reread")
         health: tuple[CheckpointHealth, ...] = ()
         if gathered.checkpoint_error is None:
-            health = judge(
-                now.images, gathered.checkpoints, target, acted.untrusted, acted.merged_into
-            )
+            health = judge(now.images, acted.evidence, acted.untrusted)
             ran.append("judge")
         states, invalid = bitmap_states(now.images)
         clean = is_clean(
@@ -108,7 +106,8 @@ class Look:
             left_stats=left,
             distrust=acted.untrusted,
             layer_bitmaps=bitmaps_to_remember(now, gathered.last_bitmaps),
-            merged_into=acted.merged_into,
+            merged_into=acted.evidence.merged_into,
+            births=acted.evidence.births,
             stages=tuple(ran),
         )
 

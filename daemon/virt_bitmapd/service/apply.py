@@ -100,6 +100,7 @@ class Applier:
                 looked_at=result.started_at,
                 generation=result.generation,
                 merged_into=result.merged_into,
+                births=result.births,
                 fingerprint=result.fingerprint,
             )
         if drops_record(result):
