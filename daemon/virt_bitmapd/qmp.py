@@ -276,12 +276,15 @@ def find_node(named_block_nodes: Sequence[JSON], node: str) -> JSON:
 
 
 def node_bitmaps(named_block_nodes: Sequence[JSON], node: str) -> NodeBitmaps:
-    """The bitmaps of ``node`` in a ``query-named-block-nodes`` answer.  KeyError if absent."""
+    """The named bitmaps of ``node`` in a ``query-named-block-nodes`` answer (a block job's own
+    bitmap has no name, and is no checkpoint's).  KeyError if the node is absent."""
     entry = find_node(named_block_nodes, node)
     bitmaps = []
     dirty: dict[str, int] = {}
     for raw in entry.get("dirty-bitmaps", []):
-        name = raw["name"]
+        name = raw.get("name")
+        if not name:
+            continue
         bitmaps.append(
             Bitmap(
                 name=name,

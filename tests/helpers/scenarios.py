@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,19 @@ def is_for(dom: Any, event: str, **fields: Any) -> Any:
         )
 
     return match
+
+
+def entry_after(
+    daemon: Any, mark: int, predicate: Any, what: str, timeout: float = 30
+) -> dict[str, Any]:
+    """The first of the daemon's log entries after entry number ``mark`` that matches."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found: list[dict[str, Any]] = [e for e in daemon.entries()[mark:] if predicate(e)]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.1)
 
 
 def guest_write(dom: Any, offset: int, length: int, pattern: int) -> None:

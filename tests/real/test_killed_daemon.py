@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from helpers.libvirt_env import Domains, virsh
-from helpers.scenarios import build, commit_offline, is_for
+from helpers.scenarios import build, commit_offline, entry_after, is_for
 from helpers.stand_ins import crashing_path
 
 pytestmark = pytest.mark.real
@@ -56,11 +56,7 @@ def test_a_daemon_killed_mid_reconcile_leaves_no_tool_holding_the_base(
     daemon.stop()
     mark = len(daemon.entries())
     daemon.start()
-    wait(
-        lambda: any(is_for(dom, "look_done")(e) for e in daemon.entries()[mark:]),
-        "the restarted daemon's first look",
-        timeout=30,
-    )
+    entry_after(daemon, mark, is_for(dom, "look_done"), "the restarted daemon's first look")
     started = time.monotonic()
     virsh("start", dom.name())
     assert time.monotonic() - started < 10

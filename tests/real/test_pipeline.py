@@ -12,7 +12,7 @@ import pytest
 
 from helpers.images import run
 from helpers.libvirt_env import Domains
-from helpers.scenarios import commit_offline, commit_s1_live, is_for, tracked
+from helpers.scenarios import commit_offline, commit_s1_live, entry_after, is_for, tracked
 
 pytestmark = pytest.mark.real
 
@@ -22,13 +22,6 @@ STAGES = ["gather", "decide", "act", "reread", "judge", "effects", "apply"]
 def looks_since(daemon: Any, dom: Any, mark: int) -> list[dict[str, Any]]:
     """The looks at the domain's disk whose line came after entry number ``mark``."""
     return [entry for entry in daemon.entries()[mark:] if is_for(dom, "look_done")(entry)]
-
-
-def wait_for_a_look(daemon: Any, dom: Any, mark: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not looks_since(daemon, dom, mark):
-        assert time.monotonic() < deadline, "no look within the time"
-        time.sleep(0.1)
 
 
 def test_a_commit_event_walks_the_pipeline_once(
@@ -69,7 +62,7 @@ def test_a_cold_merge_found_by_the_watch_costs_one_look(
     # someone else's write to a layer is news
     mark = len(daemon.entries())
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 8M 64k", str(c.active))
-    wait_for_a_look(daemon, dom, mark)
+    entry_after(daemon, mark, is_for(dom, "look_done"), "a look after another writer")
     time.sleep(3)
     looks = looks_since(daemon, dom, mark)
     assert len(looks) == 1 and looks[0]["reasons"] == ["watch"], looks

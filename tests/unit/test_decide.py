@@ -106,6 +106,19 @@ def test_what_a_completed_block_copy_replaced_is_no_commit() -> None:
     assert decision.copied_into == {"/top": "/copy"}
 
 
+def test_a_block_copy_vouches_only_for_the_layers_it_replaced() -> None:
+    """A birth layer gone before the copy (never seen, lost without its bits) is not the
+    copy's: only what the copy replaced lives on in it."""
+    replaced = Checkpoint(
+        name="cp1", disks=(CheckpointDisk(target="vda", bitmap="cp1", chain_then=("/top",)),)
+    )
+    unseen = Checkpoint(
+        name="cp2", disks=(CheckpointDisk(target="vda", bitmap="cp2", chain_then=("/lost",)),)
+    )
+    look = gathered(("/top", "/base"), chain_now("/copy", "/base"), checkpoints=(replaced, unseen))
+    assert decide(look, copied=True, quarantine=True, heal=False).copied_into == {"/top": "/copy"}
+
+
 def test_a_hidden_commit_is_found_from_a_file_in_no_domains_chain() -> None:
     beside = {"/gone": "/base", "/other-vm": "/base"}
     host = HostDisks(raw_files=frozenset(), chain_files=frozenset({"/other-vm"}))

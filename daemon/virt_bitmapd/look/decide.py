@@ -11,10 +11,10 @@ reconciliation proved its merges, whether the look is clean, which bitmaps to re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 
-from ..births import Births, births_now
+from ..births import Births, births_now, chain_then
 from ..checkpoint_xml import Checkpoint
 from ..health import committed_into
 from ..model import Bitmap, Image, Result
@@ -65,16 +65,17 @@ def decide(gathered: Gathered, *, copied: bool, quarantine: bool, heal: bool) ->
             if path not in gathered.host.chain_files
         }
         commits += hidden_commits(now.paths, in_no_chain)
+    births = births_now(
+        gathered.checkpoints, gathered.target, gathered.record.births.get(gathered.target, {})
+    )
     return Decision(
         commits=commits,
-        copied_into=_copied_into(now.paths, gathered.checkpoints, gathered.target)
-        if copied
-        else {},
+        copied_into=_copied_into(
+            now.paths, replaced, gathered.checkpoints, gathered.target, births
+        ),
         may_quarantine=quarantine and not now.job_running,
         may_heal=heal and not gathered.running and gathered.checkpoint_error is None,
-        births=births_now(
-            gathered.checkpoints, gathered.target, gathered.record.births.get(gathered.target, {})
-        ),
+        births=births,
     )
 
 
@@ -157,14 +158,19 @@ def bitmaps_to_remember(
 
 
 def _copied_into(
-    chain: tuple[str, ...], checkpoints: Sequence[Checkpoint], target: str
+    chain: tuple[str, ...],
+    replaced: Set[str],
+    checkpoints: Sequence[Checkpoint],
+    target: str,
+    births: Births,
 ) -> dict[str, str]:
-    """After a block copy's pivot: each checkpoint's birth layer that is not in ``chain`` any
-    more -> the new top, which libvirt gave the replaced layers' bitmaps."""
-    return {
-        disk.chain_then[0]: chain[0]
-        for checkpoint in checkpoints
-        if (disk := checkpoint.disk(target)) is not None
-        and disk.chain_then
-        and disk.chain_then[0] not in chain
-    }
+    """After a block copy's pivot: each checkpoint's birth layer that the copy replaced -> the
+    new top, which libvirt gave the replaced layers' bitmaps.  A birth layer gone some other way
+    (before the copy, unseen) is not the copy's to vouch for."""
+    copied = {}
+    for checkpoint in checkpoints:
+        disk = checkpoint.disk(target)
+        then = None if disk is None else chain_then(checkpoint, disk, births)
+        if then and then[0] in replaced:
+            copied[then[0]] = chain[0]
+    return copied

@@ -9,7 +9,6 @@ then the bitmaps may be caught half-way through the job's own bitmap handling.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, replace
 
@@ -17,8 +16,8 @@ import libvirt
 
 from .. import images
 from ..domain_xml import Disk, DomainDisks, parse_domain
-from ..errors import ChainError, ChainMoving, LibvirtFailed
-from ..model import Bitmap, Image
+from ..errors import ChainError, ChainMoving, ImageUnreadable, LibvirtFailed
+from ..model import Image
 from ..qmp import node_bitmaps, query_nodes
 from ..transports.libvirt_monitor import LibvirtMonitor
 
@@ -76,9 +75,13 @@ def current_chain(
     for layer in disk.layers:
         if layer.format is None:
             raise ChainError(f"{layer.path}: libvirt names no format for this layer")
-        bitmaps: tuple[Bitmap, ...] = ()
-        with contextlib.suppress(KeyError):  # a layer QEMU does not show: no bitmaps
+        try:
             bitmaps = node_bitmaps(nodes, str(layer.format_node)).bitmaps
+        except KeyError:  # unknown is not "none": a look must not judge from it
+            raise ImageUnreadable(
+                layer.path,
+                f"QEMU shows no node for it ({layer.format_node}): its bitmaps cannot be read",
+            ) from None
         layers.append(Image(path=layer.path, format=layer.format, bitmaps=bitmaps))
     return ChainNow(disk=disk, paths=disk.paths, images=tuple(layers), job_running=job_running)
 
