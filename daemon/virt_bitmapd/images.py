@@ -207,9 +207,7 @@ def _info(path: str, force_share: bool, binary: str, timeout: float) -> dict[str
         command.append("-U")
     command += ["--", path]
     try:
-        result = subprocess.run(
-            children.command(command), capture_output=True, timeout=timeout, check=False
-        )
+        result = children.run(command, capture_output=True, timeout=timeout, check=False)
     except OSError as error:
         raise ToolFailed(f"cannot run {binary}: {error}", retryable=False) from error
     except subprocess.TimeoutExpired as error:

@@ -1,10 +1,15 @@
 """The QEMU tools virt-bitmapd starts die with it, and what a killed daemon left is ended.
 
-Every tool runs under ``setpriv --pdeathsig KILL`` (util-linux): the kernel kills it when the
-thread that started it dies.  Without that, a daemon killed in the middle of a reconciliation
-at rest left its qemu-storage-daemon holding the base read-write (that tool does not end when
-its standard input closes), and the domain could not start ("Is another process using the
-image").
+Every tool asks the kernel, between fork and exec, to be killed when the thread that started it
+dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), and ends at once if that thread is gone already.
+Without that, a daemon killed in the middle of a reconciliation at rest left its
+qemu-storage-daemon holding the base read-write (that tool does not end when its standard input
+closes), and the domain could not start ("Is another process using the image").  The call is
+made in the child by ``preexec_fn``, which Python warns may deadlock in a threaded program when
+the function needs a lock another thread held at the fork: this one takes none (one foreign
+call on a library loaded beforehand, no import, no allocation worth the name).  ``setpriv
+--pdeathsig`` would need no Python in the child, but it fails without capabilities, as the
+service runs.
 
 The daemon also records each qemu-storage-daemon it starts in its state directory
 (``tools/PID.json``: the tool, its pid and its start time in clock ticks since boot), and removes
@@ -16,40 +21,49 @@ left alone.  The one-shot commands keep no records (the kernel's signal is their
 from __future__ import annotations
 
 import contextlib
-import errno
+import ctypes
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Leftover", "Records", "command", "record_in", "records", "start"]
+__all__ = ["Leftover", "Records", "ended", "record_in", "records", "run", "start"]
 
-SETPRIV = "setpriv"
 GONE_WAIT = 2.0  # seconds for a killed leftover to disappear
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def command(argv: Sequence[str]) -> list[str]:
-    """``argv`` run so that it dies with the thread that starts it.  Raises FileNotFoundError
-    when the tool (or setpriv) is not installed, as running it directly would."""
-    tool = shutil.which(argv[0])
-    setpriv = shutil.which(SETPRIV)
-    for name, found in ((argv[0], tool), (SETPRIV, setpriv)):
-        if found is None:
-            raise FileNotFoundError(errno.ENOENT, "not found on PATH", name)
-    assert tool is not None and setpriv is not None
-    return [setpriv, "--pdeathsig", "KILL", "--", tool, *argv[1:]]
+def _dies_with(parent: int) -> Callable[[], None]:
+    def in_the_child() -> None:
+        if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(127)  # no promise to die with the caller, or the caller is gone: no tool
+
+    return in_the_child
+
+
+def run(argv: Sequence[str], **options: Any) -> subprocess.CompletedProcess[bytes]:
+    """``subprocess.run`` of a short-lived tool that dies with its caller."""
+    return subprocess.run(  # noqa: PLW1510 - the caller passes check
+        list(argv),
+        preexec_fn=_dies_with(os.getpid()),
+        **options,
+    )
 
 
 def start(argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
-    """Start a long-lived tool (``subprocess.Popen`` arguments in ``popen``), recorded when the
-    daemon keeps records."""
-    process: subprocess.Popen[bytes] = subprocess.Popen(command(argv), **popen)
+    """Start a long-lived tool (``subprocess.Popen`` arguments in ``popen``) that dies with
+    its caller, recorded when the daemon keeps records."""
+    process: subprocess.Popen[bytes] = subprocess.Popen(
+        list(argv),
+        preexec_fn=_dies_with(os.getpid()),  # noqa: PLW1509 - see the module's docstring
+        **popen,
+    )
     if _records is not None:
         _records.started(process.pid, os.path.basename(argv[0]))
     return process
