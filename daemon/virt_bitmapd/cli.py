@@ -66,11 +66,21 @@ def _parser() -> argparse.ArgumentParser:
         "that copies no bitmaps) is rebuilt in each such layer from that layer's allocated "
         "clusters, a superset of what was written there since the checkpoint: a backup may "
         "hold a few blocks more, never fewer. Refused, with the reason, when that does not "
-        "hold (the lowest copy disabled or inconsistent, a copy above it unusable). One "
-        "transaction per image. IMAGE is opened as qcow2, layers below as their overlays "
-        "record. Exit 0 when nothing was refused, 1 otherwise.",
+        "hold (the lowest copy disabled or inconsistent, a copy above it unusable, the "
+        "bitmap untrusted, libvirt's checkpoint taken on another layer or a layer gone since). "
+        "IMAGE must be the disk of a libvirt domain (the config file's URI): its checkpoints "
+        "and the daemon's records prove what is rebuilt; --without-libvirt for an image no "
+        "domain uses. One transaction per image. IMAGE is opened as qcow2, layers below as "
+        "their overlays record. Exit 0 when nothing was refused, 1 otherwise.",
     )
     heal.add_argument("image", metavar="IMAGE")
+    heal.add_argument(
+        "--without-libvirt",
+        action="store_true",
+        help="IMAGE is the disk of no libvirt domain: rely on each bitmap's lowest copy being "
+        "where its checkpoint was taken (without it, the domain's checkpoints and the "
+        "daemon's records must prove what is rebuilt)",
+    )
     heal.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     heal.add_argument("--json", action="store_true", help="print the plan and result as JSON")
     _add_root_arguments(heal, "every image to change lies")

@@ -452,3 +452,32 @@ def test_distrust_survives_a_restart_while_a_copy_job_mirrors(
     seen = status(daemon, dom.name())["cp1"]
     assert (seen["state"], seen["next_backup"]) == ("untrusted", "would miss data"), seen
     stop_gracefully(dom)
+
+
+def test_heal_refuses_what_the_domains_checkpoints_do_not_prove(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """cp9 was taken on s1; s1 was committed without its bits and deleted; an overlay made by
+    qemu-img lacks cp9.  Rebuilding cp9 there would make its chain valid while s1's write is in
+    no copy: `heal` reads libvirt's checkpoint, sees its birth layer gone, and refuses."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    t, s1, s2 = taken_on_s1(folder)
+    dom = domains.define(s1)
+    on_s1 = dom.XMLDesc(0)
+    lose_s1(t, s1, s2)
+    overlay = folder / "o.qcow2"
+    create(overlay, backing=s2)
+    dom = redefine_on(domains, dom, overlay)
+    redefine_checkpoint(dom, tmp_path, "cp9", 1_700_000_000, domain=on_s1)
+    daemon = daemon_factory(roots=[folder])  # its config names the state directory and URI
+    result = subprocess.run(
+        [*CLI, "heal", str(overlay), "--json", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    refused = {entry["bitmap"]: entry["reason"] for entry in json.loads(result.stdout)["refused"]}
+    assert "cp9" in refused, refused
+    assert "cp9" not in flags(overlay)

@@ -34,7 +34,10 @@ CLI = [sys.executable, "-m", "virt_bitmapd.cli"]
 
 def heal(image: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, "heal", str(image), "--json", *extra], capture_output=True, text=True, check=False
+        [*CLI, "heal", str(image), "--json", "--without-libvirt", *extra],
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -139,3 +142,15 @@ def test_an_image_in_use_is_refused(tmp_path: Path) -> None:
         holder.wait()
     assert result.returncode == 1 and "in use" in result.stderr, result.stderr
     assert "cp1" not in bitmap_names(overlay)
+
+
+def test_an_image_no_domain_uses_is_refused_unless_vouched_for(tmp_path: Path) -> None:
+    """Without a libvirt domain's checkpoints nothing shows where each bitmap was taken: the
+    person running the command must say the lowest copies are so (--without-libvirt)."""
+    _, overlay = chain(tmp_path)
+    result = subprocess.run(
+        [*CLI, "heal", str(overlay), "--dry-run"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 1, result.stdout
+    assert str(overlay) in result.stderr and "--without-libvirt" in result.stderr
+    assert heal(overlay, "--dry-run").returncode == 0
