@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .births import Births, chain_then
 from .checkpoint_xml import Checkpoint, CheckpointDisk
@@ -40,6 +40,7 @@ __all__ = [
     "run_bottom",
     "to_quarantine",
     "untrusted_now",
+    "while_busy",
 ]
 
 
@@ -49,6 +50,9 @@ class State(enum.Enum):
     UNTRUSTED = "untrusted"
     MISSING = "missing"
     ORPHAN = "orphan_bitmap"
+    #: a block job runs on the disk: its bitmaps may be half-way through the job's own
+    #: handling, and are judged when it ends
+    BUSY = "busy"
 
 
 class NextBackup(enum.Enum):
@@ -58,6 +62,7 @@ class NextBackup(enum.Enum):
     REFUSED = "refused by libvirt"
     MISSES_DATA = "would miss data"
     NONE = "no checkpoint"
+    AFTER_JOB = "judged when the job ends"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -275,6 +280,21 @@ def _one(
     if problem is not None:
         return health(State.BROKEN, NextBackup.REFUSED, _broken(problem), problem[1])
     return health(State.USABLE, NextBackup.SAFE, "")
+
+
+def while_busy(health: Iterable[CheckpointHealth], job: str) -> tuple[CheckpointHealth, ...]:
+    """Every checkpoint of a disk a block job runs on, as ``busy``: no verdict (the bitmaps may
+    be caught half-way through the job's own handling), none of a state's warnings or hints."""
+    return tuple(
+        replace(
+            entry,
+            state=State.BUSY,
+            next_backup=NextBackup.AFTER_JOB,
+            reason=f"a {job} job is running on the disk",
+            layer=None,
+        )
+        for entry in health
+    )
 
 
 def to_quarantine(chain: Sequence[Image], untrusted: Iterable[str]) -> tuple[str, ...]:

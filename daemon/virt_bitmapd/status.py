@@ -105,7 +105,8 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
     judged = []
     for disk in disks.disks:
         try:
-            chain = current_chain(domain, resolved(disk), running, force_share=True).images
+            now = current_chain(domain, resolved(disk), running, force_share=True)
+            chain = now.images
         except VirtBitmapdError as error:
             judged.append(DiskStatus(disk=disk.target, error=str(error)))
             continue
@@ -126,7 +127,7 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
             DiskStatus(
                 disk=disk.target,
                 chain=tuple(image.path for image in chain),
-                checkpoints=judge(chain, evidence, untrusted),
+                checkpoints=judge(chain, evidence, untrusted, job=now.job),
             )
         )
     return DomainStatus(

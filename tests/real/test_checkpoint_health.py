@@ -21,7 +21,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from helpers.backups import backup_extents, backup_refusal
+from helpers.backups import _backup_xml, backup_extents, backup_refusal
 from helpers.images import (
     K64,
     MiB,
@@ -481,3 +481,74 @@ def test_heal_refuses_what_the_domains_checkpoints_do_not_prove(
     refused = {entry["bitmap"]: entry["reason"] for entry in json.loads(result.stdout)["refused"]}
     assert "cp9" in refused, refused
     assert "cp9" not in flags(overlay)
+
+
+def test_a_checkpoint_is_busy_while_a_backup_job_runs_and_nothing_is_said(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """A pull-mode backup is a block job on the disk: while it runs, `status` says busy (the
+    job named) and the daemon's looks log no health warning and no hint; once it has ended,
+    the checkpoint is what it was, and no change is told."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    base = folder / "base.qcow2"
+    create(base)
+    dom = domains.define(base, start=True)
+    daemon = daemon_factory(roots=[folder]).start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for(is_for(dom, "checkpoint_health", checkpoint="cp1"), what="cp1 seen")
+    backups = tmp_path / "backup"
+    backups.mkdir()
+    description = backups / "backup.xml"
+    description.write_text(_backup_xml(backups / "b.sock", backups / "scratch.qcow2", "cp1"))
+    checkpoint = backups / "cp2.xml"
+    checkpoint.write_text(
+        "<domaincheckpoint><name>cp2</name>"
+        "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
+    )
+    mark = len(daemon.entries())
+    virsh("backup-begin", dom.name(), str(description), str(checkpoint))
+    try:
+        daemon.signal(signal.SIGHUP)  # a look while the job runs
+        entry_after(
+            daemon,
+            mark,
+            lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
+            "the looks during the backup",
+        )
+        during = status(daemon, dom.name())
+        assert {name: entry["state"] for name, entry in during.items()} == {
+            "cp1": "busy",
+            "cp2": "busy",
+        }, during
+        assert during["cp1"]["next_backup"] == "judged when the job ends"
+        assert "backup job" in during["cp1"]["reason"]
+    finally:
+        virsh("domjobabort", dom.name())
+    daemon.signal(signal.SIGHUP)
+    entry_after(
+        daemon,
+        mark,
+        lambda e: e.get("event") == "block_job_event" and e["job_type"] == "backup",
+        "the backup's end",
+    )
+    after = len(daemon.entries())
+    daemon.signal(signal.SIGHUP)
+    entry_after(
+        daemon,
+        after,
+        lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
+        "a look after the backup",
+    )
+    assert status(daemon, dom.name())["cp1"]["state"] == "usable"
+    told = [
+        e
+        for e in daemon.entries()[mark:]
+        if e.get("event") == "checkpoint_health" and e.get("checkpoint") == "cp1"
+    ]
+    assert told == [], [(e.get("state"), e.get("previous_state"), e.get("reason")) for e in told]
+    assert not [e for e in daemon.entries()[mark:] if e.get("level") == "warning"]
+    stop_gracefully(dom)

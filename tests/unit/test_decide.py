@@ -141,7 +141,8 @@ def test_when_a_look_may_quarantine_or_heal(
     running: bool, checkpoint_error: Any, job_running: bool, heal: bool, expected: Any
 ) -> None:
     now = chain_now("/top")
-    now = ChainNow(disk=now.disk, paths=now.paths, images=now.images, job_running=job_running)
+    job = "backup" if job_running else None
+    now = ChainNow(disk=now.disk, paths=now.paths, images=now.images, job=job)
     look = gathered(("/top",), now, running=running, checkpoint_error=checkpoint_error)
     decision = decide(look, copied=False, quarantine=True, heal=heal)
     assert (decision.may_quarantine, decision.may_heal) == expected
@@ -193,7 +194,7 @@ def test_bitmaps_seen_during_a_block_job_are_not_remembered() -> None:
     old = {"/base": (Bitmap(name="cp1", granularity=K64, recording=True),)}
     now = chain_now("/base")
     assert bitmaps_to_remember(now, old) == {"/base": ()}
-    busy = ChainNow(disk=now.disk, paths=now.paths, images=now.images, job_running=True)
+    busy = ChainNow(disk=now.disk, paths=now.paths, images=now.images, job="copy")
     assert bitmaps_to_remember(busy, old) == old
 
 

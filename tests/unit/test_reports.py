@@ -193,7 +193,7 @@ def test_at_first_sight_only_unusable_checkpoints_are_told() -> None:
 
 
 def test_each_change_of_state_is_told_once() -> None:
-    before = health_memory([USABLE, UNTRUSTED])
+    before = health_memory(None, [USABLE, UNTRUSTED])
     assert health_lines(before, [USABLE, UNTRUSTED]) == []
     healed = _health("cp2", State.USABLE, NextBackup.SAFE)
     (line,) = health_lines(before, [USABLE, healed])
@@ -208,4 +208,23 @@ def test_each_change_of_state_is_told_once() -> None:
 
 def test_checkpoint_counts_cover_every_state() -> None:
     counts = checkpoint_counts([USABLE, UNTRUSTED, UNTRUSTED])
-    assert counts == {"usable": 1, "broken": 0, "untrusted": 2, "missing": 0, "orphan_bitmap": 0}
+    assert counts == {
+        "usable": 1,
+        "broken": 0,
+        "untrusted": 2,
+        "missing": 0,
+        "orphan_bitmap": 0,
+        "busy": 0,
+    }
+
+
+def test_a_block_job_tells_nothing_and_its_end_only_a_real_change() -> None:
+    before = health_memory(None, [USABLE, UNTRUSTED])
+    busy = [
+        _health("cp1", State.BUSY, NextBackup.AFTER_JOB),
+        _health("cp2", State.BUSY, NextBackup.AFTER_JOB),
+    ]
+    assert health_lines(before, busy) == []
+    during = health_memory(before, busy)
+    assert during == before
+    assert health_lines(during, [USABLE, UNTRUSTED]) == []

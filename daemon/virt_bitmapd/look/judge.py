@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from ..births import Births
 from ..checkpoint_xml import Checkpoint
 from ..healing import HealPlan, annotate, plan_healing
-from ..health import CheckpointHealth, Distrust, disk_health, lost_layers, untrusted_now
+from ..health import (
+    CheckpointHealth,
+    Distrust,
+    disk_health,
+    lost_layers,
+    untrusted_now,
+    while_busy,
+)
 from ..model import Image
 
 __all__ = ["Evidence", "distrust", "healing_plan", "judge"]
@@ -64,9 +71,16 @@ def healing_plan(chain: Sequence[Image], evidence: Evidence, untrusted: Set[str]
 
 
 def judge(
-    chain: Sequence[Image], evidence: Evidence, untrusted: Mapping[str, Distrust]
+    chain: Sequence[Image],
+    evidence: Evidence,
+    untrusted: Mapping[str, Distrust],
+    *,
+    job: str | None = None,
 ) -> tuple[CheckpointHealth, ...]:
+    """``job``: the block job running on the disk, if one is: then every checkpoint is busy."""
     why = {name: reason.why for name, reason in untrusted.items()}
     health = disk_health(chain, evidence.checkpoints, evidence.target, why)
+    if job is not None:
+        return while_busy(health, job)
     plan = healing_plan(chain, evidence, set(untrusted))
     return annotate(health, plan, chain[0].path)

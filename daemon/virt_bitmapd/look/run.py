@@ -79,7 +79,7 @@ class Look:
         ran.append("reread")
         health: tuple[CheckpointHealth, ...] = ()
         if gathered.checkpoint_error is None:
-            health = judge(now.images, acted.evidence, acted.untrusted)
+            health = judge(now.images, acted.evidence, acted.untrusted, job=now.job)
             ran.append("judge")
         states, invalid = bitmap_states(now.images)
         clean = is_clean(

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 __all__ = ["BITMAP_STATES", "CHECKPOINT_STATES", "DiskStates"]
 
 BITMAP_STATES = ("valid", "disabled", "inconsistent", "broken_chain")
-CHECKPOINT_STATES = ("usable", "broken", "untrusted", "missing", "orphan_bitmap")
+CHECKPOINT_STATES = ("usable", "broken", "untrusted", "missing", "orphan_bitmap", "busy")
 
 BITMAPS = "virt_bitmapd_bitmaps"
 BITMAPS_HELP = "Checkpoint bitmaps on the host's disks at the last scan, by state"

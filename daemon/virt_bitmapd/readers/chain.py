@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import libvirt
 
 from .. import images
+from ..block_jobs import job_name
 from ..domain_xml import Disk, DomainDisks, parse_domain
 from ..errors import ChainError, ChainMoving, ImageUnreadable, LibvirtFailed
 from ..model import Image
@@ -33,8 +34,13 @@ class ChainNow:
     paths: tuple[str, ...]
     #: Each layer with its bitmaps as they really are now.
     images: tuple[Image, ...]
-    #: A block job ran on the disk while it was read.
-    job_running: bool = False
+    #: The block job that ran on the disk while it was read (its type), if one did: the
+    #: bitmaps may be caught half-way through the job's own bitmap handling.
+    job: str | None = None
+
+    @property
+    def job_running(self) -> bool:
+        return self.job is not None
 
 
 def domain_disks(domain: libvirt.virDomain, flags: int = 0) -> DomainDisks:
@@ -62,9 +68,9 @@ def current_chain(
         )
         return ChainNow(disk=disk, paths=tuple(i.path for i in chain), images=chain.images)
     for _ in range(READ_ATTEMPTS):
-        job_running = _block_job_running(domain, disk.target)
+        job = _block_job(domain, disk.target)
         nodes = LibvirtMonitor(domain).execute(query_nodes())
-        job_running = job_running or _block_job_running(domain, disk.target)
+        job = job or _block_job(domain, disk.target)
         again = _live_disk(domain, disk.target)
         if again == disk:
             break
@@ -83,12 +89,13 @@ def current_chain(
                 f"QEMU shows no node for it ({layer.format_node}): its bitmaps cannot be read",
             ) from None
         layers.append(Image(path=layer.path, format=layer.format, bitmaps=bitmaps))
-    return ChainNow(disk=disk, paths=disk.paths, images=tuple(layers), job_running=job_running)
+    return ChainNow(disk=disk, paths=disk.paths, images=tuple(layers), job=job)
 
 
-def _block_job_running(domain: libvirt.virDomain, target: str) -> bool:
+def _block_job(domain: libvirt.virDomain, target: str) -> str | None:
     try:
-        return bool(domain.blockJobInfo(target, 0))
+        info = domain.blockJobInfo(target, 0)
+        return job_name(int(info["type"])) if info else None
     except libvirt.libvirtError as error:
         raise LibvirtFailed(f"cannot ask about block jobs on {target}: {error}") from error
 

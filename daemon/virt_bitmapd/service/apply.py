@@ -249,9 +249,10 @@ class Applier:
                 bound.error("checkpoints_unreadable", error=said[UNREADABLE])
             self._memory.checkpoint_states[key] = said
             return
-        for line in health_lines(self._memory.checkpoint_states.get(key), report.health):
+        before = self._memory.checkpoint_states.get(key)
+        for line in health_lines(before, report.health):
             _emit(bound, line)
-        self._memory.checkpoint_states[key] = health_memory(report.health)
+        self._memory.checkpoint_states[key] = health_memory(before, report.health)
         self._metrics.set_disk_checkpoints(
             report.domain, report.disk, checkpoint_counts(report.health)
         )

@@ -174,9 +174,12 @@ def health_lines(
 ) -> list[LogLine]:
     """A ``checkpoint_health`` line for each checkpoint whose state changed since the last look
     (``before``: key -> state value; None at first sight, when only the unusable are told):
-    a warning when a backup from it is refused or would miss data, info otherwise."""
+    a warning when a backup from it is refused or would miss data, info otherwise.  Nothing
+    while a block job runs (busy): its state is told when the job has ended, if it changed."""
     lines = []
     for entry in health:
+        if entry.state is State.BUSY:
+            continue
         old = None if before is None else before.get(_health_key(entry))
         if old == entry.state.value or (before is None and entry.state is State.USABLE):
             continue
@@ -199,6 +202,16 @@ def health_lines(
     return lines
 
 
-def health_memory(health: Sequence[CheckpointHealth]) -> dict[str, str]:
-    """What ``health_lines`` compares the next look with."""
-    return {_health_key(entry): entry.state.value for entry in health}
+def health_memory(
+    before: Mapping[str, str] | None, health: Sequence[CheckpointHealth]
+) -> dict[str, str]:
+    """What ``health_lines`` compares the next look with: each state, but a busy checkpoint's
+    last state before the job (so the job's end tells only a real change)."""
+    memory = {}
+    for entry in health:
+        key = _health_key(entry)
+        if entry.state is not State.BUSY:
+            memory[key] = entry.state.value
+        elif before is not None and key in before:
+            memory[key] = before[key]
+    return memory

@@ -22,6 +22,7 @@ from typing import Any
 import libvirt
 import structlog
 
+from ..block_jobs import job_name
 from ..observability.metrics import Metrics
 from .disk_memory import DiskKey
 from .scheduler import BlockJob, LookRequest
@@ -30,13 +31,6 @@ __all__ = ["Action", "EventIntake", "block_job_action"]
 
 log = structlog.get_logger()
 
-JOB_TYPES = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active_commit",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
-}
 JOB_STATUSES = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
     libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
@@ -91,7 +85,7 @@ class EventIntake:
     def block_job(
         self, _conn: Any, dom: Any, disk: str, job_type: int, status: int, _opaque: Any
     ) -> None:
-        type_name = JOB_TYPES.get(job_type, f"unknown_{job_type}")
+        type_name = job_name(job_type)
         status_name = JOB_STATUSES.get(status, f"unknown_{status}")
         self._metrics.block_job_events.labels(type_name, status_name).inc()
         action = block_job_action(type_name, status_name)
