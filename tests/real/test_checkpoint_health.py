@@ -403,21 +403,17 @@ def test_where_a_checkpoint_was_taken_is_remembered_through_a_redefinition(
     assert str(s1) in health["reason"]
 
 
-def test_distrust_survives_a_restart_while_a_copy_job_mirrors(
-    tmp_path: Path, domains: Domains, daemon_factory: Any
-) -> None:
-    """A daemon that starts while a block copy mirrors sees the job's own (unnamed) bitmap on
-    the top layer: that is no reason to take the layer for one holding no bitmaps and forgive
-    what it distrusts.  After the pivot, libvirt's copy of the checkpoint's bitmap is still
-    untrusted (reported here, not quarantined, so that libvirt copies it).  Nothing but a new
-    checkpoint or its deletion ends distrust."""
+def untrusted_cp1(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, *options: str
+) -> tuple[Any, Any, Path]:
+    """A running domain on base whose cp1 the daemon distrusts: cp1 was continued in s1, which
+    was committed into base without its bits and deleted while the daemon was stopped."""
     folder = tmp_path / "images"
     folder.mkdir()
-    base, s1, dest = folder / "base.qcow2", folder / "s1.qcow2", folder / "dest.qcow2"
+    base, s1 = folder / "base.qcow2", folder / "s1.qcow2"
     create(base)
     dom = domains.define(base, start=True)
-    report = ("--untrusted", "report", "--snapshot-watch-interval", "1")
-    daemon = daemon_factory(roots=[folder]).start(*report)
+    daemon = daemon_factory(roots=[folder]).start(*options)
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
     virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
     guest_write(dom, 1 * MiB, K64, 0x11)
@@ -429,9 +425,23 @@ def test_distrust_survives_a_restart_while_a_copy_job_mirrors(
     run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
     dom = redefine_on(domains, dom, base)
     s1.unlink()
-    daemon.start(*report)
+    daemon.start(*options)
     daemon.wait_for(is_for(dom, "checkpoint_health", state="untrusted"), what="distrust")
     dom.create()
+    return dom, daemon, folder
+
+
+def test_distrust_survives_a_restart_while_a_copy_job_mirrors(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """A daemon that starts while a block copy mirrors sees the job's own (unnamed) bitmap on
+    the top layer: that is no reason to take the layer for one holding no bitmaps and forgive
+    what it distrusts.  After the pivot, libvirt's copy of the checkpoint's bitmap is still
+    untrusted (reported here, not quarantined, so that libvirt copies it).  Nothing but a new
+    checkpoint or its deletion ends distrust."""
+    report = ("--untrusted", "report", "--snapshot-watch-interval", "1")
+    dom, daemon, folder = untrusted_cp1(tmp_path, domains, daemon_factory, *report)
+    dest = folder / "dest.qcow2"
     virsh("blockcopy", dom.name(), "vda", str(dest), "--wait", "--transient-job")  # mirroring
     assert daemon.stop() == 0
     mark = len(daemon.entries())
@@ -454,33 +464,46 @@ def test_distrust_survives_a_restart_while_a_copy_job_mirrors(
     stop_gracefully(dom)
 
 
-def test_heal_refuses_what_the_domains_checkpoints_do_not_prove(
+def test_distrust_survives_a_look_during_a_backup(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    """cp9 was taken on s1; s1 was committed without its bits and deleted; an overlay made by
-    qemu-img lacks cp9.  Rebuilding cp9 there would make its chain valid while s1's write is in
-    no copy: `heal` reads libvirt's checkpoint, sees its birth layer gone, and refuses."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    t, s1, s2 = taken_on_s1(folder)
-    dom = domains.define(s1)
-    on_s1 = dom.XMLDesc(0)
-    lose_s1(t, s1, s2)
-    overlay = folder / "o.qcow2"
-    create(overlay, backing=s2)
-    dom = redefine_on(domains, dom, overlay)
-    redefine_checkpoint(dom, tmp_path, "cp9", 1_700_000_000, domain=on_s1)
-    daemon = daemon_factory(roots=[folder])  # its config names the state directory and URI
-    result = subprocess.run(
-        [*CLI, "heal", str(overlay), "--json", "--config", str(daemon.config)],
-        capture_output=True,
-        text=True,
-        check=False,
+    """During a backup job the bitmaps may look gone (libvirt rearranges the disk's nodes):
+    a look then forgives nothing, and the quarantined checkpoint is still refused after."""
+    dom, daemon, _ = untrusted_cp1(tmp_path, domains, daemon_factory)
+    virsh("checkpoint-create-as", dom.name(), "cp0", "--diskspec", "vda")  # a good one
+    backups = tmp_path / "backup"
+    backups.mkdir()
+    description = backups / "backup.xml"
+    description.write_text(_backup_xml(backups / "b.sock", backups / "scratch.qcow2", "cp0"))
+    checkpoint = backups / "cp2.xml"
+    checkpoint.write_text(
+        "<domaincheckpoint><name>cp2</name>"
+        "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
     )
-    assert result.returncode == 1, result.stdout + result.stderr
-    refused = {entry["bitmap"]: entry["reason"] for entry in json.loads(result.stdout)["refused"]}
-    assert "cp9" in refused, refused
-    assert "cp9" not in flags(overlay)
+    mark = len(daemon.entries())
+    virsh("backup-begin", dom.name(), str(description), str(checkpoint))
+    try:
+        daemon.signal(signal.SIGHUP)
+        entry_after(
+            daemon,
+            mark,
+            lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
+            "a look during the backup",
+        )
+        assert status(daemon, dom.name())["cp1"]["state"] == "busy"
+    finally:
+        virsh("domjobabort", dom.name())
+    after = len(daemon.entries())
+    daemon.signal(signal.SIGHUP)
+    entry_after(
+        daemon,
+        after,
+        lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
+        "a look after the backup",
+    )
+    seen = status(daemon, dom.name())["cp1"]
+    assert (seen["state"], seen["next_backup"]) == ("untrusted", "refused by libvirt"), seen
+    stop_gracefully(dom)
 
 
 def test_a_checkpoint_is_busy_while_a_backup_job_runs_and_nothing_is_said(

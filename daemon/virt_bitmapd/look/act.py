@@ -78,12 +78,12 @@ class Actor:
             merged_into=merged,
             births=decision.births,
         )
+        remembered = gathered.record.untrusted.get(gathered.target, {})
         untrusted = distrust(
-            now.images,
-            evidence,
-            remembered=gathered.record.untrusted.get(gathered.target, {}),
-            after_commits=untrusted_after(reports),
+            now.images, evidence, remembered=remembered, after_commits=untrusted_after(reports)
         )
+        if now.job_running:  # bitmaps caught half-way through a job: nothing is forgiven
+            untrusted = {**remembered, **untrusted}
         acted = Acted(
             reports=reports,
             now=now,
