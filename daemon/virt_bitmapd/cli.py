@@ -151,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
         help="show every checkpoint's state and what an incremental backup from it would do",
         description="For each domain (or DOMAIN), disk and checkpoint: its state (usable; "
         "broken: libvirt refuses a backup from it; untrusted: virt-bitmapd cannot prove its "
-        "bits complete; missing: no bitmap; orphan_bitmap: a bitmap no checkpoint names), "
+        "bits complete; missing: no bitmap; orphan_bitmap: a bitmap no checkpoint names; busy: "
+        "a block job runs on the disk), "
         "the reason, and what the next incremental backup from it does: safe, refused by "
         "libvirt, or would miss data. Reads libvirt, the images and the daemon's state "
         "directory; never writes; works with or without the daemon. Exit 0 when every disk "
