@@ -17,8 +17,10 @@ from virt_bitmapd.fingerprints import (
     unchanged,
 )
 from virt_bitmapd.model import Image
+from virt_bitmapd.service.chain_watch import may_be_own_write
 from virt_bitmapd.service.inotify import IN_CREATE, Event, parse_events
 from virt_bitmapd.service.layer_watch import LayerWatch, layer_directories
+from virt_bitmapd.service.scheduler import LookRequest
 from virt_bitmapd.state import StateStore
 
 
@@ -164,3 +166,12 @@ def test_what_a_look_saw_survives_a_restart_exactly(tmp_path: Path) -> None:
     assert state is not None and state.fingerprints["vda"] == seen
     saved = json.loads((tmp_path / "state" / "domains" / "u1.json").read_text())
     assert saved["seen"]["vda"]["stats"] == [list(stat_fields(stats[str(layer)] or b""))]
+
+
+def test_only_a_watch_request_for_a_shut_off_disk_may_be_the_daemons_own_write() -> None:
+    watch = LookRequest.because("watch")
+    assert may_be_own_write(watch, running=False)
+    assert not may_be_own_write(watch, running=True)  # a snapshot: its XML is the news
+    assert not may_be_own_write(watch, running=None)  # never looked at
+    assert not may_be_own_write(LookRequest(("watch", "event")), running=False)
+    assert not may_be_own_write(LookRequest.because("rescan"), running=False)

@@ -28,7 +28,7 @@ from .layer_watch import Changes, LayerWatch, layer_directories
 from .scheduler import LookRequest
 from .tasks import TaskSupervisor
 
-__all__ = ["ChainWatch", "disks_touched", "grown_chains"]
+__all__ = ["ChainWatch", "disks_touched", "grown_chains", "may_be_own_write"]
 
 log = structlog.get_logger()
 
@@ -49,6 +49,14 @@ def disks_touched(chains: Mapping[DiskKey, tuple[str, ...]], changes: Changes) -
             for path in chain
         )
     ]
+
+
+def may_be_own_write(request: LookRequest, running: bool | None) -> bool:
+    """Whether a look asked for may be the daemon's own write coming back, to be spared when
+    every layer is as the last look left it: a file watch's request alone, for a disk last seen
+    shut off.  A running disk's news is its XML (a snapshot reopens the old top read-only and
+    may leave every stat as it was), which a stat cannot tell."""
+    return request.reasons == ("watch",) and running is False
 
 
 def grown_chains(

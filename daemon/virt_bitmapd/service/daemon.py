@@ -33,7 +33,7 @@ from ..observability.sdnotify import Notifier
 from ..state import StateStore
 from ..transports import children
 from .apply import Applier
-from .chain_watch import ChainWatch
+from .chain_watch import ChainWatch, may_be_own_write
 from .connection import BACKOFF_MAX, Connection, EventHandlers
 from .disk_memory import DiskKey, DiskMemory
 from .event_intake import EventIntake
@@ -226,7 +226,7 @@ class Daemon:
         conn = self._connection.conn
         if conn is None:
             return  # everything is looked at again after the reconnect
-        if request.reasons == ("watch",) and await asyncio.to_thread(
+        if may_be_own_write(request, self._memory.running.get(key)) and await asyncio.to_thread(
             left_as_they_were, self._memory.left_stats.get(key, {})
         ):  # every layer as the last look left it: the daemon's own write, no news
             log.debug("look_spared", domain=uuid, disk=target, reasons=list(request.reasons))
