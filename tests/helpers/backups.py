@@ -57,6 +57,20 @@ def backup_extents(dom: Any, folder: Path, incremental: str | None) -> list[tupl
     return merge_runs((e["start"], e["length"]) for e in extents if not e["data"])
 
 
+def begin_backup(dom: Any, folder: Path, incremental: str, checkpoint: str) -> None:
+    """Start a pull-mode backup of vda incremental from ``incremental`` that takes checkpoint
+    ``checkpoint``, as backup tools do, and leave it running (end it with domjobabort)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    description = folder / "backup.xml"
+    description.write_text(_backup_xml(folder / "b.sock", folder / "scratch.qcow2", incremental))
+    taken = folder / f"{checkpoint}.xml"
+    taken.write_text(
+        f"<domaincheckpoint><name>{checkpoint}</name>"
+        "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
+    )
+    run("virsh", "-c", URI, "backup-begin", dom.name(), str(description), str(taken))
+
+
 def backup_refusal(dom: Any, folder: Path, incremental: str) -> str:
     """libvirt's message refusing an incremental backup from ``incremental``; fails the test if
     libvirt starts it."""

@@ -21,7 +21,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from helpers.backups import _backup_xml, backup_extents, backup_refusal
+from helpers.backups import backup_extents, backup_refusal, begin_backup
 from helpers.images import (
     K64,
     MiB,
@@ -471,17 +471,8 @@ def test_distrust_survives_a_look_during_a_backup(
     a look then forgives nothing, and the quarantined checkpoint is still refused after."""
     dom, daemon, _ = untrusted_cp1(tmp_path, domains, daemon_factory)
     virsh("checkpoint-create-as", dom.name(), "cp0", "--diskspec", "vda")  # a good one
-    backups = tmp_path / "backup"
-    backups.mkdir()
-    description = backups / "backup.xml"
-    description.write_text(_backup_xml(backups / "b.sock", backups / "scratch.qcow2", "cp0"))
-    checkpoint = backups / "cp2.xml"
-    checkpoint.write_text(
-        "<domaincheckpoint><name>cp2</name>"
-        "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
-    )
     mark = len(daemon.entries())
-    virsh("backup-begin", dom.name(), str(description), str(checkpoint))
+    begin_backup(dom, tmp_path / "backup", "cp0", "cp2")
     try:
         daemon.signal(signal.SIGHUP)
         entry_after(
@@ -523,17 +514,8 @@ def test_a_checkpoint_is_busy_while_a_backup_job_runs_and_nothing_is_said(
     guest_write(dom, 1 * MiB, K64, 0x11)
     daemon.signal(signal.SIGHUP)
     daemon.wait_for(is_for(dom, "checkpoint_health", checkpoint="cp1"), what="cp1 seen")
-    backups = tmp_path / "backup"
-    backups.mkdir()
-    description = backups / "backup.xml"
-    description.write_text(_backup_xml(backups / "b.sock", backups / "scratch.qcow2", "cp1"))
-    checkpoint = backups / "cp2.xml"
-    checkpoint.write_text(
-        "<domaincheckpoint><name>cp2</name>"
-        "<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
-    )
     mark = len(daemon.entries())
-    virsh("backup-begin", dom.name(), str(description), str(checkpoint))
+    begin_backup(dom, tmp_path / "backup", "cp1", "cp2")
     try:
         daemon.signal(signal.SIGHUP)  # a look while the job runs
         entry_after(
