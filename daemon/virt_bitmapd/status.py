@@ -122,6 +122,7 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
             evidence,
             remembered={} if state is None else state.untrusted.get(disk.target, {}),
             after_commits={},
+            job=now.job,
         )
         judged.append(
             DiskStatus(

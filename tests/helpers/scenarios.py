@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,18 @@ def entry_after(
             return found[0]
         assert time.monotonic() < deadline, f"no {what} within {timeout} s"
         time.sleep(0.1)
+
+
+def rescan_now(daemon: Any, what: str) -> None:
+    """SIGHUP, then wait until every look that rescan asked for has been taken."""
+    mark = len(daemon.entries())
+    daemon.signal(signal.SIGHUP)
+    entry_after(
+        daemon,
+        mark,
+        lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
+        what,
+    )
 
 
 def guest_write(dom: Any, offset: int, length: int, pattern: int) -> None:

@@ -34,7 +34,7 @@ from helpers.images import (
     write,
 )
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
-from helpers.scenarios import entry_after, guest_write, is_for, snapshot
+from helpers.scenarios import entry_after, guest_write, is_for, rescan_now, snapshot
 
 pytestmark = pytest.mark.real
 
@@ -471,27 +471,13 @@ def test_distrust_survives_a_look_during_a_backup(
     a look then forgives nothing, and the quarantined checkpoint is still refused after."""
     dom, daemon, _ = untrusted_cp1(tmp_path, domains, daemon_factory)
     virsh("checkpoint-create-as", dom.name(), "cp0", "--diskspec", "vda")  # a good one
-    mark = len(daemon.entries())
     begin_backup(dom, tmp_path / "backup", "cp0", "cp2")
     try:
-        daemon.signal(signal.SIGHUP)
-        entry_after(
-            daemon,
-            mark,
-            lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
-            "a look during the backup",
-        )
+        rescan_now(daemon, "a look during the backup")
         assert status(daemon, dom.name())["cp1"]["state"] == "busy"
     finally:
         virsh("domjobabort", dom.name())
-    after = len(daemon.entries())
-    daemon.signal(signal.SIGHUP)
-    entry_after(
-        daemon,
-        after,
-        lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
-        "a look after the backup",
-    )
+    rescan_now(daemon, "a look after the backup")
     seen = status(daemon, dom.name())["cp1"]
     assert (seen["state"], seen["next_backup"]) == ("untrusted", "refused by libvirt"), seen
     stop_gracefully(dom)
@@ -517,13 +503,7 @@ def test_a_checkpoint_is_busy_while_a_backup_job_runs_and_nothing_is_said(
     mark = len(daemon.entries())
     begin_backup(dom, tmp_path / "backup", "cp1", "cp2")
     try:
-        daemon.signal(signal.SIGHUP)  # a look while the job runs
-        entry_after(
-            daemon,
-            mark,
-            lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
-            "the looks during the backup",
-        )
+        rescan_now(daemon, "the looks during the backup")  # a look while the job runs
         during = status(daemon, dom.name())
         assert {name: entry["state"] for name, entry in during.items()} == {
             "cp1": "busy",
@@ -540,14 +520,7 @@ def test_a_checkpoint_is_busy_while_a_backup_job_runs_and_nothing_is_said(
         lambda e: e.get("event") == "block_job_event" and e["job_type"] == "backup",
         "the backup's end",
     )
-    after = len(daemon.entries())
-    daemon.signal(signal.SIGHUP)
-    entry_after(
-        daemon,
-        after,
-        lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "manual",
-        "a look after the backup",
-    )
+    rescan_now(daemon, "a look after the backup")
     assert status(daemon, dom.name())["cp1"]["state"] == "usable"
     told = [
         e

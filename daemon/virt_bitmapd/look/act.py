@@ -80,10 +80,12 @@ class Actor:
         )
         remembered = gathered.record.untrusted.get(gathered.target, {})
         untrusted = distrust(
-            now.images, evidence, remembered=remembered, after_commits=untrusted_after(reports)
+            now.images,
+            evidence,
+            remembered=remembered,
+            after_commits=untrusted_after(reports),
+            job=now.job,
         )
-        if now.job_running:  # bitmaps caught half-way through a job: nothing is forgiven
-            untrusted = {**remembered, **untrusted}
         acted = Acted(
             reports=reports,
             now=now,

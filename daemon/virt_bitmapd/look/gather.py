@@ -15,7 +15,6 @@ import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import libvirt
 
@@ -107,12 +106,12 @@ def gather(
     )
     disk = next((d for d in disks.disks if d.target == target), None)
     if disk is None:  # detached, or not a file-backed qcow2 disk any more
-        return _with(gathered, skipped=NO_SUCH_DISK)
+        return replace(gathered, skipped=NO_SUCH_DISK)
     disk = resolved(disk)
     try:
         require_inside(disk.layers[0].path, storage_roots)
     except OutsideStorageRoots as error:
-        return _with(gathered, skipped=str(error))
+        return replace(gathered, skipped=str(error))
     old = gathered.old_chain
     stats = stat_layers({*old, *disk.paths})  # before anything is read
     last_fingerprint = record.fingerprints.get(target) if trust_last_look and not running else None
@@ -125,7 +124,7 @@ def gather(
         if now is None:
             now = current_chain(domain, disk, running)
     except VirtBitmapdError as error:
-        return _with(gathered, stats_before=stats, error=error)
+        return replace(gathered, stats_before=stats, error=error)
     if checkpoints is None:
         try:
             checkpoints = domain_checkpoints(domain)
@@ -145,8 +144,8 @@ def gather(
             )
             host = read_host() if beside else None
         except VirtBitmapdError as error:
-            return _with(gathered, stats_before=stats, now=now, error=error)
-    return _with(
+            return replace(gathered, stats_before=stats, now=now, error=error)
+    return replace(
         gathered,
         stats_before=stats,
         now=now,
@@ -155,10 +154,6 @@ def gather(
         beside=beside,
         host=host,
     )
-
-
-def _with(gathered: Gathered, **found: Any) -> Gathered:
-    return replace(gathered, **found)
 
 
 def _as_last_looked(

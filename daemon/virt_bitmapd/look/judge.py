@@ -48,15 +48,18 @@ def distrust(
     *,
     remembered: Mapping[str, Distrust],
     after_commits: Mapping[str, str],
+    job: str | None = None,
 ) -> dict[str, Distrust]:
     """Bitmap -> why it is untrusted now.  ``remembered``: what earlier looks distrusted;
-    ``after_commits``: what this look's commits could not carry (bitmap -> why)."""
+    ``after_commits``: what this look's commits could not carry (bitmap -> why); ``job``: a
+    block job running on the disk, whose bitmaps may look gone half-way: nothing is forgiven."""
     lost = lost_layers(
         chain, evidence.checkpoints, evidence.target, evidence.merged_into, evidence.births
     )
-    return untrusted_now(
+    untrusted = untrusted_now(
         remembered, dict(after_commits) | lost, chain, evidence.checkpoints, evidence.target
     )
+    return untrusted if job is None else {**remembered, **untrusted}
 
 
 def healing_plan(chain: Sequence[Image], evidence: Evidence, untrusted: Set[str]) -> HealPlan:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Leftover", "Records", "ended", "record_in", "records", "start"]
+__all__ = ["Leftover", "Records", "ended", "record_in", "start"]
 
 GONE_WAIT = 2.0  # seconds for a killed leftover to disappear
 PR_SET_PDEATHSIG = 1
@@ -116,10 +116,6 @@ def record_in(state_dir: str | Path) -> Records:
     """Keep records of the tools started from now on under ``state_dir`` (the daemon)."""
     global _records  # noqa: PLW0603 - one process-wide setting, made once at the daemon's start
     _records = Records(state_dir)
-    return _records
-
-
-def records() -> Records | None:
     return _records
 
 
