@@ -29,6 +29,7 @@ __all__ = [
 
 QCOW2 = "qcow2"
 NOT_FILE_BACKED = "not a file-backed disk (network, block device or volume)"
+ALSO_RAW = "its file is also a raw disk of the domain (a guest's bytes); never opened"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,6 +196,11 @@ def disks_of_element(root: ET.Element) -> DomainDisks:
             )
         else:
             disks.append(_disk(element, name, top))
+    raw = set(raw_files)
+    for disk in [disk for disk in disks if disk.layers[0].path in raw]:
+        # the same file is another disk's raw bytes: its "qcow2 header" is a guest's
+        disks.remove(disk)
+        skipped.append(SkippedDisk(target=disk.target, reason=ALSO_RAW))
     return DomainDisks(
         name=root.findtext("name", default=""),
         uuid=root.findtext("uuid", default=""),

@@ -166,3 +166,17 @@ def test_any_domain_xml_gives_qcow2_chains_or_skips(xml: str) -> None:
 def test_any_text_is_parsed_or_refused_by_name(text: str) -> None:
     with contextlib.suppress(DomainXMLInvalid):
         parse_domain(text)
+
+
+def test_a_file_that_is_also_a_raw_disk_is_never_taken_for_qcow2() -> None:
+    xml = (
+        "<domain><name>n</name><devices>"
+        "<disk type='file' device='disk'><driver type='qcow2'/><source file='/i/x'/>"
+        "<target dev='vda'/></disk>"
+        "<disk type='file' device='disk'><source file='/i/x'/><target dev='vdb'/></disk>"
+        "</devices></domain>"
+    )
+    domain = parse_domain(xml)
+    assert domain.disks == ()
+    assert {skip.target for skip in domain.skipped} == {"vda", "vdb"}
+    assert "raw disk" in next(s.reason for s in domain.skipped if s.target == "vda")
