@@ -43,6 +43,9 @@ class TaskSupervisor:
         task = asyncio.get_running_loop().create_task(self._guarded(name, work), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # a task cancelled before it ran (the daemon stopping as an event arrives) never awaits
+        # ``work``: close it, or asyncio reports a coroutine never awaited (a no-op otherwise)
+        task.add_done_callback(lambda _task: work.close())
 
     async def _guarded(self, name: str, work: Awaitable[None]) -> None:
         try:
