@@ -17,134 +17,21 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import StateUnusable
-from .fingerprints import Fingerprint, strings_from_json
+from .fingerprints import Fingerprint
 from .health import Distrust
 from .model import Bitmap
-
-__all__ = ["Distrust", "DomainState", "StateStore"]
-
-FORMAT_VERSION = 1
-#: Why a bitmap remembered untrusted by a version that kept no reason is so.
-NO_REASON_KEPT = "a commit could not carry its bits (remembered without a reason)"
-
-
-@dataclass(slots=True)
-class DomainState:
-    uuid: str
-    name: str
-    #: disk target -> chain paths, top first
-    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    #: disk target -> bitmap -> why its bits could not be proven complete
-    untrusted: dict[str, dict[str, Distrust]] = field(default_factory=dict)
-    #: disk target -> layer path -> its bitmaps when last seen (what a base held before a commit)
-    bitmaps: dict[str, dict[str, tuple[Bitmap, ...]]] = field(default_factory=dict)
-    #: disk target -> when (time.time()) the look that saw that chain began
-    looked_at: dict[str, float] = field(default_factory=dict)
-    #: disk target -> layer -> the layer it was seen committed into, its bits carried: proof
-    #: that a checkpoint taken on a layer now gone lives on below (see health.lost_layers)
-    merged_into: dict[str, dict[str, str]] = field(default_factory=dict)
-    #: disk target -> checkpoint -> (its creationTime, the layer it was taken on), as libvirt
-    #: said it while it did (see births)
-    births: dict[str, dict[str, tuple[int, str]]] = field(default_factory=dict)
-    #: disk target -> what its last complete look saw (stats, checkpoints): a look may trust
-    #: the bitmaps above instead of reading the images while nothing says they changed
-    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
-
-
-def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Bitmap, ...]]:
-    return {str(path): tuple(Bitmap(**item) for item in items) for path, items in raw.items()}
-
-
-def _distrust_from_json(raw: Any) -> dict[str, Distrust]:
-    if isinstance(raw, list):  # names only, as the first releases wrote
-        return {name: Distrust(NO_REASON_KEPT) for name in strings_from_json(raw)}
-    if not isinstance(raw, dict):
-        raise TypeError(f"expected an object of untrusted bitmaps, got {raw!r:.80}")
-    return {
-        str(name): Distrust(str(item["why"]), int(item.get("checkpoint_created", 0)))
-        for name, item in raw.items()
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class _DiskField:
-    """One per-disk field of DomainState: its key in the file, and how it is read and written
-    (each of its values is per disk target)."""
-
-    attribute: str
-    key: str
-    decode: Callable[[Any], Any]
-    encode: Callable[[Any], Any]
-    #: an empty value is left out of the file
-    omit_empty: bool = False
-
-
-_DISK_FIELDS = (
-    _DiskField("chains", "chains", strings_from_json, list),
-    _DiskField(
-        "untrusted",
-        "untrusted",
-        _distrust_from_json,
-        lambda names: {name: asdict(distrust) for name, distrust in sorted(names.items())},
-        omit_empty=True,
-    ),
-    _DiskField(
-        "bitmaps",
-        "bitmaps",
-        _bitmaps_from_json,
-        lambda layers: {path: [asdict(b) for b in bitmaps] for path, bitmaps in layers.items()},
-    ),
-    _DiskField("looked_at", "seen_at", float, lambda when: when),
-    _DiskField(
-        "merged_into",
-        "merged_into",
-        lambda layers: {str(layer): str(base) for layer, base in layers.items()},
-        lambda layers: dict(sorted(layers.items())),
-        omit_empty=True,
-    ),
-    _DiskField("fingerprints", "seen", Fingerprint.from_json, Fingerprint.to_json),
-    _DiskField(
-        "births",
-        "births",
-        lambda births: {str(name): (int(at), str(layer)) for name, (at, layer) in births.items()},
-        lambda births: {name: list(birth) for name, birth in sorted(births.items())},
-        omit_empty=True,
-    ),
+from .state_record import (
+    NO_REASON_KEPT,
+    DomainState,
+    drop_disk,
+    state_from_json,
+    state_to_json,
 )
 
-
-def _state_from_json(uuid: str, raw: Any) -> DomainState:
-    """A DomainState from a parsed file; raises KeyError, TypeError or ValueError when the
-    document does not have the shape this version writes."""
-    if not isinstance(raw, dict):
-        raise TypeError("the document is not an object")
-    if raw.get("version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise ValueError(f"version {raw.get('version')!r} is not {FORMAT_VERSION}")
-    if "chains" not in raw:
-        raise KeyError("chains")
-    per_disk = {
-        kind.attribute: {
-            str(disk): kind.decode(value) for disk, value in raw.get(kind.key, {}).items()
-        }
-        for kind in _DISK_FIELDS
-    }
-    return DomainState(uuid=uuid, name=str(raw["name"]), **per_disk)
-
-
-def _state_to_json(state: DomainState) -> dict[str, Any]:
-    document: dict[str, Any] = {"version": FORMAT_VERSION, "name": state.name}
-    for kind in _DISK_FIELDS:
-        document[kind.key] = {
-            disk: kind.encode(value)
-            for disk, value in sorted(getattr(state, kind.attribute).items())
-            if value or not kind.omit_empty
-        }
-    return document
+__all__ = ["NO_REASON_KEPT", "Distrust", "DomainState", "StateStore"]
 
 
 class StateStore:
@@ -190,7 +77,7 @@ class StateStore:
         except OSError as error:
             raise StateUnusable(f"{path}: cannot read the state: {error}") from error
         try:
-            return _state_from_json(uuid, raw)
+            return state_from_json(uuid, raw)
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             self._quarantine(path, f"not a state file of this version: {error!r}")
             return None
@@ -264,8 +151,7 @@ class StateStore:
                 return
             state = self.load(uuid)
             if state is not None and disk in state.chains:
-                for kind in _DISK_FIELDS:
-                    getattr(state, kind.attribute).pop(disk, None)
+                drop_disk(state, disk)
                 self._save(state)
 
     def _save(self, state: DomainState) -> None:
@@ -276,7 +162,7 @@ class StateStore:
 
     def _write(self, state: DomainState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        document = _state_to_json(state)
+        document = state_to_json(state)
         target = self._path(state.uuid)
         handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         try:
