@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import libvirt
 
-__all__ = ["JOB_TYPES", "job_name"]
+__all__ = ["JOB_TYPES", "LAYERS_CARRIED", "job_name"]
 
 JOB_TYPES = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
@@ -17,3 +17,8 @@ JOB_TYPES = {
 
 def job_name(job_type: int) -> str:
     return JOB_TYPES.get(job_type, f"unknown_{job_type}")
+
+
+#: Jobs that take layers out of a chain with their data and bitmaps (a commit into the base, a
+#: pull into the top): their completion proves the layers gone were not discarded.
+LAYERS_CARRIED = frozenset({"commit", "active_commit", "pull"})

@@ -25,6 +25,7 @@ __all__ = [
     "left_as_they_were",
     "pack_stat",
     "stat_fields",
+    "stat_from_json",
     "stat_layer",
     "stat_layers",
     "strings_from_json",
@@ -102,7 +103,7 @@ class Fingerprint:
         another shape."""
         checkpoints = raw.get("checkpoints")
         chain = strings_from_json(raw["chain"])
-        stats = tuple(_stat_from_json(item) for item in raw["stats"])
+        stats = tuple(stat_from_json(item) for item in raw["stats"])
         if len(stats) != len(chain):
             raise ValueError(f"{len(stats)} stats for a chain of {len(chain)} layers")
         return cls(
@@ -172,7 +173,8 @@ def strings_from_json(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _stat_from_json(raw: Any) -> LayerStat:
+def stat_from_json(raw: Any) -> LayerStat:
+    """A stat as ``Fingerprint.to_json`` writes it (a list of five numbers, or null)."""
     if raw is None:
         return None
     dev, ino, size, mtime, ctime = (int(n) for n in raw)

@@ -22,6 +22,7 @@ from pathlib import Path
 from .errors import StateUnusable
 from .fingerprints import Fingerprint
 from .health import Distrust
+from .marks import Marks
 from .model import Bitmap
 from .state_record import (
     NO_REASON_KEPT,
@@ -111,10 +112,12 @@ class StateStore:
         merged_into: Mapping[str, str] | None = None,
         births: Mapping[str, tuple[int, str]] | None = None,
         fingerprint: Fingerprint | None = None,
+        marks: Marks | None = None,
     ) -> bool:
         """Store one disk's chain; False (nothing written) when the domain was forgotten since
         ``generation`` was read. ``fingerprint``: what the look saw, if it may spare the next
-        one reading the images (None forgets an earlier one)."""
+        one reading the images (None forgets an earlier one); ``marks``: where things stood as the
+        look ended (None keeps the earlier ones)."""
         with self._lock:
             if not self.is_current(uuid, generation):
                 return False
@@ -133,6 +136,8 @@ class StateStore:
                 state.fingerprints.pop(disk, None)
             else:
                 state.fingerprints[disk] = fingerprint
+            if marks is not None:
+                state.marks[disk] = marks
             self._save(state)
             return True
 

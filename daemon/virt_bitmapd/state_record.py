@@ -13,6 +13,7 @@ from typing import Any
 
 from .fingerprints import Fingerprint, strings_from_json
 from .health import Distrust
+from .marks import Marks
 from .model import Bitmap
 
 __all__ = [
@@ -50,6 +51,9 @@ class DomainState:
     #: disk target -> what its last complete look saw (stats, checkpoints): a look may trust
     #: the bitmaps above instead of reading the images while nothing says they changed
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    #: disk target -> where things stood as the last look that saved its chain ended (each
+    #: layer's stat, the domain's QEMU log): what proves what happened since (``marks``)
+    marks: dict[str, Marks] = field(default_factory=dict)
 
 
 def _bitmaps_from_json(raw: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Bitmap, ...]]:
@@ -111,6 +115,7 @@ _DISK_FIELDS = (
         lambda births: {name: list(birth) for name, birth in sorted(births.items())},
         omit_empty=True,
     ),
+    _DiskField("marks", "marks", Marks.from_json, Marks.to_json),
 )
 
 

@@ -90,20 +90,27 @@ def corrupt(path: Path) -> None:
         header.write((0xFFFFFFFFFF00).to_bytes(8, "big"))
 
 
+class ExportRefused(AssertionError):
+    """qemu-nbd would not export the bitmap; the message is its own."""
+
+
 def dirty_extents(path: Path, name: str) -> list[tuple[int, int]]:
-    """The (offset, length) runs bitmap ``name`` of ``path`` marks dirty, merged and sorted."""
+    """The (offset, length) runs bitmap ``name`` of ``path`` marks dirty, merged and sorted:
+    what an offline backup tool copies (``qemu-nbd --bitmap``, the top-most copy of the
+    bitmap in the chain).  Raises ExportRefused with qemu-nbd's words when it refuses."""
     with tempfile.TemporaryDirectory() as folder:
         sock = os.path.join(folder, "nbd.sock")
         server = subprocess.Popen(
             ["qemu-nbd", "-r", "-t", "-k", sock, "-f", "qcow2", "-B", name, str(path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             deadline = time.monotonic() + 10
             while not os.path.exists(sock):
                 if server.poll() is not None:
-                    raise AssertionError(f"qemu-nbd failed: {server.stderr.read()!r}")  # type: ignore[union-attr]
+                    raise ExportRefused(f"qemu-nbd failed: {server.stderr.read()!r}")  # type: ignore[union-attr]
                 assert time.monotonic() < deadline, "qemu-nbd did not start"
                 time.sleep(0.02)
             escaped = name.replace(",", ",,")
@@ -111,7 +118,14 @@ def dirty_extents(path: Path, name: str) -> list[tuple[int, int]]:
                 f"driver=nbd,server.type=unix,server.path={sock},"
                 f"x-dirty-bitmap=qemu:dirty-bitmap:{escaped}"
             )
-            extents = json.loads(run("qemu-img", "map", "--output=json", "--image-opts", options))
+            try:
+                mapped = run("qemu-img", "map", "--output=json", "--image-opts", options)
+            except AssertionError:
+                # the socket may be bound before the bitmap is checked: did qemu-nbd give up?
+                if server.wait(timeout=10) != 0:
+                    raise ExportRefused(f"qemu-nbd failed: {server.stderr.read()!r}") from None  # type: ignore[union-attr]
+                raise
+            extents = json.loads(mapped)
         finally:
             server.terminate()
             server.wait()

@@ -17,6 +17,7 @@ from .base import VirtBitmapdError
 from .bits import (
     BitsUnrecoverable,
     CommittedLayersGone,
+    CommitUnproven,
     CrashDamagedBitmaps,
     UnseenLayersForked,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "ChainError",
     "ChainMoving",
     "CleanupFailed",
+    "CommitUnproven",
     "CommitUnverifiable",
     "CommittedLayersGone",
     "CrashDamagedBitmaps",

@@ -73,3 +73,24 @@ class CrashDamagedBitmaps(BitsUnrecoverable):
         super().__init__(
             base, f"{crash}; it had the base open, and these bitmaps were left unusable", bitmaps
         )
+
+
+class CommitUnproven(BitsUnrecoverable):
+    """Layers left the chain and nothing proves they were committed into the base (libvirt's
+    event, a record of `virt-bitmapd reconcile`, the base written since the last look while
+    the domain did not start).  Discarded instead (a revert), they took with them the content of
+    every cluster they held, written before any checkpoint or after: no bitmap says which."""
+
+    kind = "commit_unproven"
+
+    def __init__(
+        self, base: str, removed: tuple[str, ...], why: str, bitmaps: tuple[str, ...]
+    ) -> None:
+        super().__init__(
+            base,
+            f"nothing proves {', '.join(removed)} were committed into it ({why}); discarded "
+            "instead, they changed every cluster they held",
+            bitmaps,
+        )
+        self.removed = removed
+        self.why = why

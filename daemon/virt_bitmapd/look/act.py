@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from ..errors import BitsUnrecoverable, CommitUnverifiable, VirtBitmapdError
+from ..errors import BitsUnrecoverable, CommitUnproven, CommitUnverifiable, VirtBitmapdError
 from ..handover import Handover
 from ..heal import HealResult, heal_chain
 from ..healing import HealStep
@@ -62,7 +62,10 @@ class Actor:
     def __call__(self, gathered: Gathered, decision: Decision) -> Acted:
         now = gathered.now
         assert now is not None, "act needs a chain"
-        reports = tuple(self._reconcile(gathered, now, commit) for commit in decision.commits)
+        reports = tuple(
+            self._reconcile(gathered, now, commit, decision.unproven.get(commit))
+            for commit in decision.commits
+        )
         changed = any(r.outcome is not None and r.outcome.changed for r in reports)
         touched = changed or (bool(reports) and not gathered.running)
         now = chain_after(now, reports)
@@ -134,7 +137,11 @@ class Actor:
         healed = done.plan.steps if done.result is HealResult.HEALED else ()
         return replace(acted, healed=healed, changed=True, touched=True)
 
-    def _reconcile(self, gathered: Gathered, now: ChainNow, commit: Commit) -> CommitReport:
+    def _reconcile(
+        self, gathered: Gathered, now: ChainNow, commit: Commit, unproven: str | None
+    ) -> CommitReport:
+        """``unproven``: why nothing but a record of ``virt-bitmapd reconcile`` could prove
+        the commit (then nothing is merged: the layers' bitmaps and the base's are untrusted)."""
         last_bitmaps = gathered.last_bitmaps
         remembered = last_bitmaps.get(commit.base)
         base_before = (
@@ -157,6 +164,9 @@ class Actor:
                     result=Result.ALREADY_CONSISTENT,
                     note="reconciled by virt-bitmapd reconcile before its layers were deleted",
                 )
+            if unproven is not None:
+                at_risk = bitmaps_at_risk(commit, last_bitmaps, now.images)
+                raise CommitUnproven(commit.base, commit.removed, unproven, at_risk)
             require_layers(commit, last_bitmaps, now.images)
             done = self._carry_out(gathered, now, commit, base_before)
         except VirtBitmapdError as error:
@@ -186,8 +196,12 @@ class Actor:
         """Whether `virt-bitmapd reconcile` left a record for exactly these files, now gone."""
         if not gone_layers(commit):
             return False
-        last = gathered.record.fingerprints.get(gathered.target)
-        seen = {} if last is None else last.identities()
+        marks = gathered.last_marks
+        if marks is not None:
+            seen = marks.identities()
+        else:  # a state file of an earlier version: what its last complete look saw
+            last = gathered.record.fingerprints.get(gathered.target)
+            seen = {} if last is None else last.identities()
         return self._handover.take(commit.base, commit.removed, seen) is not None
 
     def _carry_out(

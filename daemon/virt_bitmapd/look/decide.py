@@ -3,7 +3,8 @@ look leaves behind.  No I/O; tested by tables.
 
 ``decide`` runs once, on what ``gather`` read, before anything is changed: the commits (layers
 gone from the known chain, less those a completed block copy replaced; plus commits hidden
-between two looks, found from the files beside the chain) and whether this look may quarantine
+between two looks, found from the files beside the chain), which of them nothing proves were
+commits rather than layers discarded (``why_unproven``), and whether this look may quarantine
 or heal.  The other rules are what ``act`` and ``run`` consult once acting has told how each
 commit ended: where committed layers' bits now live, what the chain holds after a
 reconciliation proved its merges, whether the look is clean, which bitmaps to remember.
@@ -22,6 +23,7 @@ from ..readers.chain import ChainNow
 from ..tracking import Commit, copied_away, detect_commits, hidden_commits
 from .findings import CommitReport
 from .gather import Gathered
+from .proof import why_unproven
 
 __all__ = [
     "CARRIED",
@@ -40,6 +42,8 @@ CARRIED = (Result.RECONCILED, Result.ALREADY_CONSISTENT, Result.NOTHING_TO_DO)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Decision:
     commits: tuple[Commit, ...] = ()
+    #: Commits nothing proves (the layers may have been discarded) -> why.
+    unproven: Mapping[Commit, str] = field(default_factory=dict)
     #: Birth layers a completed block copy replaced -> the new top holding their bitmaps.
     copied_into: Mapping[str, str] = field(default_factory=dict)
     #: Policy allows it and no block job is handling bitmaps (libvirt may be, half-way).
@@ -50,14 +54,27 @@ class Decision:
     births: Births = field(default_factory=dict)
 
 
-def decide(gathered: Gathered, *, copied: bool, quarantine: bool, heal: bool) -> Decision:
+def decide(
+    gathered: Gathered,
+    *,
+    copied: bool,
+    quarantine: bool,
+    heal: bool,
+    job_done: bool = False,
+) -> Decision:
     """``copied``: a block copy of this disk just completed (its pivot replaced the top by a
-    copy that holds the top's bitmaps), so the layers it replaced were not committed."""
+    copy that holds the top's bitmaps), so the layers it replaced were not committed;
+    ``job_done``: libvirt said a commit or pull of this disk completed (its event)."""
     now = gathered.now
     assert now is not None, "decide needs a chain"
     old = gathered.old_chain
     replaced = set(copied_away(old, now.paths)) if copied else set()
     commits = tuple(c for c in detect_commits(old, now.paths) if not set(c.removed) <= replaced)
+    unproven = {
+        commit: why
+        for commit in commits
+        if (why := why_unproven(commit, gathered, job_done=job_done)) is not None
+    }
     if gathered.beside and gathered.host is not None:
         in_no_chain = {
             path: below
@@ -70,6 +87,7 @@ def decide(gathered: Gathered, *, copied: bool, quarantine: bool, heal: bool) ->
     )
     return Decision(
         commits=commits,
+        unproven=unproven,
         copied_into=_copied_into(
             now.paths, replaced, gathered.checkpoints, gathered.target, births
         ),

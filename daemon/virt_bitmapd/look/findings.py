@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..births import Births
 from ..errors import (
     BitsUnrecoverable,
+    CommitUnproven,
     CommitUnverifiable,
     OutsideStorageRoots,
     VirtBitmapdError,
@@ -21,6 +22,7 @@ from ..errors import (
 from ..fingerprints import Fingerprint, LayerStat
 from ..healing import HealStep
 from ..health import CheckpointHealth, Distrust
+from ..marks import Marks
 from ..model import Bitmap, Image, Outcome, Plan, Result, SkipReason
 from ..planner import chain_problems
 from ..tracking import Commit
@@ -91,6 +93,8 @@ class LookResult:
     #: Each layer's stat as the look left it, its own writes included: a change the watch
     #: reports that leaves every one so is the look's own.
     left_stats: Mapping[str, LayerStat] = field(default_factory=dict)
+    #: What the next look proves commits against (``decide.marks_after``).
+    marks: Marks = field(default_factory=Marks)
     #: What the state directory is to keep for the disk (see ``StateStore.put_disk``).
     distrust: Mapping[str, Distrust] = field(default_factory=dict)
     layer_bitmaps: Mapping[str, tuple[Bitmap, ...]] = field(default_factory=dict)
@@ -104,6 +108,8 @@ class LookResult:
 
 def result_label(result: Result | None, error: VirtBitmapdError | None) -> str:
     """The metric label of how a reconciliation ended."""
+    if isinstance(error, CommitUnproven):
+        return "unproven"
     if isinstance(error, BitsUnrecoverable):
         return "unrecoverable"
     if isinstance(error, OutsideStorageRoots | CommitUnverifiable):
@@ -153,7 +159,15 @@ def untrusted_after(reports: Sequence[CommitReport]) -> dict[str, str]:
     why: dict[str, str] = {}
     for report in reports:
         commit = f"the commit of {', '.join(report.commit.removed)} into {report.commit.base}"
-        if isinstance(report.error, BitsUnrecoverable):
+        if isinstance(report.error, CommitUnproven):
+            for name in report.error.bitmaps:
+                why.setdefault(
+                    name,
+                    f"nothing proves {', '.join(report.commit.removed)} were committed into "
+                    f"{report.commit.base} ({report.error.why}); discarded, they changed every "
+                    "cluster they held",
+                )
+        elif isinstance(report.error, BitsUnrecoverable):
             for name in report.error.bitmaps:
                 why.setdefault(name, f"{commit} could not carry its bits ({report.error.kind})")
         for name in report.at_risk:

@@ -2,7 +2,8 @@
 
 What is read: the domain (name, running, its disks' XML), the disk's record in the state
 directory (its chain, bitmaps and distrust at the last look), each layer's stat *before* any
-image is read (a change made while the look reads shows at the next one), the chain now (live
+image is read (a change made while the look reads shows at the next one), where the domain's
+QEMU log ends and whether libvirt started the domain since the last look, the chain now (live
 XML and QEMU's node data, or the image headers; or, at a startup, as the last look saw it when
 nothing says it changed), the domain's libvirt checkpoints, and, when the chain moved, the
 recent overlays beside it (maintenance between two looks may have hidden a commit) with the
@@ -22,10 +23,12 @@ from ..checkpoint_xml import Checkpoint, names_of
 from ..domain_xml import Disk
 from ..errors import LibvirtFailed, OutsideStorageRoots, VirtBitmapdError
 from ..fingerprints import Fingerprint, LayerStat, stat_layers, unchanged
+from ..marks import Marks
 from ..model import Bitmap
 from ..readers.chain import ChainNow, current_chain, domain_disks, resolved
 from ..readers.checkpoints import domain_checkpoints
 from ..readers.host_disks import HostDisks, host_disks
+from ..readers.qemu_log import LogMark, log_mark, started_since
 from ..state import DomainState, StateStore
 from ..storage_roots import require_inside
 from .findings import NO_SUCH_DISK
@@ -51,6 +54,10 @@ class Gathered:
     error: VirtBitmapdError | None = None
     #: Each layer's stat (old chain and new) taken before anything was read.
     stats_before: Mapping[str, LayerStat] = field(default_factory=dict)
+    #: Where the domain's QEMU log ended before anything was read (None: not known).
+    log_mark: LogMark | None = None
+    #: Whether libvirt started the domain since the last look (None: the log cannot tell).
+    started_since: bool | None = None
     now: ChainNow | None = None
     checkpoints: tuple[Checkpoint, ...] = ()
     checkpoint_error: VirtBitmapdError | None = None
@@ -68,6 +75,11 @@ class Gathered:
         return self.record.looked_at.get(self.target)
 
     @property
+    def last_marks(self) -> Marks | None:
+        """Where things stood as the last look that saved a chain ended."""
+        return self.record.marks.get(self.target)
+
+    @property
     def last_bitmaps(self) -> Mapping[str, tuple[Bitmap, ...]]:
         """Each layer's bitmaps at the last look (what a base held before a commit)."""
         return self.record.bitmaps.get(self.target, {})
@@ -80,6 +92,7 @@ def gather(
     storage_roots: tuple[str, ...],
     *,
     trust_last_look: bool,
+    log_dir: str | None = None,
 ) -> Gathered:
     """``trust_last_look`` (a startup): a shut-off disk whose layers' stats and checkpoints are
     what the last look saw is not read again; the bitmaps that look saw stand for its images.
@@ -89,6 +102,8 @@ def gather(
         uuid = domain.UUIDString()
         generation = store.generation(uuid)  # before anything is read
         name = domain.name()
+        # before the domain is read: a start from here on shows at the next look
+        log_now = log_mark(log_dir, name)
         running = bool(domain.isActive())
     except libvirt.libvirtError as error:
         raise LibvirtFailed(f"cannot read the domain: {error}") from error
@@ -103,6 +118,7 @@ def gather(
         generation=generation,
         started_ns=started_ns,
         record=record,
+        log_mark=log_now,
     )
     disk = next((d for d in disks.disks if d.target == target), None)
     if disk is None:  # detached, or not a file-backed qcow2 disk any more
@@ -125,6 +141,10 @@ def gather(
             now = current_chain(domain, disk, running)
     except VirtBitmapdError as error:
         return replace(gathered, stats_before=stats, error=error)
+    if set(old) - set(now.paths):  # layers left: was it a commit? (``proof``)
+        last_marks = gathered.last_marks
+        then = None if last_marks is None else last_marks.qemu_log
+        gathered = replace(gathered, started_since=started_since(log_dir, name, then, log_now))
     if checkpoints is None:
         try:
             checkpoints = domain_checkpoints(domain)

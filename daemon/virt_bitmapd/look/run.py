@@ -26,6 +26,7 @@ from .decide import bitmaps_to_remember, decide, is_clean
 from .findings import LookResult, bitmap_states
 from .gather import Gathered, gather
 from .judge import judge
+from .proof import marks_after
 
 __all__ = ["Look"]
 
@@ -41,8 +42,13 @@ class Look:
         *,
         untrusted_policy: str = "disable",
         heal: bool = False,
+        log_dir: str | None = None,
     ) -> None:
+        """``log_dir``: where libvirt keeps the domains' QEMU logs (``readers.qemu_log``);
+        without it, only libvirt's event or a record of ``virt-bitmapd reconcile`` proves a
+        commit."""
         self._store = store
+        self._log_dir = log_dir
         self._roots = tuple(storage_roots)
         self._act = Actor(self._roots, handover)
         self._quarantine = untrusted_policy == "disable"
@@ -54,12 +60,21 @@ class Look:
         target: str,
         *,
         copied: bool = False,
+        job_done: bool = False,
         trust_last_look: bool = False,
     ) -> LookResult:
-        """``copied``: a block copy of this disk just completed; ``trust_last_look`` (a
-        startup): a shut-off disk nothing says changed is not read again."""
+        """``copied``: a block copy of this disk just completed; ``job_done``: a commit or
+        pull of it did (libvirt's event); ``trust_last_look`` (a startup): a shut-off disk
+        nothing says changed is not read again."""
         ran = ["gather"]  # each stage as it runs: what the result says it did
-        gathered = gather(domain, target, self._store, self._roots, trust_last_look=trust_last_look)
+        gathered = gather(
+            domain,
+            target,
+            self._store,
+            self._roots,
+            trust_last_look=trust_last_look,
+            log_dir=self._log_dir,
+        )
         result = LookResult(
             domain=gathered.name,
             uuid=gathered.uuid,
@@ -71,7 +86,13 @@ class Look:
         )
         if gathered.skipped is not None or gathered.error is not None or gathered.now is None:
             return _ended(result, gathered)
-        decision = decide(gathered, copied=copied, quarantine=self._quarantine, heal=self._heal)
+        decision = decide(
+            gathered,
+            copied=copied,
+            job_done=job_done,
+            quarantine=self._quarantine,
+            heal=self._heal,
+        )
         ran.append("decide")
         acted = self._act(gathered, decision)
         ran.append("act")
@@ -104,6 +125,7 @@ class Look:
             heal_error=acted.heal_error,
             fingerprint=fingerprint if clean else None,
             left_stats=left,
+            marks=marks_after(gathered, now.paths, left, touched=acted.touched),
             distrust=acted.untrusted,
             layer_bitmaps=bitmaps_to_remember(now, gathered.last_bitmaps),
             merged_into=acted.evidence.merged_into,
@@ -124,27 +146,29 @@ def _reread(
     chain layer's stat from before that read (for the fingerprint); and every layer's stat as
     the look left it (old chain and new: its own writes included, they are no news)."""
     now = acted.now
-    layers = {*gathered.old_chain, *now.paths}
     if not acted.touched:
-        stats = dict(gathered.stats_before)
-        return now, stats | _unchanged_since(gathered.started_ns, now.paths, stats), stats
-    left = stat_layers(layers)  # before the read, as always
+        before = dict(gathered.stats_before)
+        found = _found_on_the_way(now.paths, before)
+        return now, before | _older_than(gathered.started_ns, found), before | found
+    left = stat_layers({*gathered.old_chain, *now.paths})  # before the read, as always
     if not acted.changed:
         return now, {}, left
     try:
         now = current_chain(gathered.domain, now.disk, gathered.running)
     except VirtBitmapdError:  # what acting proved stands, but proves no fingerprint
         return now, {}, left
-    return now, left | _unchanged_since(gathered.started_ns, now.paths, left), left
+    found = _found_on_the_way(now.paths, left)
+    return now, left | _older_than(gathered.started_ns, found), left | found
 
 
-def _unchanged_since(
-    started_ns: int, paths: Sequence[str], stats: Mapping[str, LayerStat]
-) -> dict[str, LayerStat]:
-    """Stats of the layers the look found on its way (not stat'ed before it read them) whose
-    change time is older than the look: those are what a stat before the read would have given
-    (a change time cannot be set back)."""
-    found = stat_layers(path for path in paths if stats.get(path) is None)
+def _found_on_the_way(paths: Sequence[str], stats: Mapping[str, LayerStat]) -> dict[str, LayerStat]:
+    """Stats of the layers the look found on its way (not stat'ed before it read them)."""
+    return stat_layers(path for path in paths if stats.get(path) is None)
+
+
+def _older_than(started_ns: int, found: Mapping[str, LayerStat]) -> dict[str, LayerStat]:
+    """Those of ``found`` whose change time is older than the look: what a stat before the
+    read would have given (a change time cannot be set back)."""
     return {
         path: st for path, st in found.items() if st is not None and change_time_ns(st) < started_ns
     }

@@ -102,6 +102,7 @@ class Applier:
                 merged_into=result.merged_into,
                 births=result.births,
                 fingerprint=result.fingerprint,
+                marks=result.marks,
             )
         if drops_record(result):
             self._store.drop_disk(result.uuid, result.disk, result.generation)

@@ -23,6 +23,7 @@ import signal
 import libvirt
 import structlog
 
+from ..block_jobs import LAYERS_CARRIED
 from ..config import Settings, parse_listen
 from ..errors import LibvirtFailed, VirtBitmapdError
 from ..fingerprints import left_as_they_were
@@ -30,6 +31,7 @@ from ..handover import Handover
 from ..look.run import Look
 from ..observability.metrics import Metrics
 from ..observability.sdnotify import Notifier
+from ..readers.qemu_log import log_dir_for
 from ..state import StateStore
 from ..transports import children
 from .apply import Applier
@@ -69,6 +71,7 @@ class Daemon:
             Handover(settings.state_dir),
             untrusted_policy=settings.untrusted_policy,
             heal=settings.heal,
+            log_dir=log_dir_for(settings.uri),
         )
         self._memory = DiskMemory()
         self._stopping = asyncio.Event()
@@ -239,6 +242,7 @@ class Daemon:
                 dom,
                 target,
                 copied=job is not None and job.type == "copy" and job.completed,
+                job_done=job is not None and job.type in LAYERS_CARRIED and job.completed,
                 trust_last_look=request.trigger == "startup",
             )
         except libvirt.libvirtError as error:

@@ -87,7 +87,10 @@ def commit_line(report: CommitReport, trigger: str, job_type: str | None) -> Log
             fields["bitmaps"] = list(report.error.bitmaps)
     elif report.at_risk:
         fields["untrusted"] = list(report.at_risk)
-    return LogLine("warning" if report.label == "skipped" else "error", "reconciliation", fields)
+    # Skipped, or a chain that may have been reverted on purpose: a warning (the checkpoints'
+    # state says what the next backup does); anything else needs an administrator.
+    level = "warning" if report.label in ("skipped", "unproven") else "error"
+    return LogLine(level, "reconciliation", fields)
 
 
 def deferred_line(report: CommitReport, trigger: str, *, attempt: int, retry_in: float) -> LogLine:

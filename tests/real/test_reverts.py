@@ -1,0 +1,143 @@
+"""Layers that leave a chain without being committed, on a real libvirtd with OS-less QEMU VMs:
+a revert to the base, and a commit after which the domain ran on the base before the daemon
+looked.  Nothing proves those were commits whose bits the base can be given, so the checkpoints
+are untrusted, and both readers refuse them: libvirt's backup, and an offline export
+(``qemu-nbd --bitmap``).  Before, the daemon took both for commits and left the checkpoint
+"usable" while libvirt's incremental backup from it missed clusters whose content had changed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.backups import backup_refusal
+from helpers.images import K64, ExportRefused, MiB, bitmap_names, create, dirty_extents, run
+from helpers.libvirt_env import Domains, stop_gracefully, virsh
+from helpers.scenarios import guest_write, is_for, rescan_now, snapshot
+
+pytestmark = pytest.mark.real
+
+CLI = [sys.executable, "-m", "virt_bitmapd.cli"]
+
+
+def status(daemon: Any, domain: str) -> dict[str, dict[str, Any]]:
+    """`virt-bitmapd status DOMAIN --json`, as checkpoint -> its entry (vda's)."""
+    result = subprocess.run(
+        [*CLI, "status", domain, "--json", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (found,) = json.loads(result.stdout)["domains"]
+    (disk,) = found["disks"]
+    return {entry["checkpoint"] or entry["bitmap"]: entry for entry in disk["checkpoints"]}
+
+
+def on_image(domains: Domains, dom: Any, image: Path) -> Any:
+    """The (shut-off) domain defined again with vda on ``image`` alone."""
+    xml = dom.XMLDesc(0)
+    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
+    disk = (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>"
+    )
+    return domains.conn.defineXML(xml[:start] + disk + xml[end:])
+
+
+def refused_offline(image: Path, bitmap: str) -> bool:
+    """Whether `qemu-nbd --bitmap` refuses to export ``bitmap`` of ``image``."""
+    try:
+        dirty_extents(image, bitmap)
+    except ExportRefused:
+        return True
+    return False
+
+
+def test_a_revert_to_the_base_is_no_commit(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """[D, L], cp0 taken on L and cp1 on D, D written before cp1 and after; the domain shut
+    off, then pointed back at L (D discarded).  Every cluster D held changed: a backup from cp0
+    or cp1 must copy them all.  L was not written since the daemon's last look, so nothing
+    proves a commit: no bitmap is made in L from D's bits, cp0 and cp1 are untrusted, and
+    libvirt refuses both."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    base, top = folder / "l.qcow2", folder / "d.qcow2"
+    create(base)
+    dom = domains.define(base, start=True)
+    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "1")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp0", "--diskspec", "vda")
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    snapshot(dom, top)
+    daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
+    guest_write(dom, 5 * MiB, K64, 0x22)  # before cp1: in no bitmap of cp1
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 9 * MiB, K64, 0x33)
+    stop_gracefully(dom)
+    rescan_now(daemon, "a look at rest")
+
+    dom = on_image(domains, dom, base)  # the revert: D discarded, its file left
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="the chain change")
+    assert entry["result"] == "unproven", entry
+    assert f"{base} was not written since the last look" in entry["error"], entry
+    assert set(entry["untrusted"]) == {"cp0", "cp1"}, entry
+    assert "cp1" not in bitmap_names(base)  # nothing made from D's bits
+    seen = status(daemon, dom.name())
+    assert seen["cp0"]["state"] == "untrusted", seen["cp0"]
+    assert "nothing proves" in seen["cp0"]["reason"], seen["cp0"]
+    assert seen["cp1"]["state"] == "missing", seen["cp1"]  # nowhere in the chain now
+    assert all(seen[name]["next_backup"] == "refused by libvirt" for name in ("cp0", "cp1"))
+    assert refused_offline(base, "cp1")
+
+    dom.create()
+    assert "checkpoint inconsistent" in backup_refusal(dom, tmp_path / "b", "cp0")
+    assert "cp1" in backup_refusal(dom, tmp_path / "b", "cp1")
+    stop_gracefully(dom)
+
+
+def test_a_commit_after_which_the_domain_ran_on_the_base_is_not_trusted(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """While the daemon is down: `qemu-img commit -d` of the active top T into B, the domain
+    pointed at B, booted, written into B (which lacks cp1), shut off.  The daemon starts: B was
+    written, but the domain also started since its last look, and B was its top, so what it
+    wrote is in no bitmap.  cp1 is untrusted; libvirt and qemu-nbd refuse it."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    base, top = folder / "b.qcow2", folder / "t.qcow2"
+    create(base)
+    dom = domains.define(base, start=True)
+    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "1")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    snapshot(dom, top)
+    daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 3 * MiB, K64, 0x44)
+    stop_gracefully(dom)
+    rescan_now(daemon, "a look at rest")
+    assert daemon.stop() == 0
+
+    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(top))
+    dom = on_image(domains, dom, base)
+    dom.create()
+    guest_write(dom, 20 * MiB, K64, 0x55)  # into B: in no bitmap
+    stop_gracefully(dom)
+    daemon.start("--snapshot-watch-interval", "1")
+
+    entry = daemon.wait_for(is_for(dom, "reconciliation"), what="the commit found")
+    assert entry["result"] == "unproven", entry
+    assert "the domain started since the last look" in entry["error"], entry
+    assert "cp1" in entry["untrusted"], entry
+    assert status(daemon, dom.name())["cp1"]["next_backup"] == "refused by libvirt"
+    assert refused_offline(base, "cp1")
+    dom.create()
+    assert "cp1" in backup_refusal(dom, tmp_path / "b", "cp1")
+    stop_gracefully(dom)
