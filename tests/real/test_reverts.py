@@ -19,7 +19,7 @@ import pytest
 from helpers.backups import backup_refusal
 from helpers.images import K64, ExportRefused, MiB, bitmap_names, create, dirty_extents, run
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
-from helpers.scenarios import guest_write, is_for, rescan_now, snapshot
+from helpers.scenarios import entry_after, guest_write, is_for, rescan_now, snapshot
 
 pytestmark = pytest.mark.real
 
@@ -59,20 +59,18 @@ def refused_offline(image: Path, bitmap: str) -> bool:
     return False
 
 
-def test_a_revert_to_the_base_is_no_commit(
-    tmp_path: Path, domains: Domains, daemon_factory: Any
-) -> None:
+def reverted(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, **settings: Any
+) -> tuple[Any, Any, Path]:
     """[D, L], cp0 taken on L and cp1 on D, D written before cp1 and after; the domain shut
-    off, then pointed back at L (D discarded).  Every cluster D held changed: a backup from cp0
-    or cp1 must copy them all.  L was not written since the daemon's last look, so nothing
-    proves a commit: no bitmap is made in L from D's bits, cp0 and cp1 are untrusted, and
-    libvirt refuses both."""
+    off, the daemon's look at rest taken, then the domain pointed back at L (D discarded, its
+    file left).  Returns the domain, the daemon and L."""
     folder = tmp_path / "images"
     folder.mkdir()
     base, top = folder / "l.qcow2", folder / "d.qcow2"
     create(base)
     dom = domains.define(base, start=True)
-    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "1")
+    daemon = daemon_factory(roots=[folder], **settings).start("--snapshot-watch-interval", "1")
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
     virsh("checkpoint-create-as", dom.name(), "cp0", "--diskspec", "vda")
     guest_write(dom, 1 * MiB, K64, 0x11)
@@ -83,8 +81,16 @@ def test_a_revert_to_the_base_is_no_commit(
     guest_write(dom, 9 * MiB, K64, 0x33)
     stop_gracefully(dom)
     rescan_now(daemon, "a look at rest")
+    return on_image(domains, dom, base), daemon, base
 
-    dom = on_image(domains, dom, base)  # the revert: D discarded, its file left
+
+def test_a_revert_to_the_base_is_no_commit(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """Every cluster D held changed with the revert: a backup from cp0 or cp1 must copy them
+    all.  L was not written since the daemon's last look, so nothing proves a commit: no
+    bitmap is made in L from D's bits, cp0 and cp1 are untrusted, and libvirt refuses both."""
+    dom, daemon, base = reverted(tmp_path, domains, daemon_factory)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="the chain change")
     assert entry["result"] == "unproven", entry
     assert f"{base} was not written since the last look" in entry["error"], entry
@@ -100,6 +106,33 @@ def test_a_revert_to_the_base_is_no_commit(
     dom.create()
     assert "checkpoint inconsistent" in backup_refusal(dom, tmp_path / "b", "cp0")
     assert "cp1" in backup_refusal(dom, tmp_path / "b", "cp1")
+    stop_gracefully(dom)
+
+
+def qmp(dom: Any, command: str, **arguments: Any) -> Any:
+    message = {"execute": command, "arguments": arguments} if arguments else {"execute": command}
+    return json.loads(virsh("qemu-monitor-command", dom.name(), json.dumps(message)))["return"]
+
+
+def test_a_quarantined_bitmap_made_recording_again_is_disabled_at_the_next_rescan(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """cp0, quarantined after the revert, is made recording again in the running domain's
+    QEMU (`block-dirty-bitmap-enable`: no event, nothing in the image file or the XML).  The
+    next periodic rescan reads the disk anyway, as it does every running disk holding a
+    bitmap the daemon distrusts, and disables it again: libvirt refuses cp0 once more."""
+    dom, daemon, _ = reverted(tmp_path, domains, daemon_factory, rescan_interval=2)
+    daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="cp0 quarantined")
+    dom.create()
+    rescan_now(daemon, "the running domain seen")
+    node = qmp(dom, "query-block")[0]["inserted"]["node-name"]
+    qmp(dom, "block-dirty-bitmap-enable", node=node, name="cp0")
+    mark = len(daemon.entries())
+    again = entry_after(
+        daemon, mark, is_for(dom, "checkpoint_quarantined"), "cp0 quarantined again", timeout=20
+    )
+    assert again["bitmaps"] == ["cp0"], again
+    assert "checkpoint inconsistent" in backup_refusal(dom, tmp_path / "b", "cp0")
     stop_gracefully(dom)
 
 

@@ -3,6 +3,7 @@ what the chain holds once a reconciliation proved its merges, and what the look 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from virt_bitmapd.checkpoint_xml import Checkpoint, CheckpointDisk
 from virt_bitmapd.domain_xml import Disk, Layer
 from virt_bitmapd.errors import ImageCorrupt, ImageInUse
+from virt_bitmapd.fingerprints import Fingerprint
+from virt_bitmapd.health import Distrust
 from virt_bitmapd.look.decide import (
     bitmaps_to_remember,
     chain_after,
@@ -32,7 +35,12 @@ from virt_bitmapd.model import (
 )
 from virt_bitmapd.readers.chain import ChainNow
 from virt_bitmapd.readers.host_disks import HostDisks
-from virt_bitmapd.service.effects import drops_record, saves_record, skip_line
+from virt_bitmapd.service.effects import (
+    drops_record,
+    fingerprint_to_keep,
+    saves_record,
+    skip_line,
+)
 from virt_bitmapd.state import DomainState
 from virt_bitmapd.tracking import Commit
 
@@ -226,3 +234,14 @@ def test_a_skipped_disk_is_a_warning_only_when_it_should_have_been_looked_at() -
     assert skip_line("raw disk", expected=True).level == "info"
     assert skip_line("outside the storage roots", expected=False).level == "warning"
     assert skip_line("raw disk", expected=True).event == "disk_skipped"
+
+
+def test_a_running_disk_with_distrusted_bitmaps_is_read_at_every_rescan() -> None:
+    """A monitor command can make a quarantined bitmap record again and leave no trace a rescan
+    compares: such a disk keeps no fingerprint to be spared by."""
+    seen = Fingerprint(("/a",), (None,))
+    distrust = {"cp1": Distrust("a commit could not carry it")}
+    base = LookResult(domain="d", uuid="u", disk="vda", chain=("/a",), fingerprint=seen)
+    assert fingerprint_to_keep(replace(base, running=True)) == seen
+    assert fingerprint_to_keep(replace(base, distrust=distrust)) == seen  # its file shows it
+    assert fingerprint_to_keep(replace(base, running=True, distrust=distrust)) is None

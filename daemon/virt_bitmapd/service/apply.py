@@ -25,25 +25,21 @@ from ..observability.metrics import Metrics
 from ..state import StateStore
 from .disk_memory import DiskKey, DiskMemory, commit_retry_delay, look_retry_delay
 from .effects import (
-    LogLine,
     chain_line,
-    checkpoint_counts,
     commit_line,
     deferred_line,
     drops_record,
-    health_lines,
-    health_memory,
+    fingerprint_to_keep,
     saves_record,
     skip_line,
     unverified_commit_line,
 )
+from .publish_checkpoints import emit, publish_checkpoints
 from .scheduler import LookRequest
 
 __all__ = ["JOB_WINDOW", "Applier"]
 
 log = structlog.get_logger()
-
-UNREADABLE = "!unreadable"  # the key of a disk's checkpoint memory when they could not be read
 
 # A commit a look at a running disk found at most this many seconds before a COMPLETED event,
 # and that no such event claimed yet, belongs to that event.
@@ -127,7 +123,7 @@ class Applier:
             self._memory.with_bitmaps.add(key)
         else:
             self._memory.with_bitmaps.discard(key)
-        self._memory.fingerprints[key] = result.fingerprint
+        self._memory.fingerprints[key] = fingerprint_to_keep(result)
         self._memory.left_stats[key] = result.left_stats
 
     def disks_skipped(self, uuid: str, domain: str, skipped: Sequence[SkippedDisk]) -> None:
@@ -136,7 +132,7 @@ class Applier:
             key = (uuid, disk.target)
             if key not in self._memory.skip_logged:
                 self._memory.skip_logged.add(key)
-                _emit(
+                emit(
                     log.bind(domain=domain, disk=disk.target), skip_line(disk.reason, expected=True)
                 )
 
@@ -178,7 +174,7 @@ class Applier:
         if report.skipped is not None:
             if key not in self._memory.skip_logged and report.skipped != NO_SUCH_DISK:
                 self._memory.skip_logged.add(key)
-                _emit(bound, skip_line(report.skipped, expected=False))
+                emit(bound, skip_line(report.skipped, expected=False))
                 self._metrics.reconciliations.labels(trigger, "skipped").inc()
             self._metrics.forget_disk(report.domain, report.disk)
             return
@@ -201,62 +197,16 @@ class Applier:
         )
         if unverified is not None:
             self._metrics.reconciliations.labels(trigger, "skipped").inc()
-            _emit(bound, unverified)
+            emit(bound, unverified)
         if not current:
             return  # the domain was undefined while it was looked at: nothing left to track
         line = chain_line(report, trigger, saved=not retried)
         if line is not None:
-            _emit(bound, line)
+            emit(bound, line)
         self._metrics.set_disk_bitmaps(
             report.domain, report.disk, report.bitmap_states, len(report.untrusted)
         )
-        self._publish_checkpoints(bound, key, report)
-
-    def _publish_checkpoints(self, bound: Any, key: DiskKey, report: LookResult) -> None:
-        """Quarantines done or failed, then each checkpoint whose state changed."""
-        if report.quarantined:
-            self._metrics.quarantines.labels("disabled").inc(len(report.quarantined))
-            bound.warning(
-                "checkpoint_quarantined",
-                bitmaps=sorted(report.quarantined),
-                reasons=dict(report.quarantined),
-                effect="libvirt refuses incremental backups from these checkpoints; the next "
-                "backup of each must be full; deleting the checkpoint ends the quarantine",
-            )
-        if report.quarantine_error is not None:
-            self._metrics.quarantines.labels("failed").inc()
-            bound.error(
-                "quarantine_failed",
-                error=str(report.quarantine_error),
-                error_kind=report.quarantine_error.kind,
-            )
-        if report.healed:
-            self._metrics.heals.labels("healed").inc(len(report.healed))
-            bound.info(
-                "checkpoint_healed",
-                bitmaps=sorted({step.bitmap for step in report.healed}),
-                images=sorted({step.image for step in report.healed}),
-                how="each copy rebuilt from its overlay's allocated clusters (a superset of "
-                "what was written there since the checkpoint)",
-            )
-        if report.heal_error is not None:
-            self._metrics.heals.labels("failed").inc()
-            bound.error(
-                "heal_failed", error=str(report.heal_error), error_kind=report.heal_error.kind
-            )
-        if report.checkpoint_error is not None:  # told once per change, judged again next look
-            said = {UNREADABLE: str(report.checkpoint_error)}
-            if self._memory.checkpoint_states.get(key) != said:
-                bound.error("checkpoints_unreadable", error=said[UNREADABLE])
-            self._memory.checkpoint_states[key] = said
-            return
-        before = self._memory.checkpoint_states.get(key)
-        for line in health_lines(before, report.health):
-            _emit(bound, line)
-        self._memory.checkpoint_states[key] = health_memory(before, report.health)
-        self._metrics.set_disk_checkpoints(
-            report.domain, report.disk, checkpoint_counts(report.health)
-        )
+        publish_checkpoints(self._metrics, self._memory, bound, key, report)
 
     def _claim(self, key: DiskKey, report: LookResult, *, completed: bool) -> bool:
         """Whether a COMPLETED event's commit was handled by an earlier look (the look at READY
@@ -293,7 +243,7 @@ class Applier:
             asyncio.get_running_loop().call_later(delay, self._submit, key, again)
         for commit in report.commits:
             if delay is not None and commit in retry:
-                _emit(bound, deferred_line(commit, trigger, attempt=failures, retry_in=delay))
+                emit(bound, deferred_line(commit, trigger, attempt=failures, retry_in=delay))
                 continue
             outcome = commit.outcome
             self._count_crash(commit.error)
@@ -304,7 +254,7 @@ class Applier:
                 added=sum(1 for m in outcome.merges if m.created) if outcome else 0,
                 merged=len(outcome.merges) if outcome else 0,
             )
-            _emit(bound, commit_line(commit, trigger, job_type))
+            emit(bound, commit_line(commit, trigger, job_type))
         return bool(retry)
 
 
@@ -315,7 +265,3 @@ def _crashed(error: BaseException | None) -> bool:
             return True
         error = error.__cause__
     return False
-
-
-def _emit(bound: Any, line: LogLine) -> None:
-    getattr(bound, line.level)(line.event, **line.fields)

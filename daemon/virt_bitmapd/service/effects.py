@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BitsUnrecoverable
+from ..fingerprints import Fingerprint
 from ..health import CheckpointHealth, State
 from ..look.decide import keeps_old_chain
 from ..look.findings import NO_SUCH_DISK, CommitReport, LookResult
@@ -22,6 +23,7 @@ __all__ = [
     "commit_line",
     "deferred_line",
     "drops_record",
+    "fingerprint_to_keep",
     "health_lines",
     "health_memory",
     "saves_record",
@@ -46,6 +48,14 @@ def saves_record(result: LookResult) -> bool:
         and bool(result.chain)
         and not keeps_old_chain(result.commits)
     )
+
+
+def fingerprint_to_keep(result: LookResult) -> Fingerprint | None:
+    """What a rescan may compare the disk with instead of reading it.  None for a running disk
+    with bitmaps the daemon distrusts: a monitor command (``block-dirty-bitmap-enable``) can make
+    one record again and leave no trace in its file or XML, so each rescan reads them (and
+    quarantines them again)."""
+    return None if result.running and result.distrust else result.fingerprint
 
 
 def drops_record(result: LookResult) -> bool:
