@@ -24,7 +24,7 @@ from __future__ import annotations
 from .errors import BaseCannotHoldBitmaps, ChainError
 from .model import Bitmap, BitmapMerge, Chain, Image, Plan, Skip, SkipReason
 
-__all__ = ["bitmap_chain_problem", "chain_problems", "plan"]
+__all__ = ["bitmap_chain_problem", "chain_problems", "plan", "plan_union"]
 
 
 def _copy_problem(bitmap: Bitmap) -> SkipReason | None:
@@ -129,3 +129,26 @@ def plan(chain: Chain, top: str, base: str, *, base_before: Image | None = None)
     if merges and not base_image.can_hold_bitmaps:
         raise BaseCannotHoldBitmaps(base, base_image.format, tuple(m.bitmap for m in merges))
     return Plan(top=top, base=base, merges=tuple(merges), skipped=tuple(skipped))
+
+
+def plan_union(images: tuple[Image, ...]) -> Plan:
+    """What the top layer needs for its copy of each bitmap to hold every bit of the chain
+    (``images``, top first): the copies below it ORed in.  Only bitmaps whose chain is valid
+    (libvirt's backup merges exactly those copies, so its answer does not change), and only
+    those with a copy below the top.  Bits are only added."""
+    top = images[0]
+    merges = []
+    for bitmap in top.bitmaps:
+        if bitmap_chain_problem(images, bitmap.name) is not None:
+            continue
+        sources = tuple(i.path for i in images[1:] if i.bitmap(bitmap.name) is not None)
+        if sources:
+            merges.append(
+                BitmapMerge(
+                    bitmap=bitmap.name,
+                    granularity=bitmap.granularity,
+                    create_in_base=False,
+                    sources=sources,
+                )
+            )
+    return Plan(top=top.path, base=top.path, merges=tuple(merges))

@@ -42,8 +42,17 @@ def test_a_daemon_killed_mid_reconcile_leaves_no_tool_holding_the_base(
     base = c.layers[0]
     dom = domains.define(c.active)
     daemon = daemon_factory(roots=[tmp_path / "images"])
-    daemon.start(env=crashing_path(tmp_path, "hold:transaction", "KILL"))
+    daemon.start()  # its first look writes the top (the copies below merged into it)
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    daemon.stop()
+    mark = len(daemon.entries())
+    daemon.start(env=crashing_path(tmp_path, "hold:transaction", "KILL"))
+    entry_after(
+        daemon,
+        mark,
+        lambda e: e.get("event") == "rescan_finished" and e["trigger"] == "startup",
+        "the startup rescan",
+    )
     commit_offline(c)
     daemon.signal(signal.SIGHUP)
     wait(lambda: held(base), "the daemon's qemu-storage-daemon to hold the base")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from virt_bitmapd.errors import BaseCannotHoldBitmaps, ChainError
 from virt_bitmapd.model import Bitmap, BitmapMerge, Chain, Image, Plan, SkipReason
-from virt_bitmapd.planner import plan
+from virt_bitmapd.planner import plan, plan_union
 
 K64 = 65536
 
@@ -283,3 +283,54 @@ def test_base_before_the_commit_decides_validity() -> None:
 def test_base_before_must_be_the_base() -> None:
     with pytest.raises(ChainError):
         plan(chain(img("top"), img("base")), "top", "base", base_before=img("other"))
+
+
+# ---------------------------------------------------------------- the top holds the union
+
+
+def test_the_top_gets_the_copies_below_it() -> None:
+    images = (img("top", bm("cp1"), bm("cp2")), img("mid", bm("cp1")), img("base", bm("cp1")))
+    p = plan_union(images)
+    assert p.base == "top" and p.merges == (
+        BitmapMerge(bitmap="cp1", granularity=K64, create_in_base=False, sources=("mid", "base")),
+    )  # cp2 lives in the top alone: nothing to add
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        (img("top", bm("cp1", rec=False)), img("base", bm("cp1"))),  # quarantined in the top
+        (img("top", bm("cp1")), img("mid"), img("base", bm("cp1"))),  # a gap: libvirt refuses
+        (img("top", bm("cp1")), img("base", bm("cp1", inc=True))),  # inconsistent below
+        (img("top"), img("base", bm("cp1"))),  # not in the top
+    ],
+)
+def test_a_bitmap_libvirt_would_refuse_is_left_alone(images: tuple[Image, ...]) -> None:
+    assert plan_union(images).is_empty
+
+
+@settings(max_examples=400, deadline=None)
+@given(chains(), st.integers(0, 1000))
+def test_union_properties(case: tuple[Chain, int, int], seed: int) -> None:
+    c = case[0]
+    images = tuple(replace(i, format="qcow2") for i in c.images)
+    p = plan_union(images)
+    top = images[0]
+    contents = contents_for(Chain(images), seed)
+    after, after_contents = apply_to_model(Chain(images), p, contents)
+    # only the top's copies change, and only by gaining bits; none is created
+    assert after.images == images
+    for key, bits in contents.items():
+        assert bits <= after_contents[key]
+        if key[0] != top.path:
+            assert after_contents[key] == bits
+    for bitmap in top.bitmaps:
+        if valid_from(images, bitmap.name):
+            # an offline reader of the top's copy reads what libvirt merges over the chain
+            union = frozenset().union(
+                *(contents.get((i.path, bitmap.name), frozenset()) for i in images)
+            )
+            assert after_contents[(top.path, bitmap.name)] == union
+        else:
+            assert bitmap.name not in {m.bitmap for m in p.merges}
+    assert apply_to_model(after, plan_union(after.images), after_contents)[1] == after_contents

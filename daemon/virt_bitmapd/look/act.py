@@ -18,9 +18,11 @@ from ..healing import HealStep
 from ..health import Distrust, to_quarantine
 from ..live import reconcile_live
 from ..model import QCOW2, Image, Reconciliation, Result
+from ..planner import plan_union
 from ..quarantine import quarantine
 from ..readers.chain import ChainNow
 from ..reconcile import reconcile_at_rest
+from ..top_union import unite_at_rest, unite_live
 from ..tracking import Commit
 from ..transports.libvirt_monitor import LibvirtMonitor
 from .decide import CARRIED, Decision, chain_after, merged_into_after
@@ -45,6 +47,9 @@ class Acted:
     quarantine_error: VirtBitmapdError | None = None
     healed: tuple[HealStep, ...] = ()
     heal_error: VirtBitmapdError | None = None
+    #: Bitmaps whose top copy gained bits from the copies below it, and a failure to.
+    united: tuple[str, ...] = ()
+    union_error: VirtBitmapdError | None = None
     #: Whether anything may have changed an image (so the chain is read again).
     changed: bool = False
     #: Whether an image was opened for writing at all (a reconciliation at rest that failed
@@ -101,7 +106,28 @@ class Actor:
             acted = self._quarantine(gathered, acted)
         if decision.may_heal and healing_plan(now.images, evidence, set(untrusted)).steps:
             acted = self._heal(gathered, acted)
+        if decision.may_unite and not plan_union(now.images).is_empty:
+            acted = self._unite(gathered, acted)
         return acted
+
+    def _unite(self, gathered: Gathered, acted: Acted) -> Acted:
+        """The top's copy of each bitmap made to hold the copies below it (``top_union``)."""
+        at_rest = not gathered.running
+        try:
+            if gathered.running:
+                monitor = LibvirtMonitor(gathered.domain)
+                done = unite_live(monitor, acted.now.disk, storage_roots=self._roots)
+            else:
+                done = unite_at_rest(acted.now.paths, storage_roots=self._roots)
+        except VirtBitmapdError as error:
+            return replace(acted, union_error=error, changed=True, touched=acted.touched or at_rest)
+        united = tuple(merge.bitmap for merge in done.merges if merge.changed)
+        return replace(
+            acted,
+            united=united,
+            changed=acted.changed or bool(united),
+            touched=acted.touched or at_rest,
+        )
 
     def _quarantine(self, gathered: Gathered, acted: Acted) -> Acted:
         names = to_quarantine(acted.now.images, acted.untrusted)

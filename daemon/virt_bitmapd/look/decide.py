@@ -52,6 +52,9 @@ class Decision:
     may_heal: bool = False
     #: Where each checkpoint was taken, as far as anything proves it (``births``).
     births: Births = field(default_factory=dict)
+    #: The chain changed (or is seen first) and has layers below the top: their copies of each
+    #: bitmap are merged into the top's, for readers that export one copy (``top_union``).
+    may_unite: bool = False
 
 
 def decide(
@@ -94,6 +97,7 @@ def decide(
         may_quarantine=quarantine and not now.job_running,
         may_heal=heal and not gathered.running and gathered.checkpoint_error is None,
         births=births,
+        may_unite=not now.job_running and len(now.paths) > 1 and now.paths != old,
     )
 
 

@@ -88,6 +88,9 @@ class LookResult:
     #: Bitmaps this look rebuilt from overlays' allocation (policy heal), and a failure to.
     healed: tuple[HealStep, ...] = ()
     heal_error: VirtBitmapdError | None = None
+    #: Bitmaps whose top copy this look made hold the copies below it, and a failure to.
+    united: tuple[str, ...] = ()
+    union_error: VirtBitmapdError | None = None
     #: What this look saw before it read, if it may spare a rescan the reading.
     fingerprint: Fingerprint | None = None
     #: Each layer's stat as the look left it, its own writes included: a change the watch

@@ -105,7 +105,12 @@ class Look:
         states, invalid = bitmap_states(now.images)
         clean = is_clean(
             acted.reports,
-            (gathered.checkpoint_error, acted.quarantine_error, acted.heal_error),
+            (
+                gathered.checkpoint_error,
+                acted.quarantine_error,
+                acted.heal_error,
+                acted.union_error,
+            ),
             now.job_running,
         )
         fingerprint = Fingerprint.of(now.images, stats, names_of(gathered.checkpoints))
@@ -123,6 +128,8 @@ class Look:
             quarantine_error=acted.quarantine_error,
             healed=acted.healed,
             heal_error=acted.heal_error,
+            united=acted.united,
+            union_error=acted.union_error,
             fingerprint=fingerprint if clean else None,
             left_stats=left,
             marks=marks_after(gathered, now.paths, left, touched=acted.touched),

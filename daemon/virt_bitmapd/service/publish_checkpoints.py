@@ -47,6 +47,16 @@ def publish_checkpoints(
     if report.heal_error is not None:
         metrics.heals.labels("failed").inc()
         bound.error("heal_failed", error=str(report.heal_error), error_kind=report.heal_error.kind)
+    if report.united:  # routine after a snapshot: each copy below merged into the top's
+        bound.debug("checkpoints_united", bitmaps=list(report.united), image=report.chain[0])
+    if report.union_error is not None:
+        bound.warning(
+            "union_failed",
+            error=str(report.union_error),
+            error_kind=report.union_error.kind,
+            effect="an offline backup tool exporting the top's copy may miss what the layers "
+            "below hold until a later look succeeds",
+        )
     if report.checkpoint_error is not None:  # told once per change, judged again next look
         said = {UNREADABLE: str(report.checkpoint_error)}
         if memory.checkpoint_states.get(key) != said:

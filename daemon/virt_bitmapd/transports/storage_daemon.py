@@ -44,7 +44,14 @@ from ..qmp import (
 from . import children
 from .qmp_stream import QMPStream
 
-__all__ = ["apply_at_rest", "disable_at_rest", "heal_at_rest"]
+__all__ = [
+    "TOP_NODE",
+    "Session",
+    "apply_at_rest",
+    "disable_at_rest",
+    "heal_at_rest",
+    "run_transaction",
+]
 
 TOOL = "qemu-storage-daemon"
 BASE_NODE = "vbd-base"
@@ -57,7 +64,7 @@ JOB_TIMEOUT = 3600.0  # reading a huge overlay's allocated clusters once
 STDERR_KEPT = 2000  # characters of the tool's stderr kept in an error
 
 
-class _Session:
+class Session:
     """One qemu-storage-daemon for one job: started and greeted on entry; on exit its nodes are
     closed (the last opened first, so a read-write image stores its bitmaps before anything it
     read from goes) and it is stopped.  A failure inside keeps the first error, with the tool's
@@ -80,7 +87,7 @@ class _Session:
         self.qmp = QMPStream(self._process, tool=binary, timeout=timeout)
         self._opened: list[str] = []
 
-    def __enter__(self) -> _Session:
+    def __enter__(self) -> Session:
         try:
             self.qmp.handshake()
         except BaseException as error:
@@ -121,12 +128,12 @@ def disable_at_rest(
     """Stop bitmaps ``names`` of image ``path`` (no process holds it) recording, in one
     transaction; those already disabled stay so.  Raises a VirtBitmapdError on failure, with
     the image's bitmaps as they were."""
-    with _Session(binary, timeout) as session:
+    with Session(binary, timeout) as session:
         session.open(TOP_NODE, path, read_only=False)
         present = node_bitmaps(session.qmp.execute(query_nodes()), TOP_NODE).bitmaps
         recording = tuple(b.name for b in present if b.name in names and b.recording)
         if recording:
-            _transaction(session.qmp, disable_bitmaps(TOP_NODE, recording), path)
+            run_transaction(session.qmp, disable_bitmaps(TOP_NODE, recording), path)
 
 
 def heal_at_rest(
@@ -143,7 +150,7 @@ def heal_at_rest(
     if not steps:
         return
     granularity = min(step.granularity for step in steps)
-    with _Session(binary, timeout) as session:
+    with Session(binary, timeout) as session:
         qmp = session.qmp
         session.open(TOP_NODE, path, read_only=False)
         nodes = qmp.execute(query_nodes())
@@ -167,7 +174,7 @@ def heal_at_rest(
         qmp.execute(copy_allocated(HEAL_JOB, TOP_NODE, SINK_NODE))
         _wait_for_job(qmp, path)
         source = (SINK_NODE, ALLOCATION_BITMAP)
-        _transaction(qmp, heal_transaction(TOP_NODE, steps, source=source), path)
+        run_transaction(qmp, heal_transaction(TOP_NODE, steps, source=source), path)
 
 
 def _wait_for_job(qmp: QMPStream, path: str) -> None:
@@ -191,19 +198,20 @@ def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> O
     if plan.is_empty:
         return Outcome(plan=plan, merges=())
     source_nodes = {path: f"vbd-src-{index}" for index, path in enumerate(plan.source_images)}
-    with _Session(binary, timeout) as session:
+    with Session(binary, timeout) as session:
         for path, node in source_nodes.items():
             session.open(node, path, read_only=True)
         session.open(BASE_NODE, plan.base, read_only=False)
         before = _base_bitmaps(session.qmp)
         _check_base_matches_plan(plan, before)
         command = transaction(plan, base_node=BASE_NODE, source_nodes=source_nodes)
-        _transaction(session.qmp, command, plan.base)
+        run_transaction(session.qmp, command, plan.base)
         after = _base_bitmaps(session.qmp)
     return Outcome.from_counts(plan, before.dirty_bytes, after.dirty_bytes)
 
 
-def _transaction(qmp: QMPStream, command: dict[str, object], path: str) -> None:
+def run_transaction(qmp: QMPStream, command: dict[str, object], path: str) -> None:
+    """Run one transaction; QEMU's refusal is TransactionRefused naming ``path``."""
     try:
         qmp.execute(command)
     except QMPError as error:
