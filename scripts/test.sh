@@ -7,5 +7,6 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy"; mypy
 echo "== pytest"; python -m pytest "$@"
-# libvirt's own backups against the blocks written, with and without the daemon (bench/soak.py)
+# both readers (libvirt's backup, an offline qemu-nbd export) against what every block reads,
+# with and without the daemon (bench/soak.py)
 echo "== soak"; python bench/soak.py --seed "${SOAK_SEED:-1}" --minutes "${SOAK_MINUTES:-2.5}"

@@ -61,7 +61,7 @@ def look(
         generation=0,
         started_ns=0,
         record=record,
-        stats_before={"/a": upper[1], "/d": None, "/l": now},
+        stats_after_read={"/a": upper[1], "/d": None, "/l": now},
         started_since=started,
         now=ChainNow(
             disk=disk, paths=chain, images=tuple(Image(path=p, format=QCOW2) for p in chain)

@@ -58,6 +58,8 @@ class Gathered:
     log_mark: LogMark | None = None
     #: Whether libvirt started the domain since the last look (None: the log cannot tell).
     started_since: bool | None = None
+    #: When layers left the chain: each layer's stat after the chain was read.
+    stats_after_read: Mapping[str, LayerStat] = field(default_factory=dict)
     now: ChainNow | None = None
     checkpoints: tuple[Checkpoint, ...] = ()
     checkpoint_error: VirtBitmapdError | None = None
@@ -144,7 +146,12 @@ def gather(
     if set(old) - set(now.paths):  # layers left: was it a commit? (``proof``)
         last_marks = gathered.last_marks
         then = None if last_marks is None else last_marks.qemu_log
-        gathered = replace(gathered, started_since=started_since(log_dir, name, then, log_now))
+        gathered = replace(
+            gathered,
+            started_since=started_since(log_dir, name, then, log_now),
+            # after the read: what made the layers leave (a commit's write) shows in these
+            stats_after_read=stat_layers({*old, *now.paths}),
+        )
     if checkpoints is None:
         try:
             checkpoints = domain_checkpoints(domain)

@@ -67,7 +67,8 @@ def _not_written(commit: Commit, gathered: Gathered) -> str | None:
 def _why_not_written(path: str, gathered: Gathered) -> str | None:
     last = gathered.last_marks
     before = None if last is None else last.layers.get(path)
-    now = gathered.stats_before.get(path)
+    # stat'ed after the chain was read: a write that came with the change the read saw shows
+    now = gathered.stats_after_read.get(path)
     if before is None or now is None:
         return f"no earlier look left a stat of {path} to compare with"
     device, inode, size, mtime_ns, _ = stat_fields(before)
