@@ -52,6 +52,8 @@ WEIGHTS = {
     "cold_merge": 5,
     "cold_merge_deleted": 2,
     "cold_merge_killed": 2,
+    "cold_merge_reconciled": 2,
+    "heal_by_hand": 2,
     "revert": 2,
     "block_copy": 2,
     "reenable": 2,
@@ -68,6 +70,7 @@ NEEDS_LAYERS = {
     "cold_merge": 2,
     "cold_merge_deleted": 2,
     "cold_merge_killed": 2,
+    "cold_merge_reconciled": 2,
     "revert": 2,
 }
 
@@ -88,7 +91,7 @@ def choose(rng: random.Random, model: Model) -> tuple[str, int]:
 
 
 def advance(model: Model, kind: str) -> None:
-    if kind == "snapshot":
+    if kind in ("snapshot", "heal_by_hand"):
         model.layers += 1
     elif kind == "block_copy":
         model.layers = 1
@@ -161,9 +164,14 @@ def report(kept: Figures, plain: Figures, seed: int) -> bool:
     for label, a, b in rows:
         print(f"{label:36}{a:>18.0f}{b:>10.0f}")
     print("operations: " + ", ".join(f"{k} {n}" for k, n in sorted(kept.done.items())))
+    print("virt-bitmapd heal by hand: " + ", ".join(
+        f"{outcome} {count}" for outcome, count in sorted(kept.heals.items())
+    ))  # fmt: skip
     print("reconciliations with the daemon: " + ", ".join(
         f"{result} {count}" for result, count in sorted(kept.results.items())
     ))  # fmt: skip
+    for why in kept.unproven:
+        print(f"unproven: {why[:160]}")
     for miss in kept.online.misses + kept.offline.misses:
         print(f"with the daemon: {miss}")
     online, offline = kept.online, kept.offline
@@ -192,6 +200,9 @@ def main() -> int:
         help="time for the run with the daemon (the run "
         "without it replays the same operations, usually faster)",
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the runs' files and logs even when met"
+    )
     args = parser.parse_args()
     run(str(REPO / "scripts" / "libvirt-up.sh"))
     folder = Path(tempfile.mkdtemp(prefix=f"vbd-soak-{args.seed}-", dir="/var/tmp"))
@@ -206,7 +217,7 @@ def main() -> int:
         print(f"soak: stopped by an error; its files and the daemon's log are in {folder}")
         raise
     met = report(kept, plain, args.seed)
-    if met:
+    if met and not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
     else:
         print(f"the runs' files and the daemon's log are in {folder}")

@@ -24,6 +24,10 @@ class Figures:
     results: dict[str, int] = field(default_factory=dict)
     #: the operations done, by kind
     done: dict[str, int] = field(default_factory=dict)
+    #: why each reconciliation the daemon could not prove a commit was so
+    unproven: list[str] = field(default_factory=list)
+    #: `virt-bitmapd heal` run by hand: healed, or refused
+    heals: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 

@@ -3,7 +3,6 @@ the ground truth kept beside it (``content``).  Every operation leaves the domai
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 from . import checks
 from .checks import Figures
 from .content import Content
-from .oracle import end_backup
+from .maintenance import MAINTENANCE
 from .tools import REPO, SNAPSHOT_WATCH, Daemon, blocks, run, virsh
 
 DISK = 64 * 1024 * 1024
@@ -25,6 +24,8 @@ COMMITS = (
     "cold_merge",
     "cold_merge_deleted",
     "cold_merge_killed",
+    "cold_merge_reconciled",
+    "heal_by_hand",
     "revert",
     "block_copy",
 )
@@ -40,6 +41,8 @@ class Life:
         base = folder / "base.qcow2"
         run("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(DISK))
         self.chain = [base]  # top first
+        #: paths of layers deleted, for new layers to reuse
+        self.freed: list[Path] = []
         self.content = Content()
         self.made = 0
         #: checkpoint -> what every block read when it was taken
@@ -69,9 +72,16 @@ class Life:
                 if entry.get("event") == "reconciliation" and entry.get("domain") == self.name:
                     result = str(entry.get("result"))
                     self.figures.results[result] = self.figures.results.get(result, 0) + 1
+                    if result == "unproven":
+                        why = str(entry.get("error", "")).replace(f"{self.folder}/", "")
+                        self.figures.unproven.append(why)
 
     def do(self, kind: str, number: int) -> None:
-        getattr(self, kind)(number)
+        operation = MAINTENANCE.get(kind)
+        if operation is None:
+            getattr(self, kind)(number)
+        else:
+            operation(self, number)
         self.figures.done[kind] = self.figures.done.get(kind, 0) + 1
         if kind in COMMITS:
             self.figures.commits += 1
@@ -97,10 +107,9 @@ class Life:
         virsh("checkpoint-create-as", self.name, name, "--diskspec", "vda")
         self.taken_at[name] = self.content.read()
 
-    def snapshot(self, _: int) -> None:
+    def snapshot(self, number: int) -> None:
         self.mark()
-        self.made += 1
-        overlay = self.folder / f"s{self.made}.qcow2"
+        overlay = self.new_layer(number)
         virsh(
             "snapshot-create-as", self.name, "--disk-only", "--no-metadata",
             "--diskspec", f"vda,file={overlay}",
@@ -109,6 +118,14 @@ class Life:
         self.content.snapshot()
         if self.daemon is not None:  # a snapshot lives a little while before it is merged
             self.daemon.wait_for("chain_changed", timeout=10 * SNAPSHOT_WATCH + 10)
+
+    def new_layer(self, number: int) -> Path:
+        """A path for a new layer: every other time one a deleted layer had (tools reuse
+        names), else a new one."""
+        if self.freed and number % 2 == 0:
+            return self.freed.pop(0)
+        self.made += 1
+        return self.folder / f"s{self.made}.qcow2"
 
     def live_commit(self, _: int) -> None:
         self.mark()
@@ -125,126 +142,6 @@ class Life:
         self.chain.pop(0)
         self.content.commit(0)
         self.settle()
-
-    def cold_merge(self, number: int) -> None:
-        """oVirt's way, while the domain is shut off: `qemu-img commit` of one layer into the
-        one below it, its child rebased, the domain defined on what is left."""
-        self.merge_at_rest(number)
-
-    def cold_merge_deleted(self, number: int) -> None:
-        """The same by a tool that deletes the committed file at once, before anyone could
-        read its bitmaps: what it held cannot be proven in the base any more."""
-        self.merge_at_rest(number, delete=True)
-
-    def cold_merge_killed(self, number: int) -> None:
-        """A cold merge, and the daemon killed (SIGKILL) while it reconciles it at rest."""
-        self.merge_at_rest(number, kill_after=(number % 300) / 1000)
-
-    def merge_at_rest(
-        self, number: int, *, delete: bool = False, kill_after: float | None = None
-    ) -> None:
-        self.stop()
-        index = number % (len(self.chain) - 1)
-        layer, below = self.chain[index], self.chain[index + 1]
-        self.mark()
-        run("qemu-img", "commit", "-q", "-d", "-b", str(below), str(layer))
-        if index > 0:
-            child = self.chain[index - 1]
-            run("qemu-img", "rebase", "-q", "-u", "-b", str(below), "-F", "qcow2", str(child))
-        self.chain.remove(layer)
-        self.content.commit(index)
-        self.define()
-        if delete:
-            layer.unlink()
-        if self.daemon is not None:
-            self.daemon.signal(signal.SIGHUP)
-            if kill_after is None:
-                self.settle()
-            else:  # killed before or after it logged the reconciliation: its successor looks
-                time.sleep(kill_after)
-                self.restart_daemon(signal.SIGKILL)
-                self.daemon.wait_for_rescan()
-        checks.back_up_offline(self)
-        virsh("start", self.name)
-
-    def revert(self, _: int) -> None:
-        """The disk pointed back at the layer below its top, shut off: the top is discarded
-        (its file left), and every block it held reads as before it was made."""
-        self.stop()
-        self.mark()
-        self.chain.pop(0)
-        self.content.discard_top()
-        self.define()
-        self.settle()
-        checks.back_up_offline(self)
-        virsh("start", self.name)
-
-    def block_copy(self, number: int) -> None:
-        """A full block copy with pivot (the chain flattened into a new image), the domain
-        then defined on it; every other time with the daemon stopped meanwhile."""
-        down = number % 2 == 1 and self.daemon is not None
-        if down:
-            assert self.daemon is not None
-            self.daemon.stop()
-        self.mark()
-        self.made += 1
-        copy = self.folder / f"s{self.made}.qcow2"
-        virsh(
-            "blockcopy", self.name, "vda", str(copy), "--format", "qcow2",
-            "--wait", "--pivot", "--transient-job",
-        )  # fmt: skip
-        self.chain = [copy]
-        self.content.flatten()
-        self.define()
-        if self.daemon is not None:
-            if down:
-                self.daemon.start()
-            self.daemon.wait_for_rescan()
-
-    def reenable(self, number: int) -> None:
-        """Someone makes a quarantined (disabled) checkpoint bitmap record again in the
-        running domain's QEMU; the daemon's next look (a SIGHUP rescan here) must undo it."""
-        query = json.dumps({"execute": "query-block"})
-        said = json.loads(virsh("qemu-monitor-command", self.name, query).stdout)["return"]
-        inserted = said[0]["inserted"]
-        disabled = sorted(
-            b["name"] for b in inserted.get("dirty-bitmaps", []) if not b.get("recording")
-        )
-        if not disabled:
-            return
-        name = disabled[number % len(disabled)]
-        command = {
-            "execute": "block-dirty-bitmap-enable",
-            "arguments": {"node": inserted["node-name"], "name": name},
-        }
-        virsh("qemu-monitor-command", self.name, json.dumps(command))
-        if self.daemon is not None:
-            self.daemon.wait_for_rescan()
-
-    def backup_held(self, _: int) -> None:
-        """A full pull-mode backup held open while the daemon looks at every disk: no health
-        warning may be logged for a disk whose backup job runs."""
-        folder = self.folder / "held"
-        folder.mkdir(exist_ok=True)
-        description = folder / "backup.xml"
-        description.write_text(
-            "<domainbackup mode='pull'>"
-            f"<server transport='unix' socket='{folder / 'b.sock'}'/><disks>"
-            f"<disk name='vda' backup='yes' type='file'><scratch file='{folder / 's.qcow2'}'/>"
-            "</disk></disks></domainbackup>"
-        )
-        virsh("backup-begin", self.name, str(description))
-        try:
-            if self.daemon is not None:
-                mark = len(self.daemon.entries())
-                self.daemon.wait_for_rescan()
-                self.figures.job_warnings += sum(
-                    1
-                    for entry in self.daemon.entries()[mark:]
-                    if entry.get("event") == "checkpoint_health" and entry.get("level") == "warning"
-                )
-        finally:
-            end_backup(self.name)
 
     def stop_start(self, _: int) -> None:
         self.stop()

@@ -255,6 +255,12 @@ def test_heal_rebuilds_a_missing_copy_and_libvirt_backs_up_every_written_block(
         {"image": str(overlay), "bitmap": "cp1", "granularity": K64}
     ]
     assert status(daemon, dom.name())["cp1"]["next_backup"] == "safe"
+    # the healed copy holds what its own layer allocates; the daemon's next look merges the
+    # base's copy into it, for an offline export that takes the top's copy alone
+    daemon.start()
+    daemon.wait_for(is_for(dom, "checkpoints_united"), what="the healed top united")
+    assert dirty_extents(overlay, "cp1") == expected(writes)
+    assert daemon.stop() == 0
     dom.create()
     assert backup_extents(dom, tmp_path / "backup", "cp1") == expected(writes)
     stop_gracefully(dom)
@@ -269,6 +275,8 @@ def test_the_daemon_heals_at_rest_by_policy(
     daemon.signal(signal.SIGHUP)
     healed = daemon.wait_for(is_for(dom, "checkpoint_healed"), what="healed")
     assert healed["bitmaps"] == ["cp1"] and healed["images"] == [str(overlay)]
+    daemon.wait_for(is_for(dom, "checkpoints_united"), what="the healed top united")
+    assert dirty_extents(overlay, "cp1") == expected(writes)  # in the same look
     dom.create()
     assert backup_extents(dom, tmp_path / "backup", "cp1") == expected(writes)
     stop_gracefully(dom)

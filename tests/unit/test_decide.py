@@ -245,3 +245,19 @@ def test_a_running_disk_with_distrusted_bitmaps_is_read_at_every_rescan() -> Non
     assert fingerprint_to_keep(replace(base, running=True)) == seen
     assert fingerprint_to_keep(replace(base, distrust=distrust)) == seen  # its file shows it
     assert fingerprint_to_keep(replace(base, running=True, distrust=distrust)) is None
+
+
+def test_the_top_is_united_when_the_chain_changed_or_it_gained_a_bitmap() -> None:
+    """A reader exporting the top's copy alone needs the copies below merged into it after a
+    snapshot, a commit, or a bitmap made in the top at rest (``virt-bitmapd heal``)."""
+    cp1 = Bitmap(name="cp1", granularity=K64, recording=True)
+    now = chain_now("/top", "/base", bitmaps={"/top": (cp1,), "/base": (cp1,)})
+
+    def unites(old: tuple[str, ...], top_before: tuple[Bitmap, ...], **more: Any) -> bool:
+        look = gathered(old, now, **more)
+        look.record.bitmaps["vda"] = {"/top": top_before, "/base": (cp1,)}
+        return decide(look, copied=False, quarantine=True, heal=False).may_unite
+
+    assert unites(("/base",), ())  # a snapshot
+    assert unites(("/top", "/base"), ())  # cp1 made in the top since (healed)
+    assert not unites(("/top", "/base"), (cp1,))  # nothing changed: nothing to do

@@ -106,8 +106,8 @@ class Actor:
             acted = self._quarantine(gathered, acted)
         if decision.may_heal and healing_plan(now.images, evidence, set(untrusted)).steps:
             acted = self._heal(gathered, acted)
-        if decision.may_unite and not plan_union(now.images).is_empty:
-            acted = self._unite(gathered, acted)
+        if acted.healed or (decision.may_unite and not plan_union(now.images).is_empty):
+            acted = self._unite(gathered, acted)  # a healed copy holds its own layer's only
         return acted
 
     def _unite(self, gathered: Gathered, acted: Acted) -> Acted:

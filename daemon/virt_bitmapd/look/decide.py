@@ -52,8 +52,9 @@ class Decision:
     may_heal: bool = False
     #: Where each checkpoint was taken, as far as anything proves it (``births``).
     births: Births = field(default_factory=dict)
-    #: The chain changed (or is seen first) and has layers below the top: their copies of each
-    #: bitmap are merged into the top's, for readers that export one copy (``top_union``).
+    #: The chain has layers below the top, and changed (or is seen first) or its top holds a
+    #: bitmap it did not: the copies below are merged into the top's, for readers that export
+    #: one copy (``top_union``).
     may_unite: bool = False
 
 
@@ -97,8 +98,20 @@ def decide(
         may_quarantine=quarantine and not now.job_running,
         may_heal=heal and not gathered.running and gathered.checkpoint_error is None,
         births=births,
-        may_unite=not now.job_running and len(now.paths) > 1 and now.paths != old,
+        may_unite=not now.job_running and len(now.paths) > 1 and _top_may_lack_union(gathered),
     )
+
+
+def _top_may_lack_union(gathered: Gathered) -> bool:
+    """Whether the top's copies may not hold the copies below them: the chain changed since
+    the last look (or is seen first), or the top holds a bitmap it did not then (made by
+    ``virt-bitmapd heal``, say)."""
+    now = gathered.now
+    assert now is not None
+    if now.paths != gathered.old_chain:
+        return True
+    before = {b.name for b in gathered.last_bitmaps.get(now.paths[0], ())}
+    return any(b.name not in before for b in now.images[0].bitmaps)
 
 
 def merged_into_after(
