@@ -67,6 +67,7 @@ class Life:
     def remove(self) -> None:
         virsh("destroy", self.name, check=False)
         virsh("undefine", self.name, "--checkpoints-metadata", check=False)
+        Path("/var/log/libvirt/qemu", f"{self.name}.log").unlink(missing_ok=True)
         if self.daemon is not None:
             for entry in self.daemon.entries():
                 if entry.get("event") == "reconciliation" and entry.get("domain") == self.name:

@@ -27,6 +27,7 @@ ASYNCIO_REPORTS = (
     "Task was destroyed but it is pending",
 )
 URI = "qemu:///system"
+QEMU_LOGS = "/var/log/libvirt/qemu"
 
 
 def start_libvirtd() -> None:
@@ -105,6 +106,8 @@ class Domains:
                 dom.destroy()
             if persistent:  # a transient domain is gone once destroyed
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        for name in self._names:  # the QEMU log libvirt kept of each
+            Path(QEMU_LOGS, f"{name}.log").unlink(missing_ok=True)
 
 
 def stop_gracefully(dom: Any, timeout: float = 30) -> None:
