@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from . import images
 from .domain_xml import Disk
 from .errors import QMPError, QuarantineFailed, VirtBitmapdError
-from .live import Monitor
 from .model import Bitmap
+from .monitor_steps import Monitor
 from .qmp import disable_bitmaps, node_bitmaps, query_nodes
 from .storage_roots import require_inside
 from .transports.storage_daemon import disable_at_rest

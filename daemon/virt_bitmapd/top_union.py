@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .domain_xml import Disk
-from .errors import BitmapUnusableAfter, ChainError, QMPError, TransactionRefused
-from .live import Monitor
+from .errors import BitmapUnusableAfter, ChainError
 from .model import QCOW2, Image, Outcome
+from .monitor_steps import Monitor, run_plan
 from .planner import plan_union
 from .qmp import find_node, node_bitmaps, query_nodes, transaction
 from .storage_roots import require_inside
@@ -49,15 +49,7 @@ def unite_live(monitor: Monitor, disk: Disk, *, storage_roots: Sequence[str]) ->
     top_node = str(top.format_node)
     source_nodes = {layer.path: str(layer.format_node) for layer in disk.layers[1:]}
     before = node_bitmaps(nodes, top_node).dirty_bytes
-    try:
-        monitor.execute(transaction(plan, base_node=top_node, source_nodes=source_nodes))
-    except QMPError as error:
-        raise TransactionRefused(top.path, error.description) from error
-    after = node_bitmaps(monitor.execute(query_nodes()), top_node)
-    unusable = plan.first_unusable(after.bitmaps)
-    if unusable is not None:
-        raise BitmapUnusableAfter(top.path, unusable)
-    return Outcome.from_counts(plan, before, after.dirty_bytes)
+    return run_plan(monitor, plan, top_node, source_nodes=source_nodes, before=before)
 
 
 def unite_at_rest(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -122,3 +125,30 @@ def snapshot(dom: Any, overlay: Path, *options: str) -> None:
         "snapshot-create-as", dom.name(), "--disk-only", "--no-metadata", *options,
         "--diskspec", f"vda,file={overlay}",
     )  # fmt: skip
+
+
+def checkpoint_status(daemon: Any, domain: str) -> dict[str, dict[str, Any]]:
+    """`virt-bitmapd status DOMAIN --json`, as checkpoint -> its entry (vda's)."""
+    command = ["status", domain, "--json", "--config", str(daemon.config)]
+    result = subprocess.run(
+        [sys.executable, "-m", "virt_bitmapd.cli", *command],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (found,) = json.loads(result.stdout)["domains"]
+    (disk,) = found["disks"]
+    return {entry["checkpoint"] or entry["bitmap"]: entry for entry in disk["checkpoints"]}
+
+
+def redefine_on(domains: Domains, dom: Any, image: Path) -> Any:
+    """The (shut-off) domain defined again with vda on ``image`` alone: libvirt reads the rest
+    of the chain from the headers."""
+    xml = dom.XMLDesc(0)
+    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
+    disk = (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>"
+    )
+    return domains.conn.defineXML(xml[:start] + disk + xml[end:])

@@ -34,25 +34,21 @@ from helpers.images import (
     write,
 )
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
-from helpers.scenarios import entry_after, guest_write, is_for, rescan_now, snapshot
+from helpers.scenarios import (
+    checkpoint_status as status,
+)
+from helpers.scenarios import (
+    entry_after,
+    guest_write,
+    is_for,
+    redefine_on,
+    rescan_now,
+    snapshot,
+)
 
 pytestmark = pytest.mark.real
 
 CLI = [sys.executable, "-m", "virt_bitmapd.cli"]
-
-
-def status(daemon: Any, domain: str) -> dict[str, dict[str, Any]]:
-    """`virt-bitmapd status DOMAIN --json`, as checkpoint -> its entry (vda's)."""
-    result = subprocess.run(
-        [*CLI, "status", domain, "--json", "--config", str(daemon.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    (found,) = json.loads(result.stdout)["domains"]
-    (disk,) = found["disks"]
-    return {entry["checkpoint"] or entry["bitmap"]: entry for entry in disk["checkpoints"]}
 
 
 def flags(path: Path) -> dict[str, list[str]]:
@@ -72,18 +68,6 @@ def metric(port: int, line_start: str) -> float | None:
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
     return None
-
-
-def redefine_on(domains: Domains, dom: Any, image: Path) -> Any:
-    """The (shut-off) domain defined again with vda on ``image`` alone: libvirt reads the rest
-    of the chain from the headers."""
-    xml = dom.XMLDesc(0)
-    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
-    disk = (
-        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-        f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>"
-    )
-    return domains.conn.defineXML(xml[:start] + disk + xml[end:])
 
 
 def test_committed_layers_deleted_quarantine_the_checkpoint_and_libvirt_refuses_it(

@@ -9,8 +9,6 @@ are untrusted, and both readers refuse them: libvirt's backup, and an offline ex
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +17,19 @@ import pytest
 from helpers.backups import backup_refusal
 from helpers.images import K64, ExportRefused, MiB, bitmap_names, create, dirty_extents, run
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
-from helpers.scenarios import entry_after, guest_write, is_for, rescan_now, snapshot
+from helpers.scenarios import (
+    checkpoint_status as status,
+)
+from helpers.scenarios import (
+    entry_after,
+    guest_write,
+    is_for,
+    redefine_on,
+    rescan_now,
+    snapshot,
+)
 
 pytestmark = pytest.mark.real
-
-CLI = [sys.executable, "-m", "virt_bitmapd.cli"]
-
-
-def status(daemon: Any, domain: str) -> dict[str, dict[str, Any]]:
-    """`virt-bitmapd status DOMAIN --json`, as checkpoint -> its entry (vda's)."""
-    result = subprocess.run(
-        [*CLI, "status", domain, "--json", "--config", str(daemon.config)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    (found,) = json.loads(result.stdout)["domains"]
-    (disk,) = found["disks"]
-    return {entry["checkpoint"] or entry["bitmap"]: entry for entry in disk["checkpoints"]}
-
-
-def on_image(domains: Domains, dom: Any, image: Path) -> Any:
-    """The (shut-off) domain defined again with vda on ``image`` alone."""
-    xml = dom.XMLDesc(0)
-    start, end = xml.index("<disk "), xml.index("</disk>") + len("</disk>")
-    disk = (
-        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-        f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>"
-    )
-    return domains.conn.defineXML(xml[:start] + disk + xml[end:])
 
 
 def refused_offline(image: Path, bitmap: str) -> bool:
@@ -81,7 +63,7 @@ def reverted(
     guest_write(dom, 9 * MiB, K64, 0x33)
     stop_gracefully(dom)
     rescan_now(daemon, "a look at rest")
-    return on_image(domains, dom, base), daemon, base
+    return redefine_on(domains, dom, base), daemon, base
 
 
 def test_a_revert_to_the_base_is_no_commit(
@@ -159,7 +141,7 @@ def test_a_commit_after_which_the_domain_ran_on_the_base_is_not_trusted(
     assert daemon.stop() == 0
 
     run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(top))
-    dom = on_image(domains, dom, base)
+    dom = redefine_on(domains, dom, base)
     dom.create()
     guest_write(dom, 20 * MiB, K64, 0x55)  # into B: in no bitmap
     stop_gracefully(dom)
