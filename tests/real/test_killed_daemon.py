@@ -83,7 +83,7 @@ def test_a_restarted_daemon_ends_the_tools_a_killed_one_left_and_nothing_else(
     start; a record whose pid now names another process is only forgotten."""
     c = build(tmp_path / "images")
     base = c.layers[0]
-    domains.define(c.active)
+    dom = domains.define(c.active)
     daemon = daemon_factory(roots=[tmp_path / "images"])
     leftover = subprocess.Popen(
         ["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f,filename={base}",
@@ -106,6 +106,8 @@ def test_a_restarted_daemon_ends_the_tools_a_killed_one_left_and_nothing_else(
         assert entry["processes"] == [f"qemu-storage-daemon (pid {leftover.pid})"], entry
         assert leftover.wait(timeout=5) == -signal.SIGKILL
         assert bystander.poll() is None, "a process the records do not name was ended"
+        # its first look's own tool (the top united at rest) is recorded while it runs
+        daemon.wait_for(is_for(dom, "disk_tracked"), what="the first look")
         assert not held(base)
         assert list(tools.iterdir()) == []
     finally:
