@@ -26,7 +26,7 @@ cleanup() {
   [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
   virsh destroy "$name" >/dev/null 2>&1 || true
   virsh undefine "$name" --checkpoints-metadata >/dev/null 2>&1 || true
-  rm -rf "$work"
+  rm -rf "$work" "/var/log/libvirt/qemu/$name.log"
   if [ "$started_libvirtd" = yes ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
 }
 trap cleanup EXIT
