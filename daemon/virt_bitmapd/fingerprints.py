@@ -22,6 +22,7 @@ __all__ = [
     "Fingerprint",
     "LayerStat",
     "change_time_ns",
+    "identities",
     "left_as_they_were",
     "pack_stat",
     "stat_fields",
@@ -125,11 +126,7 @@ class Fingerprint:
 
     def identities(self) -> dict[str, tuple[int, int]]:
         """Each layer's (device, inode) as stat'ed: which file each path named."""
-        return {
-            path: stat_fields(stat)[:2]
-            for path, stat in zip(self.chain, self.stats, strict=True)
-            if stat is not None
-        }
+        return identities(dict(zip(self.chain, self.stats, strict=True)))
 
     def images(self, bitmaps: Mapping[str, tuple[Bitmap, ...]]) -> tuple[Image, ...] | None:
         """The chain as that look saw it, with ``bitmaps`` per layer; None when its formats
@@ -160,6 +157,11 @@ def unchanged(
         stats.get(path) == stat
         for path, stat in zip(fingerprint.chain, fingerprint.stats, strict=True)
     )
+
+
+def identities(stats: Mapping[str, LayerStat]) -> dict[str, tuple[int, int]]:
+    """Each path's (device, inode) as stat'ed (those that could be): which file it named."""
+    return {path: stat_fields(stat)[:2] for path, stat in stats.items() if stat is not None}
 
 
 def left_as_they_were(stats: Mapping[str, LayerStat]) -> bool:

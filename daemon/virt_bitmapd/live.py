@@ -56,7 +56,7 @@ from .qmp import (
 from .storage_roots import require_inside
 from .tracking import Commit
 
-__all__ = ["Monitor", "reconcile_live"]
+__all__ = ["Monitor", "live_images", "reconcile_live"]
 
 
 CREATED_AFTER_PIVOT = (
@@ -79,10 +79,10 @@ def reconcile_live(
     valid bitmap of the committed layers.  ``base_before``: the base's bitmaps as last seen
     before the commit, so that bitmaps libvirt created there are not mistaken for gaps."""
     nodes = monitor.execute(query_nodes())
-    base_node, live_images = _live_images(disk, commit.base, nodes)
+    base_node, from_base = live_images(disk, commit.base, nodes)
     # keep libvirt's spelling of each path: the plan speaks of the chain as libvirt names it
     removed = tuple(replace(read_image(path), path=path) for path in commit.removed)
-    plan = make_plan(Chain(removed + live_images), commit.top, commit.base, base_before=base_before)
+    plan = make_plan(Chain(removed + from_base), commit.top, commit.base, base_before=base_before)
     untrusted: tuple[str, ...] = ()
     if disk.layers[0].path == commit.base:
         untrusted = tuple(m.bitmap for m in plan.merges if m.create_in_base)
@@ -149,7 +149,7 @@ def _attach(
     undo.push(f"detach {node}", blockdev_del(node))
 
 
-def _live_images(disk: Disk, base: str, nodes: list[JSON]) -> tuple[str, tuple[Image, ...]]:
+def live_images(disk: Disk, base: str, nodes: list[JSON]) -> tuple[str, tuple[Image, ...]]:
     """The base's format node name, and the images from the base down as QEMU holds them."""
     layer_index = next((i for i, layer in enumerate(disk.layers) if layer.path == base), None)
     if layer_index is None:

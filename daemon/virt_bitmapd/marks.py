@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fingerprints import LayerStat, stat_fields, stat_from_json
+from .fingerprints import LayerStat, identities, stat_fields, stat_from_json
 from .readers.qemu_log import LogMark
 
 __all__ = ["Marks"]
@@ -28,9 +28,7 @@ class Marks:
 
     def identities(self) -> dict[str, tuple[int, int]]:
         """Each layer's (device, inode): which file each path named."""
-        return {
-            path: stat_fields(stat)[:2] for path, stat in self.layers.items() if stat is not None
-        }
+        return identities(self.layers)
 
     def to_json(self) -> dict[str, Any]:
         log = self.qemu_log

@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .domain_xml import Disk
-from .errors import BitmapUnusableAfter, ChainError
+from .errors import BitmapUnusableAfter
+from .live import live_images
 from .model import QCOW2, Image, Outcome
 from .monitor_steps import Monitor, run_plan
 from .planner import plan_union
-from .qmp import find_node, node_bitmaps, query_nodes, transaction
+from .qmp import node_bitmaps, query_nodes, transaction
 from .storage_roots import require_inside
 from .transports.storage_daemon import TOP_NODE, Session, run_transaction
 
@@ -33,20 +34,10 @@ def unite_live(monitor: Monitor, disk: Disk, *, storage_roots: Sequence[str]) ->
     top = disk.layers[0]
     require_inside(top.path, storage_roots)
     nodes = monitor.execute(query_nodes())
-    chain = []
-    for layer in disk.layers:
-        if layer.format_node is None:
-            raise ChainError(f"{layer.path}: libvirt gave it no node index (is -blockdev in use?)")
-        try:
-            entry = find_node(nodes, layer.format_node)
-        except KeyError:
-            raise ChainError(f"{layer.path}: QEMU has no node {layer.format_node}") from None
-        bitmaps = node_bitmaps(nodes, layer.format_node).bitmaps
-        chain.append(Image(path=layer.path, format=str(entry.get("drv")), bitmaps=bitmaps))
-    plan = plan_union(tuple(chain))
+    top_node, chain = live_images(disk, top.path, nodes)
+    plan = plan_union(chain)
     if plan.is_empty:
         return Outcome(plan=plan, merges=())
-    top_node = str(top.format_node)
     source_nodes = {layer.path: str(layer.format_node) for layer in disk.layers[1:]}
     before = node_bitmaps(nodes, top_node).dirty_bytes
     return run_plan(monitor, plan, top_node, source_nodes=source_nodes, before=before)

@@ -10,7 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers.images import K64, ChainBuilder, MiB, bitmaps, dirty_extents, expected, run
+from helpers.images import (
+    K64,
+    ChainBuilder,
+    MiB,
+    bitmaps,
+    create,
+    dirty_extents,
+    expected,
+    run,
+)
 from helpers.libvirt_env import Domains, virsh
 
 
@@ -152,3 +161,19 @@ def redefine_on(domains: Domains, dom: Any, image: Path) -> Any:
         f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>"
     )
     return domains.conn.defineXML(xml[:start] + disk + xml[end:])
+
+
+def running_on_new_image(
+    tmp_path: Path, domains: Domains, daemon_factory: Any, name: str, **settings: Any
+) -> tuple[Path, Path, Any, Any]:
+    """A new image ``name`` in a folder of its own (the storage root), a running domain on it
+    and a daemon (watching for snapshots each second) that has seen its disk.  Returns the
+    folder, the image, the domain and the daemon."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = folder / name
+    create(image)
+    dom = domains.define(image, start=True)
+    daemon = daemon_factory(roots=[folder], **settings).start("--snapshot-watch-interval", "1")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    return folder, image, dom, daemon

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from helpers.backups import backup_extents
-from helpers.images import K64, MiB, create, dirty_extents, expected
+from helpers.images import K64, MiB, dirty_extents, expected
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
-from helpers.scenarios import entry_after, guest_write, is_for, snapshot
+from helpers.scenarios import entry_after, guest_write, is_for, running_on_new_image, snapshot
 
 pytestmark = pytest.mark.real
 
@@ -29,13 +29,8 @@ def test_a_snapshot_of_a_running_domain_leaves_the_top_holding_every_bit(
 ) -> None:
     """cp1 on base, written, a snapshot s1 (libvirt makes an empty cp1 in s1), written again,
     shut off: `qemu-nbd --bitmap=cp1 s1` exports both writes, as libvirt's backup does."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    base, s1 = folder / "base.qcow2", folder / "s1.qcow2"
-    create(base)
-    dom = domains.define(base, start=True)
-    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "1")
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    folder, _, dom, daemon = running_on_new_image(tmp_path, domains, daemon_factory, "base.qcow2")
+    s1 = folder / "s1.qcow2"
     virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
     guest_write(dom, *WRITES[0], 0x11)
     mark = len(daemon.entries())
@@ -53,13 +48,8 @@ def test_a_chain_grown_while_the_daemon_was_down_is_united_at_rest(
     """The daemon stopped; two snapshots with writes between; the domain shut off.  At its
     start the daemon finds the chain grown and merges the copies below into the top's, in one
     qemu-storage-daemon transaction: the offline export of cp1 and cp2 holds every write."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    base, s1, s2 = folder / "base.qcow2", folder / "s1.qcow2", folder / "s2.qcow2"
-    create(base)
-    dom = domains.define(base, start=True)
-    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "1")
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    folder, _, dom, daemon = running_on_new_image(tmp_path, domains, daemon_factory, "base.qcow2")
+    s1, s2 = folder / "s1.qcow2", folder / "s2.qcow2"
     assert daemon.stop() == 0
     virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
     guest_write(dom, *WRITES[0], 0x11)

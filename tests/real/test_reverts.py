@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from helpers.backups import backup_refusal
-from helpers.images import K64, ExportRefused, MiB, bitmap_names, create, dirty_extents, run
+from helpers.images import K64, ExportRefused, MiB, bitmap_names, dirty_extents, run
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
 from helpers.scenarios import (
     checkpoint_status as status,
@@ -26,6 +26,7 @@ from helpers.scenarios import (
     is_for,
     redefine_on,
     rescan_now,
+    running_on_new_image,
     snapshot,
 )
 
@@ -47,13 +48,10 @@ def reverted(
     """[D, L], cp0 taken on L and cp1 on D, D written before cp1 and after; the domain shut
     off, the daemon's look at rest taken, then the domain pointed back at L (D discarded, its
     file left).  Returns the domain, the daemon and L."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    base, top = folder / "l.qcow2", folder / "d.qcow2"
-    create(base)
-    dom = domains.define(base, start=True)
-    daemon = daemon_factory(roots=[folder], **settings).start("--snapshot-watch-interval", "1")
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    folder, base, dom, daemon = running_on_new_image(
+        tmp_path, domains, daemon_factory, "l.qcow2", **settings
+    )
+    top = folder / "d.qcow2"
     virsh("checkpoint-create-as", dom.name(), "cp0", "--diskspec", "vda")
     guest_write(dom, 1 * MiB, K64, 0x11)
     snapshot(dom, top)
@@ -125,13 +123,8 @@ def test_a_commit_after_which_the_domain_ran_on_the_base_is_not_trusted(
     pointed at B, booted, written into B (which lacks cp1), shut off.  The daemon starts: B was
     written, but the domain also started since its last look, and B was its top, so what it
     wrote is in no bitmap.  cp1 is untrusted; libvirt and qemu-nbd refuse it."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    base, top = folder / "b.qcow2", folder / "t.qcow2"
-    create(base)
-    dom = domains.define(base, start=True)
-    daemon = daemon_factory(roots=[folder]).start("--snapshot-watch-interval", "1")
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    folder, base, dom, daemon = running_on_new_image(tmp_path, domains, daemon_factory, "b.qcow2")
+    top = folder / "t.qcow2"
     snapshot(dom, top)
     daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
     virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["ABSENT", "SYSTEM_LOG_DIR", "LogMark", "log_dir_for", "log_mark", "started_since"]
@@ -64,21 +65,12 @@ def log_mark(log_dir: str | None, domain: str) -> LogMark | None:
     if path is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        read = _read_file(path, lambda st: (max(0, st.st_size - _TAIL), _TAIL))
     except FileNotFoundError:
         return ABSENT
-    except OSError:
+    if read is None:
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        start = max(0, st.st_size - _TAIL)
-        tail = os.pread(fd, st.st_size - start, start)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    st, start, tail = read
     return LogMark(st.st_dev, st.st_ino, start + len(tail), tail)
 
 
@@ -109,17 +101,39 @@ def _read(path: str, now: LogMark, start: int) -> bytes | None:
     """The log from ``start`` up to the mark ``now``; None when it is not that file any more."""
     if start < 0 or now.size < start:
         return None
+
+    def span(st: os.stat_result) -> tuple[int, int] | None:
+        same = (st.st_dev, st.st_ino) == (now.device, now.inode)
+        return (start, now.size - start) if same else None
+
+    try:
+        read = _read_file(path, span)
+    except FileNotFoundError:
+        return None
+    if read is None or len(read[2]) != now.size - start:
+        return None
+    return read[2]
+
+
+def _read_file(
+    path: str, span: Callable[[os.stat_result], tuple[int, int] | None]
+) -> tuple[os.stat_result, int, bytes] | None:
+    """Open the regular file ``path`` (never through a symbolic link) and read what ``span``
+    names from its stat (offset, length): the stat, the offset and the bytes; None when it is
+    not a regular file, ``span`` says no, or it cannot be read.  FileNotFoundError passes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (now.device, now.inode) or not stat.S_ISREG(st.st_mode):
+        where = span(st) if stat.S_ISREG(st.st_mode) else None
+        if where is None:
             return None
-        read = os.pread(fd, now.size - start, start)
+        return st, where[0], os.pread(fd, where[1], where[0])
     except OSError:
         return None
     finally:
         os.close(fd)
-    return read if len(read) == now.size - start else None
