@@ -4,7 +4,8 @@
 Put on PATH under the tool's name.  Environment: VBD_REAL_TOOL (the real binary), VBD_CRASH_AT
 (``before:CMD`` kills the tool when CMD arrives, before passing it on; ``after:CMD`` passes it
 on, then kills; ``hold:CMD`` keeps CMD back and waits forever, the tool holding what it opened,
-as a daemon killed at that moment would leave it), VBD_CRASH_SIGNAL (ABRT, KILL, ...).  The
+as a daemon killed at that moment would leave it, and creates the file VBD_HOLDING_MARK names
+once every command before CMD was answered), VBD_CRASH_SIGNAL (ABRT, KILL, ...).  The
 tool's output goes straight to ours; when it is dead, this process dies by the same signal, so
 the caller sees what a crash shows.  The real tool dies with this stand-in, as it would with
 its caller.
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -30,6 +32,7 @@ def main() -> None:
     for line in sys.stdin.buffer:
         hit = f'"execute": "{command}"'.encode() in line
         if hit and when == "hold":
+            Path(os.environ["VBD_HOLDING_MARK"]).touch()
             while True:
                 time.sleep(3600)
         if hit and when == "before":

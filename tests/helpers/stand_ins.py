@@ -10,7 +10,8 @@ HELPERS = Path(__file__).resolve().parent
 
 
 def crashing_path(folder: Path, at: str, signal_name: str) -> dict[str, str]:
-    """An environment whose qemu-storage-daemon crashes at ``at``."""
+    """An environment whose qemu-storage-daemon crashes at ``at``; one holding (``hold:CMD``)
+    creates ``holding_mark(folder)`` once it holds."""
     bin_dir = folder / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "qemu-storage-daemon").symlink_to(HELPERS / "crashing_tool.py")
@@ -22,4 +23,10 @@ def crashing_path(folder: Path, at: str, signal_name: str) -> dict[str, str]:
         "VBD_REAL_TOOL": real,
         "VBD_CRASH_AT": at,
         "VBD_CRASH_SIGNAL": signal_name,
+        "VBD_HOLDING_MARK": str(holding_mark(folder)),
     }
+
+
+def holding_mark(folder: Path) -> Path:
+    """The file a holding stand-in creates: everything before the command it holds is done."""
+    return folder / "bin" / "holding"
