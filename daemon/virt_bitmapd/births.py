@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from .checkpoint_xml import Checkpoint, CheckpointDisk
+from .filling import Filled
 
 __all__ = ["MAX_REMEMBERED", "Births", "births_now", "chain_then"]
 
@@ -40,10 +41,17 @@ def births_now(
 
 
 def chain_then(
-    checkpoint: Checkpoint, disk: CheckpointDisk, births: Births
+    checkpoint: Checkpoint,
+    disk: CheckpointDisk,
+    births: Births,
+    filled: Mapping[str, Filled] | None = None,
 ) -> tuple[str, ...] | None:
     """The disk's chain when the checkpoint was taken, top (the layer its bitmap was born in)
-    first, as far as anything proves it; None when nothing does."""
+    first, as far as anything proves it; None when nothing does.  A bitmap virt-bitmapd filled
+    since begins where it was filled (``filling``)."""
+    fill = (filled or {}).get(disk.bitmap)
+    if fill is not None and fill.checkpoint_created == checkpoint.created:
+        return fill.chain
     if disk.chain_then:
         return disk.chain_then
     known = births.get(checkpoint.name)

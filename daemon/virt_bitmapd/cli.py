@@ -134,9 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", help="debug, info, warning, error (default info)")
     run.add_argument(
         "--untrusted",
-        choices=("disable", "report"),
-        help="a bitmap whose bits cannot be proven complete is disabled, so libvirt refuses "
-        "incremental backups from its checkpoint (default), or only reported",
+        choices=("fill", "disable", "report"),
+        help="a bitmap whose bits cannot be proven complete gets every bit set, so every "
+        "reader's next incremental backup copies the whole disk (default; disabled where that "
+        "fails), is disabled, so libvirt refuses incremental backups from its checkpoint, or is "
+        "only reported",
     )
     run.add_argument(
         "--heal",

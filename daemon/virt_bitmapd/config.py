@@ -20,7 +20,7 @@ __all__ = ["DEFAULT_PATH", "ConfigError", "Settings", "load", "parse_listen"]
 DEFAULT_PATH = "/etc/virt-bitmapd/config.toml"
 LOG_FORMATS = ("auto", "journal", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-UNTRUSTED_POLICIES = ("disable", "report")
+UNTRUSTED_POLICIES = ("fill", "disable", "report")
 
 
 class ConfigError(Exception):
@@ -42,9 +42,10 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9411"
     log_format: str = "auto"
     log_level: str = "info"
-    #: What to do with a bitmap whose bits cannot be proven complete: "disable" it (libvirt then
-    #: refuses an incremental backup from its checkpoint) or only "report" it.
-    untrusted_policy: str = "disable"
+    #: What to do with a bitmap whose bits cannot be proven complete: "fill" it (every bit set:
+    #: every reader copies the whole disk once; disabled where filling fails), "disable" it
+    #: (libvirt then refuses an incremental backup from its checkpoint) or only "report" it.
+    untrusted_policy: str = "fill"
     #: Heal, at rest, broken checkpoints that ``heal`` can rebuild without under-reporting.
     heal: bool = False
     #: Where the settings came from, for messages.

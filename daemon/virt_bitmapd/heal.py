@@ -16,6 +16,7 @@ from . import images
 from .births import Births
 from .checkpoint_xml import Checkpoint
 from .errors import BitmapUnusableAfter
+from .filling import Filled
 from .healing import HealPlan, plan_healing
 from .model import Chain
 from .planner import bitmap_chain_problem
@@ -50,6 +51,7 @@ def heal_chain(
     untrusted: Collection[str] = (),
     merged_into: dict[str, str] | None = None,
     births: Births | None = None,
+    filled: Mapping[str, Filled] | None = None,
 ) -> Healing:
     """Rebuild what ``healing.plan_healing`` accepts in the chain of ``top`` (opened as qcow2,
     layers below as their overlays record, or as ``formats`` says).  ``storage_roots`` None:
@@ -62,6 +64,7 @@ def heal_chain(
         untrusted=untrusted,
         merged_into=merged_into,
         births=births,
+        filled=filled,
     )
     if not plan.steps:
         return Healing(plan=plan, result=HealResult.NOTHING_TO_DO, chain=chain)

@@ -17,12 +17,14 @@ or when a layer above the anchor existed before the checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from .births import Births
 from .checkpoint_xml import Checkpoint
-from .health import CheckpointHealth, State, lost_layers
+from .filling import Filled
+from .health import CheckpointHealth, State
+from .lost_bits import lost_layers
 from .model import Image
 from .planner import bitmap_chain_problem
 
@@ -132,16 +134,23 @@ def plan_healing(
     untrusted: Collection[str] = (),
     merged_into: dict[str, str] | None = None,
     births: Births | None = None,
+    filled: Mapping[str, Filled] | None = None,
 ) -> HealPlan:
     """How to rebuild every bitmap of ``chain`` (top first) whose chain libvirt finds broken
     only because layers above its lowest copy lack it; the others, refused with the reason.
     ``checkpoints`` (libvirt's, for disk ``target``), ``untrusted`` (what virt-bitmapd
-    distrusts) and ``merged_into`` narrow what is accepted; without them, libvirt's rule that a
-    bitmap is only ever created in the active layer is relied on."""
+    distrusts), ``merged_into``, ``births`` and ``filled`` narrow what is accepted; without
+    them, libvirt's rule that a bitmap is only ever created in the active layer is relied on."""
     images = tuple(chain)
     if not images:
         return HealPlan()
-    lost = lost_layers(images, checkpoints, target, merged_into, births) if checkpoints else {}
+    lost = (
+        lost_layers(
+            images, checkpoints, target, merged_into=merged_into, births=births, filled=filled
+        )
+        if checkpoints
+        else {}
+    )
     names = dict.fromkeys(bitmap.name for image in images for bitmap in image.bitmaps)
     steps: list[HealStep] = []
     refused: list[Refusal] = []

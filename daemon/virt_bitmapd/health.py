@@ -2,16 +2,9 @@
 
 libvirt accepts an incremental backup from a checkpoint when the checkpoint's bitmap has a valid
 chain from the disk's top (``planner.bitmap_chain_problem``).  That rule sees only the bitmaps that
-are there; it cannot see a layer that is gone.  Two more facts settle what it misses:
-
-* libvirt creates a checkpoint's bitmap in the disk's active layer of the time (the checkpoint's
-  XML names that layer, and the chain below it then), and copies it into every overlay made on
-  top afterwards.  So the unbroken run of copies from the top must end in that layer, or, once
-  that layer was committed, in a layer it was committed into: one below it in the chain of the
-  time, or one virt-bitmapd saw it committed into.  A run that ends anywhere else ends in a layer
-  made after the checkpoint, and the writes between the checkpoint and that layer are in no copy
-  (``lost_layers``).
-* virt-bitmapd remembers the bitmaps whose bits a commit could not carry (untrusted).
+are there; it cannot see a layer that is gone.  Two more facts settle what it misses: the run of
+copies from the top must end where the checkpoint was taken (``lost_bits``), and virt-bitmapd
+remembers the bitmaps whose bits a commit could not carry (untrusted).
 
 Each (checkpoint, disk) is then *usable*, *broken* (libvirt refuses it), *untrusted* (libvirt
 would accept it but it may miss data, or it was quarantined), or *missing*; a bitmap no
@@ -24,8 +17,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .births import Births, chain_then
-from .checkpoint_xml import Checkpoint, CheckpointDisk
+from .checkpoint_xml import Checkpoint
 from .model import Image, SkipReason
 from .planner import bitmap_chain_problem
 
@@ -34,10 +26,7 @@ __all__ = [
     "Distrust",
     "NextBackup",
     "State",
-    "committed_into",
     "disk_health",
-    "lost_layers",
-    "run_bottom",
     "to_quarantine",
     "untrusted_now",
     "while_busy",
@@ -59,6 +48,8 @@ class NextBackup(enum.Enum):
     """What an incremental backup from the checkpoint does next."""
 
     SAFE = "safe"
+    #: every bit is set (virt-bitmapd filled it): complete, and as long as the whole disk
+    WHOLE_DISK = "complete: the whole disk"
     REFUSED = "refused by libvirt"
     MISSES_DATA = "would miss data"
     NONE = "no checkpoint"
@@ -120,85 +111,6 @@ def untrusted_now(
     return kept
 
 
-def run_bottom(chain: Sequence[Image], bitmap: str) -> str | None:
-    """The lowest layer of the unbroken run of ``bitmap``'s copies from the top, if any."""
-    bottom = None
-    for image in chain:
-        if image.bitmap(bitmap) is None:
-            break
-        bottom = image.path
-    return bottom
-
-
-def committed_into(layer: str, merged_into: Mapping[str, str]) -> set[str]:
-    """Every layer ``layer`` reached through commits virt-bitmapd saw handled well."""
-    reached: set[str] = set()
-    while layer in merged_into and merged_into[layer] not in reached:
-        layer = merged_into[layer]
-        reached.add(layer)
-    return reached
-
-
-#: Why a checkpoint whose birth layer nothing proves is not trusted.
-NO_BIRTH = (
-    "libvirt's checkpoint does not say which layer it was taken on (its XML has no <domain>) "
-    "and virt-bitmapd did not see it said: its bits cannot be proven complete"
-)
-
-
-def _lost_reason(
-    chain: Sequence[Image],
-    disk: CheckpointDisk,
-    checkpoint: Checkpoint,
-    merged_into: Mapping[str, str],
-    births: Births,
-) -> str | None:
-    """Why ``disk``'s copies of the checkpoint's bitmap cannot hold every write since it was
-    taken; None when they can."""
-    bottom = run_bottom(chain, disk.bitmap)
-    if bottom is None:
-        return None  # not in the top: libvirt refuses it, nothing is hidden
-    then = chain_then(checkpoint, disk, births)
-    if then is None:
-        return NO_BIRTH
-    born_in = then[0]
-    fine = {born_in, *then[1:], *committed_into(born_in, merged_into)}
-    if bottom in fine:
-        return None
-    paths = [image.path for image in chain]
-    if born_in in paths:
-        return (
-            f"its copy in {born_in} (the active layer when checkpoint {checkpoint.name} was "
-            "taken) is gone: the writes made there are in no copy"
-        )
-    return (
-        f"{born_in} (the active layer when checkpoint {checkpoint.name} was taken) left the "
-        f"chain and its bits reached no layer that is left; its copies start only in {bottom}"
-    )
-
-
-def lost_layers(
-    chain: Sequence[Image],
-    checkpoints: Iterable[Checkpoint],
-    target: str,
-    merged_into: Mapping[str, str] | None = None,
-    births: Births | None = None,
-) -> dict[str, str]:
-    """Bitmap -> why, for each checkpoint bitmap of disk ``target`` whose copies in ``chain``
-    (top first, paths as in the checkpoints) cannot hold every write since its checkpoint was
-    taken.  ``merged_into``: layer -> the layer virt-bitmapd saw it committed into; ``births``:
-    where virt-bitmapd remembers checkpoints were taken (for those whose XML does not say)."""
-    lost = {}
-    for checkpoint in checkpoints:
-        disk = checkpoint.disk(target)
-        if disk is None:
-            continue
-        reason = _lost_reason(chain, disk, checkpoint, merged_into or {}, births or {})
-        if reason is not None:
-            lost[disk.bitmap] = reason
-    return lost
-
-
 def _broken(problem: tuple[SkipReason, str]) -> str:
     reason, layer = problem
     return f"{reason.value} in {layer}"
@@ -209,10 +121,12 @@ def disk_health(
     checkpoints: Iterable[Checkpoint],
     target: str,
     untrusted: Mapping[str, str],
+    filled: Mapping[str, str] | None = None,
 ) -> tuple[CheckpointHealth, ...]:
     """Every checkpoint of disk ``target``, and every bitmap of its ``chain`` (top first) that no
     checkpoint names, classified.  ``untrusted``: bitmap -> why its bits cannot be proven (what
-    virt-bitmapd remembers, with ``lost_layers`` added)."""
+    virt-bitmapd remembers, with ``lost_bits.lost_layers`` added); ``filled``: bitmap -> why
+    virt-bitmapd set its every bit."""
     images = tuple(chain)
     found: list[CheckpointHealth] = []
     named: set[str] = set()
@@ -221,7 +135,16 @@ def disk_health(
         if disk is None:
             continue
         named.add(disk.bitmap)
-        found.append(_one(images, target, disk.bitmap, checkpoint.name, untrusted))
+        found.append(
+            _one(
+                images,
+                target,
+                disk.bitmap,
+                checkpoint.name,
+                untrusted=untrusted,
+                filled=filled or {},
+            )
+        )
     orphans: dict[str, str] = {}
     for image in images:
         for bitmap in image.bitmaps:
@@ -250,7 +173,9 @@ def _one(
     target: str,
     bitmap: str,
     checkpoint: str,
+    *,
     untrusted: Mapping[str, str],
+    filled: Mapping[str, str],
 ) -> CheckpointHealth:
     def health(
         state: State, next_backup: NextBackup, reason: str, layer: str | None = None
@@ -279,6 +204,8 @@ def _one(
         )
     if problem is not None:
         return health(State.BROKEN, NextBackup.REFUSED, _broken(problem), problem[1])
+    if bitmap in filled:
+        return health(State.USABLE, NextBackup.WHOLE_DISK, f"filled because {filled[bitmap]}")
     return health(State.USABLE, NextBackup.SAFE, "")
 
 

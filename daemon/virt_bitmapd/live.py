@@ -43,16 +43,8 @@ from .model import Chain, Image, Plan, Reconciliation, Result
 from .monitor_steps import Monitor, Undo, already_consistent, apply_plan
 from .planner import plan as make_plan
 from .qemu_messages import image_error_from_qemu
-from .qmp import (
-    JSON,
-    OWN_PREFIX,
-    NodeBitmaps,
-    blockdev_add,
-    blockdev_del,
-    find_node,
-    node_bitmaps,
-    query_nodes,
-)
+from .qmp import JSON, OWN_PREFIX, blockdev_add, blockdev_del
+from .qmp_nodes import NodeBitmaps, find_node, node_bitmaps, query_nodes
 from .storage_roots import require_inside
 from .tracking import Commit
 

@@ -18,17 +18,8 @@ from .errors import (
     VirtBitmapdError,
 )
 from .model import Outcome, Plan, find_bitmap
-from .qmp import (
-    JSON,
-    PROBE_PREFIX,
-    NodeBitmaps,
-    blockdev_reopen,
-    node_bitmaps,
-    probe_transaction,
-    query_nodes,
-    remove_bitmaps,
-    transaction,
-)
+from .qmp import JSON, PROBE_PREFIX, blockdev_reopen, probe_transaction, remove_bitmaps, transaction
+from .qmp_nodes import NodeBitmaps, node_bitmaps, query_nodes
 
 __all__ = ["Monitor", "Undo", "already_consistent", "apply_plan", "run_plan"]
 

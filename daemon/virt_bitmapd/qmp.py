@@ -1,4 +1,5 @@
-"""QMP as data: a Plan rendered as one ``transaction``, and node data read back.  Pure: no I/O.
+"""QMP as data: a Plan rendered as one ``transaction``, and the commands around it.  Pure: no
+I/O.  Node data read back is ``qmp_nodes``; bits QEMU has no command to set, ``qmp_marking``.
 
 Every transport (qemu-storage-daemon for images at rest, libvirt's monitor passthrough for a
 running domain) sends exactly what these functions return, so a plan means the same thing
@@ -8,30 +9,19 @@ whatever carries it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from .healing import HealStep
-from .model import Bitmap, Plan
+from .model import Plan
 
 __all__ = [
     "JSON",
     "OWN_PREFIX",
     "PROBE_PREFIX",
-    "Leftovers",
-    "NodeBitmaps",
     "blockdev_add",
     "blockdev_del",
     "blockdev_reopen",
-    "copy_allocated",
     "disable_bitmaps",
-    "find_node",
-    "heal_transaction",
-    "leftovers",
-    "node_bitmaps",
-    "null_sink",
     "probe_transaction",
-    "query_nodes",
     "remove_bitmaps",
     "transaction",
 ]
@@ -140,65 +130,6 @@ def disable_bitmaps(node: str, names: Sequence[str]) -> JSON:
     return {"execute": "transaction", "arguments": {"actions": actions}}
 
 
-def null_sink(node: str, size: int) -> JSON:
-    """A node of ``size`` bytes that discards what is written to it (its bitmaps still record
-    where), for learning which clusters an image allocates."""
-    return {
-        "execute": "blockdev-add",
-        "arguments": {"driver": "null-co", "node-name": node, "size": size},
-    }
-
-
-def copy_allocated(job: str, source: str, sink: str) -> JSON:
-    """Copy exactly the clusters ``source`` itself allocates (``sync=top``; zero clusters
-    included) to ``sink``; the job stays until dismissed, so its end can be read."""
-    return {
-        "execute": "blockdev-backup",
-        "arguments": {
-            "job-id": job,
-            "device": source,
-            "target": sink,
-            "sync": "top",
-            "auto-dismiss": False,
-        },
-    }
-
-
-def heal_transaction(node: str, steps: Sequence[HealStep], *, source: tuple[str, str]) -> JSON:
-    """Add each step's bitmap to ``node`` (persistent, recording) holding the bits of
-    ``source`` (node, bitmap): all of them, or none."""
-    source_node, source_bitmap = source
-    actions: list[JSON] = []
-    for step in steps:
-        actions.append(
-            {
-                "type": "block-dirty-bitmap-add",
-                "data": {
-                    "node": node,
-                    "name": step.bitmap,
-                    "granularity": step.granularity,
-                    "persistent": True,
-                    "disabled": False,
-                },
-            }
-        )
-        actions.append(
-            {
-                "type": "block-dirty-bitmap-merge",
-                "data": {
-                    "node": node,
-                    "target": step.bitmap,
-                    "bitmaps": [{"node": source_node, "name": source_bitmap}],
-                },
-            }
-        )
-    return {"execute": "transaction", "arguments": {"actions": actions}}
-
-
-def query_nodes() -> JSON:
-    return {"execute": "query-named-block-nodes", "arguments": {"flat": True}}
-
-
 def blockdev_reopen(
     *,
     node: str,
@@ -256,67 +187,3 @@ def blockdev_add(node: str, path: str, *, read_only: bool) -> JSON:
             "backing": None,
         },
     }
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NodeBitmaps:
-    """A node's bitmaps as QEMU holds them in memory, with each one's dirty byte count."""
-
-    node: str
-    bitmaps: tuple[Bitmap, ...]
-    dirty_bytes: Mapping[str, int]
-
-
-def find_node(named_block_nodes: Sequence[JSON], node: str) -> JSON:
-    """Pick ``node`` out of a ``query-named-block-nodes`` answer.  Raises KeyError if absent."""
-    for entry in named_block_nodes:
-        if entry.get("node-name") == node:
-            return entry
-    raise KeyError(node)
-
-
-def node_bitmaps(named_block_nodes: Sequence[JSON], node: str) -> NodeBitmaps:
-    """The named bitmaps of ``node`` in a ``query-named-block-nodes`` answer (a block job's own
-    bitmap has no name, and is no checkpoint's).  KeyError if the node is absent."""
-    entry = find_node(named_block_nodes, node)
-    bitmaps = []
-    dirty: dict[str, int] = {}
-    for raw in entry.get("dirty-bitmaps", []):
-        name = raw.get("name")
-        if not name:
-            continue
-        bitmaps.append(
-            Bitmap(
-                name=name,
-                granularity=int(raw["granularity"]),
-                recording=bool(raw.get("recording", False)),
-                persistent=bool(raw.get("persistent", False)),
-                inconsistent=bool(raw.get("inconsistent", False)),
-            )
-        )
-        dirty[name] = int(raw.get("count", 0))
-    return NodeBitmaps(node=node, bitmaps=tuple(bitmaps), dirty_bytes=dirty)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Leftovers:
-    """What an interrupted run of ours left in a QEMU: attached nodes and probe bitmaps."""
-
-    nodes: tuple[str, ...] = ()
-    #: (node, bitmap name)
-    bitmaps: tuple[tuple[str, str], ...] = ()
-
-
-def leftovers(named_block_nodes: Sequence[JSON]) -> Leftovers:
-    """Our own nodes and probe bitmaps in a ``query-named-block-nodes`` answer."""
-    nodes = []
-    bitmaps = []
-    for entry in named_block_nodes:
-        name = str(entry.get("node-name", ""))
-        if name.startswith(OWN_PREFIX):
-            nodes.append(name)
-            continue  # deleting the node removes its bitmaps
-        for raw in entry.get("dirty-bitmaps", []):
-            if str(raw.get("name", "")).startswith(PROBE_PREFIX):
-                bitmaps.append((name, str(raw["name"])))
-    return Leftovers(nodes=tuple(nodes), bitmaps=tuple(bitmaps))

@@ -18,7 +18,8 @@ from .domain_xml import Disk
 from .errors import QMPError, QuarantineFailed, VirtBitmapdError
 from .model import Bitmap
 from .monitor_steps import Monitor
-from .qmp import disable_bitmaps, node_bitmaps, query_nodes
+from .qmp import disable_bitmaps
+from .qmp_nodes import node_bitmaps, query_nodes
 from .storage_roots import require_inside
 from .transports.storage_daemon import disable_at_rest
 

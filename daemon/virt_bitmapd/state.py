@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .errors import StateUnusable
+from .filling import Filled
 from .fingerprints import Fingerprint
 from .health import Distrust
 from .marks import Marks
@@ -111,6 +112,7 @@ class StateStore:
         generation: int = 0,
         merged_into: Mapping[str, str] | None = None,
         births: Mapping[str, tuple[int, str]] | None = None,
+        filled: Mapping[str, Filled] | None = None,
         fingerprint: Fingerprint | None = None,
         marks: Marks | None = None,
     ) -> bool:
@@ -130,6 +132,8 @@ class StateStore:
                 state.merged_into[disk] = dict(merged_into)
             if births is not None:
                 state.births[disk] = dict(births)
+            if filled is not None:
+                state.filled[disk] = dict(filled)
             if looked_at is not None:
                 state.looked_at[disk] = looked_at
             if fingerprint is None:

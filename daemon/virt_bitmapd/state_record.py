@@ -1,8 +1,9 @@
 """A domain's record in the state directory, and its JSON form.
 
 What the last looks at each disk of a domain left: its chain, its bitmaps per layer, what is
-distrusted and why, where committed layers went, where checkpoints were taken, what the last
-complete look saw.  Every per-disk field is read, written and dropped through one table.
+distrusted and why, what was filled, where committed layers went, where checkpoints were taken,
+what the last complete look saw. Every per-disk field is read, written and dropped through one
+table.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .filling import Filled
 from .fingerprints import Fingerprint, strings_from_json
 from .health import Distrust
 from .marks import Marks
@@ -38,12 +40,14 @@ class DomainState:
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: disk target -> bitmap -> why its bits could not be proven complete
     untrusted: dict[str, dict[str, Distrust]] = field(default_factory=dict)
+    #: disk target -> bitmap -> what virt-bitmapd filled it for, and where (see filling)
+    filled: dict[str, dict[str, Filled]] = field(default_factory=dict)
     #: disk target -> layer path -> its bitmaps when last seen (what a base held before a commit)
     bitmaps: dict[str, dict[str, tuple[Bitmap, ...]]] = field(default_factory=dict)
     #: disk target -> when (time.time()) the look that saw that chain began
     looked_at: dict[str, float] = field(default_factory=dict)
     #: disk target -> layer -> the layer it was seen committed into, its bits carried: proof
-    #: that a checkpoint taken on a layer now gone lives on below (see health.lost_layers)
+    #: that a checkpoint taken on a layer now gone lives on below (see lost_bits)
     merged_into: dict[str, dict[str, str]] = field(default_factory=dict)
     #: disk target -> checkpoint -> (its creationTime, the layer it was taken on), as libvirt
     #: said it while it did (see births)
@@ -91,6 +95,13 @@ _DISK_FIELDS = (
         "untrusted",
         _distrust_from_json,
         lambda names: {name: asdict(distrust) for name, distrust in sorted(names.items())},
+        omit_empty=True,
+    ),
+    _DiskField(
+        "filled",
+        "filled",
+        lambda fills: {str(name): Filled.from_json(item) for name, item in fills.items()},
+        lambda fills: {name: fill.to_json() for name, fill in sorted(fills.items())},
         omit_empty=True,
     ),
     _DiskField(

@@ -15,6 +15,7 @@ import libvirt
 
 from .births import births_now
 from .errors import LibvirtFailed, VirtBitmapdError
+from .filling import fills_now
 from .health import CheckpointHealth
 from .look.judge import Evidence, distrust, judge
 from .readers.chain import current_chain, domain_disks, resolved
@@ -114,8 +115,18 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
         births = births_now(
             checkpoints, disk.target, {} if state is None else state.births.get(disk.target, {})
         )
+        filled = fills_now(
+            {} if state is None else state.filled.get(disk.target, {}),
+            chain,
+            checkpoints,
+            disk.target,
+        )
         evidence = Evidence(
-            target=disk.target, checkpoints=checkpoints, merged_into=merged, births=births
+            target=disk.target,
+            checkpoints=checkpoints,
+            merged_into=merged,
+            births=births,
+            filled=filled,
         )
         untrusted = distrust(
             chain,

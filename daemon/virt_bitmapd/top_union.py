@@ -22,7 +22,8 @@ from .live import live_images
 from .model import QCOW2, Image, Outcome
 from .monitor_steps import Monitor, run_plan
 from .planner import plan_union
-from .qmp import node_bitmaps, query_nodes, transaction
+from .qmp import transaction
+from .qmp_nodes import node_bitmaps, query_nodes
 from .storage_roots import require_inside
 from .transports.storage_daemon import TOP_NODE, Session, run_transaction
 

@@ -5,14 +5,16 @@ Put on PATH under the tool's name.  Environment: VBD_REAL_TOOL (the real binary)
 (``before:CMD`` kills the tool when CMD arrives, before passing it on; ``after:CMD`` passes it
 on, then kills; ``hold:CMD`` keeps CMD back and waits forever, the tool holding what it opened,
 as a daemon killed at that moment would leave it, and creates the file VBD_HOLDING_MARK names
-once every command before CMD was answered), VBD_CRASH_SIGNAL (ABRT, KILL, ...).  The
-tool's output goes straight to ours; when it is dead, this process dies by the same signal, so
-the caller sees what a crash shows.  The real tool dies with this stand-in, as it would with
-its caller.
+once every command before CMD was answered; ``refuse:CMD`` answers CMD with a QMP error in
+QEMU's place and passes everything else on, nothing crashing), VBD_CRASH_SIGNAL (ABRT, KILL,
+...).  The tool's output goes straight to ours; when it is dead, this process dies by the same
+signal, so the caller sees what a crash shows.  The real tool dies with this stand-in, as it
+would with its caller.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -35,6 +37,11 @@ def main() -> None:
             Path(os.environ["VBD_HOLDING_MARK"]).touch()
             while True:
                 time.sleep(3600)
+        if hit and when == "refuse":
+            refusal = {"error": {"class": "GenericError", "desc": f"{command} refused (test)"}}
+            sys.stdout.write(json.dumps(refusal) + "\n")
+            sys.stdout.flush()
+            continue
         if hit and when == "before":
             break
         tool.stdin.write(line)

@@ -164,15 +164,19 @@ def state(path: Path) -> dict[str, object]:
     return result
 
 
-def disabled(before: dict[str, object], names: list[str]) -> dict[str, object]:
-    """An image's ``state`` with bitmaps ``names`` no longer recording, and nothing else
-    changed."""
+def virtual_size(path: Path) -> int:
+    return int(
+        json.loads(run("qemu-img", "info", "--output=json", "-U", str(path)))["virtual-size"]
+    )
+
+
+def filled(before: dict[str, object], names: list[str], size: int) -> dict[str, object]:
+    """An image's ``state`` with bitmaps ``names`` recording and marking every byte of a disk
+    of ``size`` bytes, and nothing else changed."""
     result: dict[str, object] = {}
     for name, entry in before.items():
         assert isinstance(entry, tuple)
-        granularity, flags, extents = entry
-        kept = [f for f in flags if f != "auto"] if name in names else flags
-        result[name] = (granularity, kept, extents)
+        result[name] = (entry[0], ["auto"], [(0, size)]) if name in names else entry
     return result
 
 

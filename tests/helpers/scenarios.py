@@ -164,16 +164,23 @@ def redefine_on(domains: Domains, dom: Any, image: Path) -> Any:
 
 
 def running_on_new_image(
-    tmp_path: Path, domains: Domains, daemon_factory: Any, name: str, **settings: Any
+    tmp_path: Path,
+    domains: Domains,
+    daemon_factory: Any,
+    name: str,
+    options: tuple[str, ...] = (),
+    **settings: Any,
 ) -> tuple[Path, Path, Any, Any]:
     """A new image ``name`` in a folder of its own (the storage root), a running domain on it
-    and a daemon (watching for snapshots each second) that has seen its disk.  Returns the
-    folder, the image, the domain and the daemon."""
+    and a daemon (watching for snapshots each second, started with ``options`` too) that has
+    seen its disk.  Returns the folder, the image, the domain and the daemon."""
     folder = tmp_path / "images"
     folder.mkdir()
     image = folder / name
     create(image)
     dom = domains.define(image, start=True)
-    daemon = daemon_factory(roots=[folder], **settings).start("--snapshot-watch-interval", "1")
+    daemon = daemon_factory(roots=[folder], **settings).start(
+        "--snapshot-watch-interval", "1", *options
+    )
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
     return folder, image, dom, daemon

@@ -1,6 +1,7 @@
 """Checkpoints a backup can trust, on a real libvirtd with OS-less QEMU VMs, proved by libvirt's
-own pull-mode backups: a quarantined checkpoint is refused, a full backup and a later checkpoint
-still work, and `virt-bitmapd status` says so beforehand.
+own pull-mode backups: a quarantined checkpoint (the "disable" policy, or where filling fails;
+filling itself is in test_fill.py) is refused, a full backup and a later checkpoint still work,
+and `virt-bitmapd status` says so beforehand.
 
 Checkpoints are libvirt's (virsh checkpoint-create-as); guest writes go through QEMU's device
 backend, so the recording bitmaps mark them as they would a guest's.
@@ -74,16 +75,23 @@ def test_committed_layers_deleted_quarantine_the_checkpoint_and_libvirt_refuses_
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
     """A cold merge whose committed layer is deleted before its bits reach the base: the daemon
-    cannot prove cp1 complete, so it disables cp1 (at rest, one transaction).  libvirt then
-    refuses an incremental backup from cp1, while a full backup and a checkpoint taken later
-    still work, and the later one's backup holds every block written since."""
+    cannot prove cp1 complete, so (policy "disable") it disables cp1 (at rest, one
+    transaction).  libvirt then refuses an incremental backup from cp1, while a full backup and
+    a checkpoint taken later still work, and the later one's backup holds every block written
+    since."""
     folder = tmp_path / "images"
     folder.mkdir()
     base, s1 = folder / "base.qcow2", folder / "s1.qcow2"
     create(base)
     dom = domains.define(base, start=True)
     port = free_port()
-    options = ("--snapshot-watch-interval", "1", f"--metrics-listen=127.0.0.1:{port}")
+    options = (
+        "--snapshot-watch-interval",
+        "1",
+        f"--metrics-listen=127.0.0.1:{port}",
+        "--untrusted",
+        "disable",
+    )
     daemon = daemon_factory(roots=[folder]).start(*options)
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
     virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
@@ -134,7 +142,7 @@ def test_the_layer_a_checkpoint_was_taken_on_gone_without_its_bits_is_never_safe
     cp2 is taken on s1, s1 is committed into T without its bitmap and deleted, s2 rebased onto
     T.  cp2 then lives only in s2, which libvirt accepts: a backup from it misses s1's writes.
     With `--untrusted report` the daemon and `status` say so ("would miss data", and libvirt
-    does start that backup); with the default policy the running domain's cp2 is disabled
+    does start that backup); with the policy "disable" the running domain's cp2 is disabled
     through its QEMU and libvirt refuses it.  Taking cp2 again under its name trusts it anew."""
     folder = tmp_path / "images"
     folder.mkdir()
@@ -169,7 +177,7 @@ def test_the_layer_a_checkpoint_was_taken_on_gone_without_its_bits_is_never_safe
     assert daemon.stop() == 0
     assert not any(e.get("event") == "checkpoint_quarantined" for e in daemon.entries())
 
-    daemon.start("--snapshot-watch-interval", "0")
+    daemon.start("--untrusted", "disable", "--snapshot-watch-interval", "0")
     quarantined = daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="quarantine")
     assert quarantined["bitmaps"] == ["cp2"]
     refusal = backup_refusal(dom, tmp_path / "backup", "cp2")
@@ -461,7 +469,7 @@ def test_distrust_survives_a_look_during_a_backup(
 ) -> None:
     """During a backup job the bitmaps may look gone (libvirt rearranges the disk's nodes):
     a look then forgives nothing, and the quarantined checkpoint is still refused after."""
-    dom, daemon, _ = untrusted_cp1(tmp_path, domains, daemon_factory)
+    dom, daemon, _ = untrusted_cp1(tmp_path, domains, daemon_factory, "--untrusted", "disable")
     virsh("checkpoint-create-as", dom.name(), "cp0", "--diskspec", "vda")  # a good one
     begin_backup(dom, tmp_path / "backup", "cp0", "cp2")
     try:

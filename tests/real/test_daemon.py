@@ -28,10 +28,11 @@ from helpers.images import (
     corrupt,
     create,
     dirty_extents,
-    disabled,
     expected,
+    filled,
     run,
     state,
+    virtual_size,
     write,
 )
 from helpers.libvirt_env import (
@@ -287,11 +288,11 @@ def test_two_unseen_snapshots_on_the_committed_top_are_reported_not_guessed(
     assert entry["result"] == "unrecoverable" and entry["level"] == "error", entry
     assert str(first) in entry["error"] and str(second) in entry["error"]
     assert "cp4" in entry["bitmaps"]
-    # no bit was guessed into s1; its untrusted bitmaps were only disabled (quarantined)
-    quarantined = daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="quarantine")
+    # no bit was guessed into s1 from the layers: its untrusted bitmaps got every bit (filled)
+    made_complete = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
     in_s1 = [name for name in entry["untrusted"] if name in before]  # cp3, cp4 went with first
-    assert quarantined["bitmaps"] == in_s1 == ["cp1", "cp2"], quarantined
-    assert state(s1) == disabled(before, in_s1)
+    assert made_complete["bitmaps"] == in_s1 == ["cp1", "cp2"], made_complete
+    assert state(s1) == filled(before, in_s1, virtual_size(s1))
 
 
 def test_committed_layers_already_deleted_is_unrecoverable(
@@ -442,8 +443,12 @@ def test_a_repair_that_cannot_be_done_leaves_the_bitmaps_untrusted(
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
     assert entry["result"] == "failed" and entry["level"] == "error", entry
     assert str(c.layers[1]) in entry["error"] and "cp2" in entry["untrusted"]
+    # then made complete: every bit set in the running top
+    made_complete = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
+    assert "cp2" in made_complete["bitmaps"], made_complete
     known = json.loads((daemon.state_dir / "domains" / f"{dom.UUIDString()}.json").read_text())
-    assert "cp2" in known["untrusted"]["vda"]
+    assert "cp2" in known["filled"]["vda"]
+    assert "cp2" not in known.get("untrusted", {}).get("vda", {})
 
 
 @pytest.fixture
@@ -493,7 +498,10 @@ def test_committed_layer_qemu_may_not_open(
         assert known.get("untrusted", {}).get("vda", []) == []
     else:
         assert entry["result"] == "failed" and entry["level"] == "error", entry
-        assert "cp2" in known["untrusted"]["vda"]
+        made_complete = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
+        assert "cp2" in made_complete["bitmaps"], made_complete
+        known = json.loads((daemon.state_dir / "domains" / f"{dom.UUIDString()}.json").read_text())
+        assert "cp2" in known["filled"]["vda"]
 
 
 def test_live_commit_that_deletes_its_layers_is_reported_unprovable(

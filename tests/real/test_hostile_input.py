@@ -35,10 +35,11 @@ from helpers.images import (
     bitmap_names,
     create,
     dirty_extents,
-    disabled,
     expected,
+    filled,
     run,
     state,
+    virtual_size,
     write,
 )
 from helpers.libvirt_env import Domains, stop_gracefully
@@ -563,7 +564,7 @@ def test_an_overlay_without_the_tops_bitmaps_is_never_reported_fine(
 ) -> None:
     """Case 40: a well-formed qcow2 overlay of the committed top that lacks its checkpoints
     (made without them, or planted): which bits the base needs cannot be told, so no bit is
-    merged and the bitmaps are reported untrusted (and quarantined: only disabled)."""
+    merged and the bitmaps are reported untrusted (and filled: every bit set, nothing guessed)."""
     c = chain(tmp_path)
     dom = domains.define(c.active)
     daemon = daemon_factory(roots=[tmp_path / "images"]).start()
@@ -578,8 +579,8 @@ def test_an_overlay_without_the_tops_bitmaps_is_never_reported_fine(
     assert entry["result"] == "unrecoverable", entry
     assert str(planted) in entry["error"] and "lacks" in entry["error"]
     assert sorted(entry["untrusted"]) == ["cp1", "cp2", "cp3"]
-    quarantined = daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="quarantine")
-    assert state(s1) == disabled(before, quarantined["bitmaps"])
+    made_complete = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
+    assert state(s1) == filled(before, made_complete["bitmaps"], virtual_size(s1))
     assert digest(planted) == planted_before
 
 

@@ -134,7 +134,10 @@ def test_every_dashboard_query_and_alert_returns_data_from_a_real_prometheus(
     )
     # Daemon A sees a live commit, an offline one it reconciles, and one whose layers are gone.
     port_a, port_b = free_port(), free_port()
-    daemon = daemon_factory().start(f"--metrics-listen=127.0.0.1:{port_a}")
+    # quarantined, not filled: the lost checkpoint stays untrusted for the panels and alerts
+    daemon = daemon_factory().start(
+        f"--metrics-listen=127.0.0.1:{port_a}", "--untrusted", "disable"
+    )
     live = build(tmp_path / "live")
     live_dom = domains.define(live.active, start=True)
     good = build(tmp_path / "good")

@@ -1,9 +1,10 @@
-"""Layers that leave a chain without being committed, on a real libvirtd with OS-less QEMU VMs:
-a revert to the base, and a commit after which the domain ran on the base before the daemon
-looked.  Nothing proves those were commits whose bits the base can be given, so the checkpoints
-are untrusted, and both readers refuse them: libvirt's backup, and an offline export
-(``qemu-nbd --bitmap``).  Before, the daemon took both for commits and left the checkpoint
-"usable" while libvirt's incremental backup from it missed clusters whose content had changed.
+"""Layers that leave a chain without being committed, on a real libvirtd with OS-less QEMU VMs: a
+revert to the base, and a commit after which the domain ran on the base before the daemon
+looked. Nothing proves those were commits whose bits the base can be given, so the checkpoints
+are untrusted: filled where a copy is left (both readers, libvirt's backup and an offline export
+with ``qemu-nbd --bitmap``, copy the whole disk), refused by both where none is. Before, the
+daemon took both for commits and left the checkpoint "usable" while libvirt's incremental backup
+from it missed clusters whose content had changed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from helpers.backups import backup_refusal
+from helpers.backups import backup_extents, backup_refusal
 from helpers.images import K64, ExportRefused, MiB, bitmap_names, dirty_extents, run
 from helpers.libvirt_env import Domains, stop_gracefully, virsh
 from helpers.scenarios import (
@@ -32,6 +33,8 @@ from helpers.scenarios import (
 
 pytestmark = pytest.mark.real
 
+WHOLE_DISK = [(0, 64 * MiB)]  # helpers.images.create's default size
+
 
 def refused_offline(image: Path, bitmap: str) -> bool:
     """Whether `qemu-nbd --bitmap` refuses to export ``bitmap`` of ``image``."""
@@ -43,13 +46,17 @@ def refused_offline(image: Path, bitmap: str) -> bool:
 
 
 def reverted(
-    tmp_path: Path, domains: Domains, daemon_factory: Any, **settings: Any
+    tmp_path: Path,
+    domains: Domains,
+    daemon_factory: Any,
+    options: tuple[str, ...] = (),
+    **settings: Any,
 ) -> tuple[Any, Any, Path]:
     """[D, L], cp0 taken on L and cp1 on D, D written before cp1 and after; the domain shut
     off, the daemon's look at rest taken, then the domain pointed back at L (D discarded, its
     file left).  Returns the domain, the daemon and L."""
     folder, base, dom, daemon = running_on_new_image(
-        tmp_path, domains, daemon_factory, "l.qcow2", **settings
+        tmp_path, domains, daemon_factory, "l.qcow2", options, **settings
     )
     top = folder / "d.qcow2"
     virsh("checkpoint-create-as", dom.name(), "cp0", "--diskspec", "vda")
@@ -69,22 +76,29 @@ def test_a_revert_to_the_base_is_no_commit(
 ) -> None:
     """Every cluster D held changed with the revert: a backup from cp0 or cp1 must copy them
     all.  L was not written since the daemon's last look, so nothing proves a commit: no
-    bitmap is made in L from D's bits, cp0 and cp1 are untrusted, and libvirt refuses both."""
+    bitmap is made in L from D's bits, cp0 and cp1 are untrusted.  cp0 (a copy in L) is filled:
+    both readers copy the whole disk; cp1 (no copy left) is refused by both."""
     dom, daemon, base = reverted(tmp_path, domains, daemon_factory)
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="the chain change")
     assert entry["result"] == "unproven", entry
     assert f"{base} was not written since the last look" in entry["error"], entry
     assert set(entry["untrusted"]) == {"cp0", "cp1"}, entry
+    filled = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="cp0 filled")
+    assert filled["bitmaps"] == ["cp0"], filled
     assert "cp1" not in bitmap_names(base)  # nothing made from D's bits
     seen = status(daemon, dom.name())
-    assert seen["cp0"]["state"] == "untrusted", seen["cp0"]
+    assert (seen["cp0"]["state"], seen["cp0"]["next_backup"]) == (
+        "usable",
+        "complete: the whole disk",
+    ), seen["cp0"]
     assert "nothing proves" in seen["cp0"]["reason"], seen["cp0"]
     assert seen["cp1"]["state"] == "missing", seen["cp1"]  # nowhere in the chain now
-    assert all(seen[name]["next_backup"] == "refused by libvirt" for name in ("cp0", "cp1"))
+    assert seen["cp1"]["next_backup"] == "refused by libvirt"
+    assert dirty_extents(base, "cp0") == WHOLE_DISK
     assert refused_offline(base, "cp1")
 
     dom.create()
-    assert "checkpoint inconsistent" in backup_refusal(dom, tmp_path / "b", "cp0")
+    assert backup_extents(dom, tmp_path / "b", "cp0") == WHOLE_DISK
     assert "cp1" in backup_refusal(dom, tmp_path / "b", "cp1")
     stop_gracefully(dom)
 
@@ -100,8 +114,10 @@ def test_a_quarantined_bitmap_made_recording_again_is_disabled_at_the_next_resca
     """cp0, quarantined after the revert, is made recording again in the running domain's
     QEMU (`block-dirty-bitmap-enable`: no event, nothing in the image file or the XML).  The
     next periodic rescan reads the disk anyway, as it does every running disk holding a
-    bitmap the daemon distrusts, and disables it again: libvirt refuses cp0 once more."""
-    dom, daemon, _ = reverted(tmp_path, domains, daemon_factory, rescan_interval=2)
+    bitmap the daemon distrusts, and disables it again: libvirt refuses cp0 once more.  (With
+    the default policy cp0 is filled instead, and stays complete whatever records it.)"""
+    disable = ("--untrusted", "disable")
+    dom, daemon, _ = reverted(tmp_path, domains, daemon_factory, disable, rescan_interval=2)
     daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="cp0 quarantined")
     dom.create()
     rescan_now(daemon, "the running domain seen")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from virt_bitmapd.births import MAX_REMEMBERED, births_now, chain_then
 from virt_bitmapd.checkpoint_xml import Checkpoint, CheckpointDisk
-from virt_bitmapd.health import NO_BIRTH, lost_layers
+from virt_bitmapd.lost_bits import NO_BIRTH, lost_layers
 from virt_bitmapd.model import Bitmap, Image
 
 K64 = 65536

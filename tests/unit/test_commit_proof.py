@@ -10,7 +10,7 @@ import pytest
 
 from virt_bitmapd.domain_xml import Disk, Layer
 from virt_bitmapd.fingerprints import pack_stat
-from virt_bitmapd.look.decide import decide
+from virt_bitmapd.look.decide import Safeguard, decide
 from virt_bitmapd.look.gather import Gathered
 from virt_bitmapd.look.proof import marks_after, why_unproven
 from virt_bitmapd.marks import Marks
@@ -116,12 +116,14 @@ def test_what_proves_a_layer_gone_was_committed(
 
 
 def test_decide_names_each_commit_nothing_proves() -> None:
-    decision = decide(look(now=STAT), copied=False, quarantine=True, heal=False)
+    decision = decide(look(now=STAT), copied=False, safeguard=Safeguard.FILL, heal=False)
     assert decision.commits == (COMMIT,)
     assert "not written" in decision.unproven[COMMIT]
-    proven = decide(look(now=WRITTEN), copied=False, quarantine=True, heal=False)
+    proven = decide(look(now=WRITTEN), copied=False, safeguard=Safeguard.FILL, heal=False)
     assert proven.commits == (COMMIT,) and proven.unproven == {}
-    by_event = decide(look(now=STAT), copied=False, quarantine=True, heal=False, job_done=True)
+    by_event = decide(
+        look(now=STAT), copied=False, safeguard=Safeguard.FILL, heal=False, job_done=True
+    )
     assert by_event.unproven == {}
 
 

@@ -14,6 +14,7 @@ from virt_bitmapd.errors import ImageCorrupt, ImageInUse
 from virt_bitmapd.fingerprints import Fingerprint
 from virt_bitmapd.health import Distrust
 from virt_bitmapd.look.decide import (
+    Safeguard,
     bitmaps_to_remember,
     chain_after,
     decide,
@@ -95,11 +96,11 @@ def test_a_layer_gone_is_a_commit_into_the_one_below() -> None:
     decision = decide(
         gathered(("/top", "/s1", "/base"), chain_now("/top", "/base")),
         copied=False,
-        quarantine=True,
+        safeguard=Safeguard.FILL,
         heal=True,
     )
     assert decision.commits == (Commit(removed=("/s1",), base="/base"),)
-    assert decision.may_quarantine and decision.may_heal
+    assert decision.safeguard is Safeguard.FILL and decision.may_heal
 
 
 def test_what_a_completed_block_copy_replaced_is_no_commit() -> None:
@@ -108,8 +109,8 @@ def test_what_a_completed_block_copy_replaced_is_no_commit() -> None:
         name="cp1", disks=(CheckpointDisk(target="vda", bitmap="cp1", chain_then=("/top",)),)
     )
     look = gathered(before, chain_now("/copy", "/base"), checkpoints=(born,))
-    assert decide(look, copied=False, quarantine=True, heal=False).commits != ()
-    decision = decide(look, copied=True, quarantine=True, heal=False)
+    assert decide(look, copied=False, safeguard=Safeguard.FILL, heal=False).commits != ()
+    decision = decide(look, copied=True, safeguard=Safeguard.FILL, heal=False)
     assert decision.commits == ()
     assert decision.copied_into == {"/top": "/copy"}
 
@@ -124,14 +125,16 @@ def test_a_block_copy_vouches_only_for_the_layers_it_replaced() -> None:
         name="cp2", disks=(CheckpointDisk(target="vda", bitmap="cp2", chain_then=("/lost",)),)
     )
     look = gathered(("/top", "/base"), chain_now("/copy", "/base"), checkpoints=(replaced, unseen))
-    assert decide(look, copied=True, quarantine=True, heal=False).copied_into == {"/top": "/copy"}
+    assert decide(look, copied=True, safeguard=Safeguard.FILL, heal=False).copied_into == {
+        "/top": "/copy"
+    }
 
 
 def test_a_hidden_commit_is_found_from_a_file_in_no_domains_chain() -> None:
     beside = {"/gone": "/base", "/other-vm": "/base"}
     host = HostDisks(raw_files=frozenset(), chain_files=frozenset({"/other-vm"}))
     look = gathered(("/top", "/base"), chain_now("/top", "/base"), beside=beside, host=host)
-    commits = decide(look, copied=False, quarantine=True, heal=False).commits
+    commits = decide(look, copied=False, safeguard=Safeguard.FILL, heal=False).commits
     assert [(c.removed, c.base) for c in commits] == [(("/gone",), "/base")]
 
 
@@ -145,15 +148,15 @@ def test_a_hidden_commit_is_found_from_a_file_in_no_domains_chain() -> None:
         (False, None, False, False, (True, False)),  # policy
     ],
 )
-def test_when_a_look_may_quarantine_or_heal(
+def test_when_a_look_may_fill_or_heal(
     running: bool, checkpoint_error: Any, job_running: bool, heal: bool, expected: Any
 ) -> None:
     now = chain_now("/top")
     job = "backup" if job_running else None
     now = ChainNow(disk=now.disk, paths=now.paths, images=now.images, job=job)
     look = gathered(("/top",), now, running=running, checkpoint_error=checkpoint_error)
-    decision = decide(look, copied=False, quarantine=True, heal=heal)
-    assert (decision.may_quarantine, decision.may_heal) == expected
+    decision = decide(look, copied=False, safeguard=Safeguard.FILL, heal=heal)
+    assert (decision.safeguard is Safeguard.FILL, decision.may_heal) == expected
 
 
 def test_where_committed_bits_live_follows_commits_that_carried_them() -> None:
@@ -256,7 +259,7 @@ def test_the_top_is_united_when_the_chain_changed_or_it_gained_a_bitmap() -> Non
     def unites(old: tuple[str, ...], top_before: tuple[Bitmap, ...], **more: Any) -> bool:
         look = gathered(old, now, **more)
         look.record.bitmaps["vda"] = {"/top": top_before, "/base": (cp1,)}
-        return decide(look, copied=False, quarantine=True, heal=False).may_unite
+        return decide(look, copied=False, safeguard=Safeguard.FILL, heal=False).may_unite
 
     assert unites(("/base",), ())  # a snapshot
     assert unites(("/top", "/base"), ())  # cp1 made in the top since (healed)

@@ -15,10 +15,10 @@ from virt_bitmapd.health import (
     NextBackup,
     State,
     disk_health,
-    lost_layers,
     to_quarantine,
     untrusted_now,
 )
+from virt_bitmapd.lost_bits import lost_layers
 from virt_bitmapd.model import Bitmap, Image
 
 K64 = 65536
@@ -141,7 +141,7 @@ def test_without_the_chain_below_only_commits_seen_prove_a_base() -> None:
     chain = [img("T", bm("cp1"))]
     checkpoints = [cp("cp1", "s1", complete=False)]
     assert set(lost_layers(chain, checkpoints, "vda")) == {"cp1"}
-    assert lost_layers(chain, checkpoints, "vda", {"s1": "mid", "mid": "T"}) == {}
+    assert lost_layers(chain, checkpoints, "vda", merged_into={"s1": "mid", "mid": "T"}) == {}
 
 
 def test_a_checkpoint_not_in_the_top_is_not_lost_but_refused() -> None:
@@ -151,7 +151,9 @@ def test_a_checkpoint_not_in_the_top_is_not_lost_but_refused() -> None:
 
 def test_merged_into_loops_end() -> None:
     chain = [img("x", bm("cp1"))]
-    assert set(lost_layers(chain, [cp("cp1", "a")], "vda", {"a": "b", "b": "a"})) == {"cp1"}
+    assert set(lost_layers(chain, [cp("cp1", "a")], "vda", merged_into={"a": "b", "b": "a"})) == {
+        "cp1"
+    }
 
 
 # ---------------------------------------------------------------- quarantine

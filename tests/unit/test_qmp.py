@@ -5,14 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from virt_bitmapd.model import BitmapMerge, Plan
-from virt_bitmapd.qmp import (
-    blockdev_reopen,
-    disable_bitmaps,
-    leftovers,
-    node_bitmaps,
-    probe_transaction,
-    transaction,
-)
+from virt_bitmapd.qmp import blockdev_reopen, disable_bitmaps, probe_transaction, transaction
+from virt_bitmapd.qmp_nodes import leftovers, node_bitmaps
 
 PLAN = Plan(
     top="/i/top",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Any
 
 import libvirt
@@ -21,6 +22,7 @@ from .. import images, printing
 from ..births import births_now
 from ..config import DEFAULT_PATH, load
 from ..errors import LibvirtFailed, RepairRefused
+from ..filling import fills_now
 from ..heal import HealResult, heal_chain
 from ..look.judge import Evidence, distrust
 from ..readers.checkpoints import domain_checkpoints
@@ -75,6 +77,10 @@ def _evidence(image: str, config: str | None) -> dict[str, Any]:
         births=births_now(checkpoints, target, remembered.births.get(target, {})),
     )
     chain = images.read_chain(image, formats=disk.formats, force_share=True)
+    evidence = replace(
+        evidence,
+        filled=fills_now(remembered.filled.get(target, {}), chain.images, checkpoints, target),
+    )
     untrusted = distrust(
         chain.images,
         evidence,
@@ -88,4 +94,5 @@ def _evidence(image: str, config: str | None) -> dict[str, Any]:
         "untrusted": set(untrusted),
         "merged_into": dict(evidence.merged_into),
         "births": evidence.births,
+        "filled": evidence.filled,
     }

@@ -122,6 +122,13 @@ class RepairRefused(ImageError):
     kind = "repair_refused"
 
 
+class FillFailed(ImageError):
+    """Untrusted bitmaps could not be given every bit: they are disabled instead, where the
+    policy allows it."""
+
+    kind = "fill_failed"
+
+
 class QuarantineFailed(ImageError):
     """Untrusted bitmaps could not be disabled: libvirt would still start an incremental backup
     from them, which may miss data."""

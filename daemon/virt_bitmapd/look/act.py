@@ -1,8 +1,9 @@
-"""The look's stage that changes images: reconcile each commit, quarantine what cannot be
-trusted, heal what can be rebuilt.  Blocking I/O, one transaction each, through the domain's
-QEMU when it runs and with qemu-storage-daemon when it does not; only images under the storage
-roots are changed.  What to do next is asked of the pure rules (``decide``, ``judge``) with
-what each action proved; nothing is re-read in between (``reread`` follows, once).
+"""The look's stage that changes images: reconcile each commit (``commits``), fill (or disable)
+what cannot be trusted, heal what can be rebuilt, unite the top's copies. Blocking I/O, one
+transaction each, through the domain's QEMU when it runs and with qemu-storage-daemon when it
+does not; only images under the storage roots are changed. What to do next is asked of the pure
+rules (``decide``, ``judge``) with what each action proved; nothing is re-read in between
+(``reread`` follows, once).
 """
 
 from __future__ import annotations
@@ -11,25 +12,24 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from ..errors import BitsUnrecoverable, CommitUnproven, CommitUnverifiable, VirtBitmapdError
+from ..errors import CleanupFailed, VirtBitmapdError
+from ..fill import fill
+from ..filling import Filled, FillStep, plan_fill
 from ..handover import Handover
 from ..heal import HealResult, heal_chain
 from ..healing import HealStep
 from ..health import Distrust, to_quarantine
-from ..live import reconcile_live
-from ..model import QCOW2, Image, Reconciliation, Result
+from ..model import Bitmap
 from ..planner import plan_union
 from ..quarantine import quarantine
 from ..readers.chain import ChainNow
-from ..reconcile import reconcile_at_rest
 from ..top_union import unite_at_rest, unite_live
-from ..tracking import Commit
 from ..transports.libvirt_monitor import LibvirtMonitor
-from .decide import CARRIED, Decision, chain_after, merged_into_after
-from .findings import CommitReport, bitmaps_at_risk, untrusted_after
+from .commits import CommitActor
+from .decide import Decision, Safeguard, chain_after, merged_into_after
+from .findings import CommitReport, untrusted_after
 from .gather import Gathered
 from .judge import Evidence, distrust, healing_plan
-from .unseen_layers import gone_layers, require_layers, with_unseen_layers
 
 __all__ = ["Acted", "Actor"]
 
@@ -42,6 +42,9 @@ class Acted:
     #: What proves where the checkpoints' bits live, once the commits are handled.
     evidence: Evidence
     untrusted: Mapping[str, Distrust] = field(default_factory=dict)
+    #: Bitmaps this look gave every bit, each with why it was untrusted; and a failure to.
+    filled: Mapping[str, str] = field(default_factory=dict)
+    fill_error: VirtBitmapdError | None = None
     #: Bitmaps disabled, each with why it is untrusted.
     quarantined: Mapping[str, str] = field(default_factory=dict)
     quarantine_error: VirtBitmapdError | None = None
@@ -62,7 +65,7 @@ class Actor:
 
     def __init__(self, storage_roots: tuple[str, ...], handover: Handover) -> None:
         self._roots = storage_roots
-        self._handover = handover
+        self._reconcile = CommitActor(storage_roots, handover)
 
     def __call__(self, gathered: Gathered, decision: Decision) -> Acted:
         now = gathered.now
@@ -85,6 +88,7 @@ class Actor:
             checkpoints=gathered.checkpoints,
             merged_into=merged,
             births=decision.births,
+            filled=decision.filled,
         )
         remembered = gathered.record.untrusted.get(gathered.target, {})
         untrusted = distrust(
@@ -102,8 +106,10 @@ class Actor:
             changed=changed,
             touched=touched,
         )
-        if decision.may_quarantine:
-            acted = self._quarantine(gathered, acted)
+        if decision.safeguard is Safeguard.FILL:
+            acted = self._fill(gathered, acted)
+        if decision.safeguard is not None:
+            acted = self._quarantine(gathered, acted)  # what filling could not make complete
         if decision.may_heal and healing_plan(now.images, evidence, set(untrusted)).steps:
             acted = self._heal(gathered, acted)
         if acted.healed or (decision.may_unite and not plan_union(now.images).is_empty):
@@ -127,6 +133,52 @@ class Actor:
             united=united,
             changed=acted.changed or bool(united),
             touched=acted.touched or at_rest,
+        )
+
+    def _fill(self, gathered: Gathered, acted: Acted) -> Acted:
+        """Every bit set in the top's copy of each untrusted bitmap (``fill``): complete from
+        then on, so its distrust is settled and the fill is where its bits begin."""
+        steps = plan_fill(acted.now.images, acted.untrusted)
+        if not steps:
+            return acted
+        error: VirtBitmapdError | None = None
+        try:
+            fill(
+                acted.now.disk,
+                steps,
+                running=gathered.running,
+                monitor=lambda: LibvirtMonitor(gathered.domain),
+                storage_roots=self._roots,
+            )
+        except CleanupFailed as left:  # complete; a helper node goes at the next connection
+            error = left
+        except VirtBitmapdError as failed:
+            return replace(acted, fill_error=failed, changed=True, touched=True)
+        names = {step.bitmap for step in steps}
+        why = {name: acted.untrusted[name].why for name in sorted(names)}
+        created = {
+            disk.bitmap: checkpoint.created
+            for checkpoint in gathered.checkpoints
+            if (disk := checkpoint.disk(gathered.target)) is not None
+        }
+        fills = {
+            name: Filled(
+                why=reason,
+                checkpoint_created=created.get(name, 0),
+                chain=acted.now.paths,
+                at=time.time(),
+            )
+            for name, reason in why.items()
+        }
+        return replace(
+            acted,
+            now=_with_filled(acted.now, steps),
+            evidence=replace(acted.evidence, filled={**acted.evidence.filled, **fills}),
+            untrusted={k: v for k, v in acted.untrusted.items() if k not in names},
+            filled=why,
+            fill_error=error,
+            changed=True,
+            touched=True,
         )
 
     def _quarantine(self, gathered: Gathered, acted: Acted) -> Acted:
@@ -157,91 +209,21 @@ class Actor:
                 untrusted=set(acted.untrusted),
                 merged_into=dict(acted.evidence.merged_into),
                 births=acted.evidence.births,
+                filled=acted.evidence.filled,
             )
         except VirtBitmapdError as error:
             return replace(acted, heal_error=error, changed=True, touched=True)
         healed = done.plan.steps if done.result is HealResult.HEALED else ()
         return replace(acted, healed=healed, changed=True, touched=True)
 
-    def _reconcile(
-        self, gathered: Gathered, now: ChainNow, commit: Commit, unproven: str | None
-    ) -> CommitReport:
-        """``unproven``: why nothing but a record of ``virt-bitmapd reconcile`` could prove
-        the commit (then nothing is merged: the layers' bitmaps and the base's are untrusted)."""
-        last_bitmaps = gathered.last_bitmaps
-        remembered = last_bitmaps.get(commit.base)
-        base_before = (
-            None
-            if remembered is None
-            else Image(path=commit.base, format=QCOW2, bitmaps=remembered)
-        )
-        running = gathered.running
-        started = time.monotonic()
-        try:
-            if gathered.last_look_at is not None and commit.top == gathered.old_chain[0]:
-                commit = with_unseen_layers(
-                    commit, beside=gathered.beside, last_bitmaps=last_bitmaps, live=running
-                )
-            if self._reconciled_by_command(commit, gathered):
-                return CommitReport(
-                    commit=commit,
-                    live=running,
-                    duration=time.monotonic() - started,
-                    result=Result.ALREADY_CONSISTENT,
-                    note="reconciled by virt-bitmapd reconcile before its layers were deleted",
-                )
-            if unproven is not None:
-                at_risk = bitmaps_at_risk(commit, last_bitmaps, now.images)
-                raise CommitUnproven(commit.base, commit.removed, unproven, at_risk)
-            require_layers(commit, last_bitmaps, now.images)
-            done = self._carry_out(gathered, now, commit, base_before)
-        except VirtBitmapdError as error:
-            keeps_bits = error.retryable or isinstance(error, CommitUnverifiable)
-            return CommitReport(
-                commit=commit,
-                live=running,
-                duration=time.monotonic() - started,
-                error=error,
-                at_risk=() if keeps_bits else bitmaps_at_risk(commit, last_bitmaps, now.images),
-            )
-        if done.result in CARRIED and not done.untrusted:
-            self._handover.drop(commit.base, commit.removed)  # what a record would say, done
-        return CommitReport(
-            commit=commit,
-            live=running,
-            duration=time.monotonic() - started,
-            result=done.result,
-            plan=done.plan,
-            outcome=done.outcome,
-            error=BitsUnrecoverable(commit.base, done.why_untrusted, done.untrusted)
-            if done.untrusted
-            else None,
-        )
 
-    def _reconciled_by_command(self, commit: Commit, gathered: Gathered) -> bool:
-        """Whether `virt-bitmapd reconcile` left a record for exactly these files, now gone."""
-        if not gone_layers(commit):
-            return False
-        marks = gathered.last_marks
-        if marks is not None:
-            seen = marks.identities()
-        else:  # a state file of an earlier version: what its last complete look saw
-            last = gathered.record.fingerprints.get(gathered.target)
-            seen = {} if last is None else last.identities()
-        return self._handover.take(commit.base, commit.removed, seen) is not None
-
-    def _carry_out(
-        self, gathered: Gathered, now: ChainNow, commit: Commit, base_before: Image | None
-    ) -> Reconciliation:
-        if gathered.running:
-            return reconcile_live(
-                LibvirtMonitor(gathered.domain),
-                now.disk,
-                commit,
-                storage_roots=self._roots,
-                base_before=base_before,
-                domain=gathered.name,
-            )
-        return reconcile_at_rest(
-            commit.top, commit.base, storage_roots=self._roots, base_before=base_before
-        )
+def _with_filled(now: ChainNow, steps: tuple[FillStep, ...]) -> ChainNow:
+    """The chain once ``steps`` are done: each bitmap in the top, recording and consistent
+    (the fill checked that before it ended well)."""
+    top = now.images[0]
+    filled = {step.bitmap: step for step in steps}
+    kept = tuple(b for b in top.bitmaps if b.name not in filled)
+    added = tuple(
+        Bitmap(name=step.bitmap, granularity=step.granularity, recording=True) for step in steps
+    )
+    return replace(now, images=(replace(top, bitmaps=kept + added), *now.images[1:]))

@@ -4,20 +4,22 @@ look leaves behind.  No I/O; tested by tables.
 ``decide`` runs once, on what ``gather`` read, before anything is changed: the commits (layers
 gone from the known chain, less those a completed block copy replaced; plus commits hidden
 between two looks, found from the files beside the chain), which of them nothing proves were
-commits rather than layers discarded (``why_unproven``), and whether this look may quarantine
-or heal.  The other rules are what ``act`` and ``run`` consult once acting has told how each
+commits rather than layers discarded (``why_unproven``), and whether this look may fill (or
+disable) the untrusted, heal or unite the top.  The other rules are what ``act`` and ``run`` consult once acting has told how each
 commit ended: where committed layers' bits now live, what the chain holds after a
 reconciliation proved its merges, whether the look is clean, which bitmaps to remember.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 
 from ..births import Births, births_now, chain_then
 from ..checkpoint_xml import Checkpoint
-from ..health import committed_into
+from ..filling import Filled, fills_now
+from ..lost_bits import committed_into
 from ..model import Bitmap, Image, Result
 from ..readers.chain import ChainNow
 from ..tracking import Commit, copied_away, detect_commits, hidden_commits
@@ -27,13 +29,28 @@ from .proof import why_unproven
 
 __all__ = [
     "CARRIED",
+    "SAFEGUARDS",
     "Decision",
+    "Safeguard",
     "bitmaps_to_remember",
     "chain_after",
     "decide",
     "is_clean",
     "merged_into_after",
 ]
+
+
+class Safeguard(enum.Enum):
+    """What is done with a bitmap whose bits cannot be proven complete."""
+
+    #: every bit set in the top's copy (``filling``); disabled where that fails
+    FILL = "fill"
+    #: disabled in the top (``quarantine``): libvirt refuses it, ``qemu-nbd`` still exports it
+    DISABLE = "disable"
+
+
+#: The ``untrusted`` policy's values -> the safeguard ("report": none).
+SAFEGUARDS = {"fill": Safeguard.FILL, "disable": Safeguard.DISABLE}
 
 #: Commit results that prove the committed layers' bits reached the base.
 CARRIED = (Result.RECONCILED, Result.ALREADY_CONSISTENT, Result.NOTHING_TO_DO)
@@ -46,12 +63,15 @@ class Decision:
     unproven: Mapping[Commit, str] = field(default_factory=dict)
     #: Birth layers a completed block copy replaced -> the new top holding their bitmaps.
     copied_into: Mapping[str, str] = field(default_factory=dict)
-    #: Policy allows it and no block job is handling bitmaps (libvirt may be, half-way).
-    may_quarantine: bool = False
+    #: What makes untrusted bitmaps safe, as the policy says, when no block job is handling
+    #: bitmaps (libvirt may be, half-way); None: they are only reported.
+    safeguard: Safeguard | None = None
     #: Policy allows it, the domain is shut off and its checkpoints could be read.
     may_heal: bool = False
     #: Where each checkpoint was taken, as far as anything proves it (``births``).
     births: Births = field(default_factory=dict)
+    #: The fills of earlier looks that still stand (``filling``).
+    filled: Mapping[str, Filled] = field(default_factory=dict)
     #: The chain has layers below the top, and changed (or is seen first) or its top holds a
     #: bitmap it did not: the copies below are merged into the top's, for readers that export
     #: one copy (``top_union``).
@@ -62,7 +82,7 @@ def decide(
     gathered: Gathered,
     *,
     copied: bool,
-    quarantine: bool,
+    safeguard: Safeguard | None,
     heal: bool,
     job_done: bool = False,
 ) -> Decision:
@@ -89,15 +109,27 @@ def decide(
     births = births_now(
         gathered.checkpoints, gathered.target, gathered.record.births.get(gathered.target, {})
     )
+    filled = fills_now(
+        gathered.record.filled.get(gathered.target, {}),
+        now.images,
+        gathered.checkpoints,
+        gathered.target,
+    )
     return Decision(
         commits=commits,
         unproven=unproven,
         copied_into=_copied_into(
-            now.paths, replaced, gathered.checkpoints, gathered.target, births
+            now.paths,
+            replaced,
+            gathered.checkpoints,
+            gathered.target,
+            births=births,
+            filled=filled,
         ),
-        may_quarantine=quarantine and not now.job_running,
+        safeguard=None if now.job_running else safeguard,
         may_heal=heal and not gathered.running and gathered.checkpoint_error is None,
         births=births,
+        filled=filled,
         may_unite=not now.job_running and len(now.paths) > 1 and _top_may_lack_union(gathered),
     )
 
@@ -163,8 +195,8 @@ def _with_bitmaps(image: Image, added: Mapping[str, Mapping[str, Bitmap]]) -> Im
 def is_clean(
     reports: Sequence[CommitReport], errors: Sequence[object | None], job_running: bool
 ) -> bool:
-    """Whether the look proved its disk's state: no commit, checkpoint read, quarantine or
-    heal failed, and no block job ran meanwhile.  Else the next rescan must read again: what
+    """Whether the look proved its disk's state: no commit, checkpoint read, fill,
+    quarantine, heal or union failed, and no block job ran meanwhile.  Else the next rescan must read again: what
     failed may work then."""
     return not (
         any(r.error is not None for r in reports)
@@ -197,7 +229,9 @@ def _copied_into(
     replaced: Set[str],
     checkpoints: Sequence[Checkpoint],
     target: str,
+    *,
     births: Births,
+    filled: Mapping[str, Filled],
 ) -> dict[str, str]:
     """After a block copy's pivot: each checkpoint's birth layer that the copy replaced -> the
     new top, which libvirt gave the replaced layers' bitmaps.  A birth layer gone some other way
@@ -205,7 +239,7 @@ def _copied_into(
     copied = {}
     for checkpoint in checkpoints:
         disk = checkpoint.disk(target)
-        then = None if disk is None else chain_then(checkpoint, disk, births)
+        then = None if disk is None else chain_then(checkpoint, disk, births, filled)
         if then and then[0] in replaced:
             copied[then[0]] = chain[0]
     return copied

@@ -19,6 +19,7 @@ from ..errors import (
     OutsideStorageRoots,
     VirtBitmapdError,
 )
+from ..filling import Filled
 from ..fingerprints import Fingerprint, LayerStat
 from ..healing import HealStep
 from ..health import CheckpointHealth, Distrust
@@ -82,6 +83,9 @@ class LookResult:
     health: tuple[CheckpointHealth, ...] = ()
     #: libvirt could not list the checkpoints (then ``health`` is empty).
     checkpoint_error: VirtBitmapdError | None = None
+    #: Bitmaps this look gave every bit, each with why it was untrusted; and a failure to.
+    filled: Mapping[str, str] = field(default_factory=dict)
+    fill_error: VirtBitmapdError | None = None
     #: Bitmaps this look disabled, each with why it is untrusted.
     quarantined: Mapping[str, str] = field(default_factory=dict)
     quarantine_error: VirtBitmapdError | None = None
@@ -103,6 +107,7 @@ class LookResult:
     layer_bitmaps: Mapping[str, tuple[Bitmap, ...]] = field(default_factory=dict)
     merged_into: Mapping[str, str] = field(default_factory=dict)
     births: Births = field(default_factory=dict)
+    fills: Mapping[str, Filled] = field(default_factory=dict)
     #: When (time.time()) the look began: files changed after it are news to the next one.
     started_at: float = 0.0
     #: The stages the look ran, in order (``look.run``): what a reader of the logs can follow.

@@ -3,7 +3,8 @@ and for ``virt-bitmapd status``.  Pure: no I/O.
 
 ``distrust`` says which bitmaps cannot be proven complete (what was remembered and still holds,
 what this look's commits could not carry, checkpoints whose birth layer went without its bits
-or that nothing says where they were taken); ``judge`` gives each checkpoint its state and what
+or that nothing says where they were taken, checkpoints whose copy in the top was disabled);
+``judge`` gives each checkpoint its state and what
 the next incremental backup from it does, with the healing hint where ``virt-bitmapd heal``
 could rebuild it.
 """
@@ -15,18 +16,13 @@ from dataclasses import dataclass, field
 
 from ..births import Births
 from ..checkpoint_xml import Checkpoint
+from ..filling import Filled
 from ..healing import HealPlan, annotate, plan_healing
-from ..health import (
-    CheckpointHealth,
-    Distrust,
-    disk_health,
-    lost_layers,
-    untrusted_now,
-    while_busy,
-)
+from ..health import CheckpointHealth, Distrust, disk_health, untrusted_now, while_busy
+from ..lost_bits import lost_layers
 from ..model import Image
 
-__all__ = ["Evidence", "distrust", "healing_plan", "judge"]
+__all__ = ["Evidence", "disabled_in_top", "distrust", "healing_plan", "judge"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +36,8 @@ class Evidence:
     merged_into: Mapping[str, str] = field(default_factory=dict)
     #: where each checkpoint was taken, as far as anything proves it
     births: Births = field(default_factory=dict)
+    #: the bitmaps virt-bitmapd filled, which begin there
+    filled: Mapping[str, Filled] = field(default_factory=dict)
 
 
 def distrust(
@@ -54,12 +52,35 @@ def distrust(
     ``after_commits``: what this look's commits could not carry (bitmap -> why); ``job``: a
     block job running on the disk, whose bitmaps may look gone half-way: nothing is forgiven."""
     lost = lost_layers(
-        chain, evidence.checkpoints, evidence.target, evidence.merged_into, evidence.births
+        chain,
+        evidence.checkpoints,
+        evidence.target,
+        merged_into=evidence.merged_into,
+        births=evidence.births,
+        filled=evidence.filled,
     )
-    untrusted = untrusted_now(
-        remembered, dict(after_commits) | lost, chain, evidence.checkpoints, evidence.target
-    )
+    found = dict(after_commits) | lost
+    if job is None:
+        found |= disabled_in_top(chain, evidence.checkpoints, evidence.target)
+    untrusted = untrusted_now(remembered, found, chain, evidence.checkpoints, evidence.target)
     return untrusted if job is None else {**remembered, **untrusted}
+
+
+def disabled_in_top(
+    chain: Sequence[Image], checkpoints: Sequence[Checkpoint], target: str
+) -> dict[str, str]:
+    """Checkpoint bitmaps whose copy in the top layer does not record: the writes since it
+    stopped are in no copy.  libvirt refuses an incremental backup from such a checkpoint, but
+    ``qemu-nbd --bitmap`` exports it, short."""
+    if not chain:
+        return {}
+    top = chain[0]
+    names = {disk.bitmap for c in checkpoints if (disk := c.disk(target)) is not None}
+    return {
+        name: f"its copy in {top.path} does not record: the writes since it stopped are in no copy"
+        for name in sorted(names)
+        if (copy := top.bitmap(name)) is not None and not copy.recording and not copy.inconsistent
+    }
 
 
 def healing_plan(chain: Sequence[Image], evidence: Evidence, untrusted: Set[str]) -> HealPlan:
@@ -70,6 +91,7 @@ def healing_plan(chain: Sequence[Image], evidence: Evidence, untrusted: Set[str]
         untrusted=set(untrusted),
         merged_into=dict(evidence.merged_into),
         births=evidence.births,
+        filled=evidence.filled,
     )
 
 
@@ -82,7 +104,8 @@ def judge(
 ) -> tuple[CheckpointHealth, ...]:
     """``job``: the block job running on the disk, if one is: then every checkpoint is busy."""
     why = {name: reason.why for name, reason in untrusted.items()}
-    health = disk_health(chain, evidence.checkpoints, evidence.target, why)
+    filled = {name: fill.why for name, fill in evidence.filled.items()}
+    health = disk_health(chain, evidence.checkpoints, evidence.target, why, filled)
     if job is not None:
         return while_busy(health, job)
     plan = healing_plan(chain, evidence, set(untrusted))

@@ -22,7 +22,7 @@ from ..health import CheckpointHealth
 from ..readers.chain import ChainNow, current_chain
 from ..state import StateStore
 from .act import Acted, Actor
-from .decide import bitmaps_to_remember, decide, is_clean
+from .decide import SAFEGUARDS, bitmaps_to_remember, decide, is_clean
 from .findings import LookResult, bitmap_states
 from .gather import Gathered, gather
 from .judge import judge
@@ -40,7 +40,7 @@ class Look:
         storage_roots: Sequence[str],
         handover: Handover,
         *,
-        untrusted_policy: str = "disable",
+        untrusted_policy: str = "fill",
         heal: bool = False,
         log_dir: str | None = None,
     ) -> None:
@@ -51,7 +51,7 @@ class Look:
         self._log_dir = log_dir
         self._roots = tuple(storage_roots)
         self._act = Actor(self._roots, handover)
-        self._quarantine = untrusted_policy == "disable"
+        self._safeguard = SAFEGUARDS.get(untrusted_policy)
         self._heal = heal
 
     def __call__(
@@ -90,7 +90,7 @@ class Look:
             gathered,
             copied=copied,
             job_done=job_done,
-            quarantine=self._quarantine,
+            safeguard=self._safeguard,
             heal=self._heal,
         )
         ran.append("decide")
@@ -107,6 +107,7 @@ class Look:
             acted.reports,
             (
                 gathered.checkpoint_error,
+                acted.fill_error,
                 acted.quarantine_error,
                 acted.heal_error,
                 acted.union_error,
@@ -124,6 +125,8 @@ class Look:
             untrusted=tuple(sorted(set(acted.untrusted) | invalid)),
             health=health,
             checkpoint_error=gathered.checkpoint_error,
+            filled=acted.filled,
+            fill_error=acted.fill_error,
             quarantined=acted.quarantined,
             quarantine_error=acted.quarantine_error,
             healed=acted.healed,
@@ -137,6 +140,7 @@ class Look:
             layer_bitmaps=bitmaps_to_remember(now, gathered.last_bitmaps),
             merged_into=acted.evidence.merged_into,
             births=acted.evidence.births,
+            fills=acted.evidence.filled,
             stages=tuple(ran),
         )
 

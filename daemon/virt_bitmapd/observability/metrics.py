@@ -83,6 +83,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.fills = Counter(
+            "virt_bitmapd_fills_total",
+            "Untrusted bitmaps given every bit, so that every reader's next incremental backup "
+            "from them copies the whole disk (filled), and attempts that failed (failed)",
+            ["result"],
+            registry=r,
+        )
         self.heals = Counter(
             "virt_bitmapd_heals_total",
             "Checkpoint bitmap copies rebuilt from an overlay's allocated clusters (healed), "
@@ -110,7 +117,8 @@ class Metrics:
         )
         self.leftovers_removed = Counter(
             "virt_bitmapd_leftovers_removed_total",
-            "What an earlier run left, removed, by kind: QEMU nodes, probe bitmaps, tool processes",
+            "What an earlier run left, removed, by kind: QEMU jobs and nodes, probe bitmaps, tool "
+            "processes",
             ["kind"],
             registry=r,
         )
@@ -138,6 +146,8 @@ class Metrics:
             self.quarantines.labels(result)
         for result in ("healed", "failed"):
             self.heals.labels(result)
+        for result in ("filled", "failed"):
+            self.fills.labels(result)
         self.libvirt_connected.set(0)
         self._error_kinds: set[str] = set()
 

@@ -19,7 +19,7 @@ from ..block_jobs import job_name
 from ..domain_xml import Disk, DomainDisks, parse_domain
 from ..errors import ChainError, ChainMoving, ImageUnreadable, LibvirtFailed
 from ..model import Image
-from ..qmp import node_bitmaps, query_nodes
+from ..qmp_nodes import node_bitmaps, query_nodes
 from ..transports.libvirt_monitor import LibvirtMonitor
 
 __all__ = ["ChainNow", "current_chain", "domain_disks", "resolved"]

@@ -97,6 +97,7 @@ class Applier:
                 generation=result.generation,
                 merged_into=result.merged_into,
                 births=result.births,
+                filled=result.fills,
                 fingerprint=result.fingerprint,
                 marks=result.marks,
             )

@@ -198,11 +198,13 @@ class Daemon:
 
     async def _on_connected(self, conn: libvirt.virConnect, first: bool) -> None:
         for removed in await asyncio.to_thread(remove_leftovers, conn):
+            self.metrics.leftovers_removed.labels("job").inc(len(removed.jobs))
             self.metrics.leftovers_removed.labels("node").inc(len(removed.nodes))
             self.metrics.leftovers_removed.labels("bitmap").inc(len(removed.bitmaps))
             log.warning(
                 "leftovers_removed",
                 domain=removed.domain,
+                jobs=list(removed.jobs),
                 nodes=list(removed.nodes),
                 bitmaps=list(removed.bitmaps),
                 failures=list(removed.failures),

@@ -1,4 +1,4 @@
-"""A look's news about checkpoints, told: quarantines and heals done or failed, then each
+"""A look's news about checkpoints, told: fills, quarantines and heals done or failed, then each
 checkpoint whose state changed (logs and metrics).  What to say is decided in ``effects``."""
 
 from __future__ import annotations
@@ -18,7 +18,28 @@ UNREADABLE = "!unreadable"  # the key of a disk's checkpoint memory when they co
 def publish_checkpoints(
     metrics: Metrics, memory: DiskMemory, bound: Any, key: DiskKey, report: LookResult
 ) -> None:
-    """Quarantines done or failed, then each checkpoint whose state changed."""
+    """Fills, quarantines and heals done or failed, then each checkpoint whose state changed."""
+    if report.filled:
+        metrics.fills.labels("filled").inc(len(report.filled))
+        bound.warning(
+            "checkpoint_filled",
+            bitmaps=sorted(report.filled),
+            reasons=dict(report.filled),
+            image=report.chain[0],
+            effect="every bit is set: the next incremental backup from each of these "
+            "checkpoints, by any tool, copies the whole disk",
+        )
+    if report.fill_error is not None and report.filled:  # complete, a helper node left over
+        bound.warning("fill_cleanup_failed", error=str(report.fill_error))
+    elif report.fill_error is not None:
+        metrics.fills.labels("failed").inc()
+        bound.error(
+            "fill_failed",
+            error=str(report.fill_error),
+            error_kind=report.fill_error.kind,
+            effect="the bitmaps are disabled instead where they can be (libvirt refuses them; "
+            "an offline export with qemu-nbd does not); the next look tries again",
+        )
     if report.quarantined:
         metrics.quarantines.labels("disabled").inc(len(report.quarantined))
         bound.warning(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from typing import IO
 
@@ -28,20 +27,11 @@ from ..errors import (
 from ..healing import HealStep
 from ..model import Outcome, Plan
 from ..qemu_messages import describe_exit, image_error_from_qemu
-from ..qmp import (
-    NodeBitmaps,
-    blockdev_add,
-    blockdev_del,
-    copy_allocated,
-    disable_bitmaps,
-    find_node,
-    heal_transaction,
-    node_bitmaps,
-    null_sink,
-    query_nodes,
-    transaction,
-)
+from ..qmp import blockdev_add, blockdev_del, disable_bitmaps, transaction
+from ..qmp_marking import copy_allocated, heal_transaction, null_sink
+from ..qmp_nodes import NodeBitmaps, find_node, node_bitmaps, query_nodes
 from . import children
+from .job_wait import wait_for_job
 from .qmp_stream import QMPStream
 
 __all__ = [
@@ -59,7 +49,6 @@ TOP_NODE = "vbd-top"
 SINK_NODE = "vbd-sink"  # null-co: discards what it is given, its bitmap records where
 ALLOCATION_BITMAP = "vbd-allocation"
 HEAL_JOB = "vbd-heal"
-JOB_POLL = 0.05  # seconds between looks at the copy job
 JOB_TIMEOUT = 3600.0  # reading a huge overlay's allocated clusters once
 STDERR_KEPT = 2000  # characters of the tool's stderr kept in an error
 
@@ -172,24 +161,11 @@ def heal_at_rest(
             }
         )
         qmp.execute(copy_allocated(HEAL_JOB, TOP_NODE, SINK_NODE))
-        _wait_for_job(qmp, path)
+        wait_for_job(
+            qmp.execute, HEAL_JOB, path, timeout=JOB_TIMEOUT, what="reading its allocation"
+        )
         source = (SINK_NODE, ALLOCATION_BITMAP)
         run_transaction(qmp, heal_transaction(TOP_NODE, steps, source=source), path)
-
-
-def _wait_for_job(qmp: QMPStream, path: str) -> None:
-    """Until the copy job concludes; raises ToolFailed with QEMU's words when it failed."""
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while True:
-        jobs = [job for job in qmp.execute({"execute": "query-jobs"}) if job["id"] == HEAL_JOB]
-        if not jobs or jobs[0]["status"] == "concluded":
-            break
-        if time.monotonic() > deadline:
-            raise ToolFailed(f"{path}: reading its allocation took over {JOB_TIMEOUT:.0f} s")
-        time.sleep(JOB_POLL)
-    qmp.execute({"execute": "job-dismiss", "arguments": {"id": HEAL_JOB}})
-    if jobs and jobs[0].get("error"):
-        raise image_error_from_qemu(path, str(jobs[0]["error"]))
 
 
 def apply_at_rest(plan: Plan, *, binary: str = TOOL, timeout: float = 60.0) -> Outcome:

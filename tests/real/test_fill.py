@@ -1,0 +1,151 @@
+"""A checkpoint whose bits cannot be proven complete gets every bit set, on a real libvirtd with
+OS-less QEMU VMs: libvirt's incremental backup and the offline export (`qemu-nbd --bitmap`) both
+copy the whole disk, nobody is refused, and the checkpoint stays usable afterwards.  At rest
+through qemu-storage-daemon, live through the domain's QEMU; a bitmap an earlier version
+disabled is filled and records again; where filling fails, it is disabled (libvirt refuses it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.backups import backup_extents, backup_refusal
+from helpers.images import K64, MiB, bitmaps, create, dirty_extents, expected, run
+from helpers.libvirt_env import DaemonProcess, Domains, stop_gracefully, virsh
+from helpers.scenarios import checkpoint_status as status
+from helpers.scenarios import entry_after, guest_write, is_for, redefine_on, snapshot
+from helpers.stand_ins import crashing_path
+
+pytestmark = pytest.mark.real
+
+DISK = 64 * MiB  # helpers.images.create's default size
+WHOLE_DISK = [(0, DISK)]
+
+
+def recording(path: Path) -> dict[str, bool]:
+    """Each bitmap of ``path``: whether it records (its "auto" flag)."""
+    return {str(b["name"]): "auto" in b["flags"] for b in bitmaps(path)}  # type: ignore[operator]
+
+
+def lose_cp1(tmp_path: Path, domains: Domains, daemon: DaemonProcess, **start: Any) -> Any:
+    """cp1 taken on base, written into base and into an overlay s1; s1 committed into base by
+    a tool that carries no bitmap and deleted while the daemon was down: nothing holds what
+    was written in s1 since cp1.  Returns the shut-off domain, on base again."""
+    folder = tmp_path / "images"
+    base, s1 = folder / "base.qcow2", folder / "s1.qcow2"
+    dom = domains.define(base, start=True)
+    daemon.start(*start.get("options", ()))
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    snapshot(dom, s1)
+    daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
+    guest_write(dom, 3 * MiB, K64, 0x22)  # into s1: recorded by cp1's copy there only
+    stop_gracefully(dom)
+    assert daemon.stop() == 0
+    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
+    dom = redefine_on(domains, dom, base)
+    s1.unlink()
+    return dom
+
+
+def new_images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return create(folder / "base.qcow2")
+
+
+def test_a_checkpoint_that_cannot_be_proved_is_filled_at_rest_and_every_reader_gets_it_all(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    base = new_images(tmp_path)
+    daemon = daemon_factory(roots=[tmp_path / "images"])
+    dom = lose_cp1(tmp_path, domains, daemon)
+    daemon.start()
+    filled = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
+    assert filled["bitmaps"] == ["cp1"] and filled["image"] == str(base), filled
+    assert "s1.qcow2" in filled["reasons"]["cp1"], filled
+    assert recording(base)["cp1"]
+    # the offline reader (virtnbdbackup, OpenNebula) and libvirt's backup: the whole disk
+    assert dirty_extents(base, "cp1") == WHOLE_DISK
+    seen = status(daemon, dom.name())["cp1"]
+    assert (seen["state"], seen["next_backup"]) == ("usable", "complete: the whole disk"), seen
+    assert seen["reason"].startswith("filled because ") and "s1.qcow2" in seen["reason"]
+    dom.create()
+    assert backup_extents(dom, tmp_path / "backup", "cp1") == WHOLE_DISK
+    # the checkpoint records on: a later checkpoint is exact, the filled one still complete
+    virsh("checkpoint-create-as", dom.name(), "cp2", "--diskspec", "vda")
+    guest_write(dom, 7 * MiB, K64, 0x33)
+    assert backup_extents(dom, tmp_path / "backup", "cp2") == expected([(7 * MiB, K64)])
+    assert backup_extents(dom, tmp_path / "backup", "cp1") == WHOLE_DISK
+    stop_gracefully(dom)
+    # filled once: a restarted daemon remembers it and says it is complete
+    daemon.stop()
+    mark = len(daemon.entries())
+    daemon.start()
+    entry_after(daemon, mark, is_for(dom, "look_done"), "the restarted daemon's look")
+    after = daemon.entries()[mark:]
+    assert not [e for e in after if e.get("event") in ("checkpoint_filled", "fill_failed")]
+    assert status(daemon, dom.name())["cp1"]["next_backup"] == "complete: the whole disk"
+
+
+def test_a_bitmap_an_earlier_version_disabled_is_filled_live_and_records_again(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """Quarantined the old way (disabled: libvirt refuses it, qemu-nbd exports it short), then
+    the domain runs and a daemon that fills starts: the bitmap is filled through the domain's
+    QEMU and records again, and libvirt's backup from it holds the whole disk."""
+    base = new_images(tmp_path)
+    daemon = daemon_factory(roots=[tmp_path / "images"])
+    dom = lose_cp1(tmp_path, domains, daemon, options=("--untrusted", "disable"))
+    daemon.start("--untrusted", "disable")
+    daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="the quarantine")
+    daemon.stop()
+    assert not recording(base)["cp1"]
+    dom.create()
+    assert "checkpoint inconsistent" in backup_refusal(dom, tmp_path / "backup", "cp1")
+    mark = len(daemon.entries())
+    daemon.start()
+    filled = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
+    assert filled["bitmaps"] == ["cp1"] and filled["image"] == str(base), filled
+    assert not [e for e in daemon.entries()[mark:] if e.get("event") == "fill_failed"]
+    nodes = json.loads(
+        virsh("qemu-monitor-command", dom.name(), '{"execute": "query-named-block-nodes"}')
+    )["return"]
+    copies = [b for n in nodes for b in n.get("dirty-bitmaps", []) if b.get("name") == "cp1"]
+    assert copies and all(b["recording"] and b["count"] == DISK for b in copies), copies
+    assert not [n["node-name"] for n in nodes if n["node-name"].startswith("vbd-")]
+    assert backup_extents(dom, tmp_path / "backup", "cp1") == WHOLE_DISK
+    seen = status(daemon, dom.name())["cp1"]
+    assert (seen["state"], seen["next_backup"]) == ("usable", "complete: the whole disk"), seen
+    stop_gracefully(dom)
+    assert recording(base)["cp1"] and dirty_extents(base, "cp1") == WHOLE_DISK
+
+
+def test_where_filling_fails_the_bitmap_is_disabled_and_libvirt_refuses_it(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """qemu-storage-daemon refuses the fill's copy job: nothing is half-filled, the bitmap is
+    disabled instead (libvirt refuses it; an offline export of it would be short, and the error
+    says so), and a later look fills it once the tool works."""
+    base = new_images(tmp_path)
+    daemon = daemon_factory(roots=[tmp_path / "images"])
+    dom = lose_cp1(tmp_path, domains, daemon)
+    daemon.start(env=crashing_path(tmp_path, "refuse:blockdev-backup", "KILL"))
+    failed = daemon.wait_for(is_for(dom, "fill_failed"), what="the failed fill")
+    assert failed["error_kind"] == "fill_failed" and str(base) in failed["error"], failed
+    quarantined = daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="the quarantine")
+    assert quarantined["bitmaps"] == ["cp1"]
+    assert not recording(base)["cp1"]
+    assert dirty_extents(base, "cp1") != WHOLE_DISK  # what an offline reader would still get
+    daemon.stop()
+    dom.create()
+    assert "checkpoint inconsistent" in backup_refusal(dom, tmp_path / "backup", "cp1")
+    stop_gracefully(dom)
+    daemon.start()  # the real tool again: the next look fills it
+    daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
+    assert recording(base)["cp1"] and dirty_extents(base, "cp1") == WHOLE_DISK
