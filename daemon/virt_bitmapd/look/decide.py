@@ -5,9 +5,10 @@ look leaves behind.  No I/O; tested by tables.
 gone from the known chain, less those a completed block copy replaced; plus commits hidden
 between two looks, found from the files beside the chain), which of them nothing proves were
 commits rather than layers discarded (``why_unproven``), and whether this look may fill (or
-disable) the untrusted, heal or unite the top.  The other rules are what ``act`` and ``run`` consult once acting has told how each
-commit ended: where committed layers' bits now live, what the chain holds after a
-reconciliation proved its merges, whether the look is clean, which bitmaps to remember.
+disable) the untrusted, heal or unite the top.  The other rules are what ``act`` and ``run``
+consult once acting has told how each commit ended: where committed layers' bits now live, what
+the chain holds after a reconciliation proved its merges, whether the look is clean, which
+bitmaps to remember.
 """
 
 from __future__ import annotations
@@ -196,8 +197,8 @@ def is_clean(
     reports: Sequence[CommitReport], errors: Sequence[object | None], job_running: bool
 ) -> bool:
     """Whether the look proved its disk's state: no commit, checkpoint read, fill,
-    quarantine, heal or union failed, and no block job ran meanwhile.  Else the next rescan must read again: what
-    failed may work then."""
+    quarantine, heal or union failed, and no block job ran meanwhile.  Else the next rescan
+    must read again: what failed may work then."""
     return not (
         any(r.error is not None for r in reports)
         or any(error is not None for error in errors)
