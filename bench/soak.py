@@ -16,8 +16,8 @@ incremental, its exported dirty bitmap read back over NBD.  Whenever the domain 
 checkpoint is also exported as an offline tool does it: `qemu-nbd -r --bitmap=NAME TOP`.  A block
 that changed and is not exported is *missed*.  A refused backup must have been foreseen by
 `virt-bitmapd status` (untrusted, missing or broken), and the tool then deletes the checkpoint
-(it takes a full backup); an offline tool takes no incremental from a checkpoint `status` does
-not call usable.
+(it takes a full backup); an offline tool takes no incremental from a checkpoint whose offline
+export `status` does not call safe or complete.
 
 The same sequence runs twice: with `virt-bitmapd run`, and without it.  The run without it must
 miss blocks: proof that the oracles see a loss.  With it, the target is 0 missed blocks for both

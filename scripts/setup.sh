@@ -10,6 +10,8 @@ packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   pkg-config gcc make procps python3-dev python3-venv
   prometheus systemd
+  # a real backup tool the tests back up with, online and offline, and restore from
+  virtnbdbackup
   # the Debian package (make deb) and the system test that boots it under systemd
   debhelper dh-python pybuild-plugin-pyproject python3-all python3-hatchling lintian
   systemd-container debootstrap

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .content import changed
-from .oracle import Reader, offline_export, online_backup, status_of
+from .oracle import Reader, offline_export, offline_status_of, online_backup, status_of
 
 if TYPE_CHECKING:
     from .life import Life
@@ -57,14 +57,16 @@ def back_up_online(life: Life) -> None:
 
 
 def back_up_offline(life: Life) -> None:
-    """At rest: the offline export of every checkpoint.  One `status` does not call usable
-    is one an offline tool must not take an incremental from: foreseen, whatever it holds."""
+    """At rest: the offline export of every checkpoint.  One whose offline export `status` does
+    not call safe (or complete) is one an offline tool must not take an incremental from:
+    foreseen, whatever it holds."""
     now = life.content.read()
     reader = life.figures.offline
+    config = None if life.daemon is None else life.daemon.config
     for name, then in life.taken_at.items():
-        status = status_now(life, name)
+        status = offline_status_of(life.name, config, name)
         exported = offline_export(life.chain[0], name)
-        if life.daemon is not None and status != "usable":
+        if life.daemon is not None and status.split(":")[0] not in ("safe", "complete"):
             reader.backups += 1
             reader.foreseen += 1
             continue
@@ -72,6 +74,6 @@ def back_up_offline(life: Life) -> None:
             reader.backups += 1
             reader.refused += 1
             if life.daemon is not None:
-                reader.misses.append(f"offline export of {name} refused; status: usable")
+                reader.misses.append(f"offline export of {name} refused; status said {status}")
             continue
         reader.judge(name, exported, changed(then, now), status)

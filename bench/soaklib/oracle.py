@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .tools import VBD, blocks, run, virsh
 
@@ -123,13 +124,29 @@ def offline_export(top: Path, checkpoint: str) -> set[int] | None:
 
 def status_of(domain: str, config: Path | None, checkpoint: str) -> str:
     """What `virt-bitmapd status` says of ``checkpoint``'s state (and why, if not usable)."""
+    entry = _status_entry(domain, config, checkpoint)
+    if entry is None:
+        return "not asked" if config is None else "not shown"
+    state = str(entry["state"])
+    return state if state == "usable" else f"{state}: {entry['reason']}"
+
+
+def offline_status_of(domain: str, config: Path | None, checkpoint: str) -> str:
+    """What `virt-bitmapd status` says an offline export of ``checkpoint`` does (and why)."""
+    entry = _status_entry(domain, config, checkpoint)
+    if entry is None:
+        return "not asked" if config is None else "not shown"
+    said = str(entry["offline_backup"])
+    return f"{said}: {entry['offline_reason']}" if entry["offline_reason"] else said
+
+
+def _status_entry(domain: str, config: Path | None, checkpoint: str) -> dict[str, Any] | None:
     if config is None:
-        return "not asked"
+        return None
     shown = run(*VBD, "status", domain, "--json", "--config", str(config))
     for found in json.loads(shown.stdout)["domains"]:
         for disk in found["disks"]:
             for entry in disk["checkpoints"]:
                 if entry["checkpoint"] == checkpoint:
-                    state = str(entry["state"])
-                    return state if state == "usable" else f"{state}: {entry['reason']}"
-    return "not shown"
+                    return dict(entry)
+    return None

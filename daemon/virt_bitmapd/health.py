@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from .checkpoint_xml import Checkpoint
 from .model import Image, SkipReason
+from .offline_export import OfflineExport, offline_export
 from .planner import bitmap_chain_problem
 
 __all__ = [
@@ -67,6 +68,9 @@ class CheckpointHealth:
     reason: str = ""
     #: The layer the reason was found in, when there is one.
     layer: str | None = None
+    #: What an offline export of its bitmap (``qemu-nbd --bitmap``) does next, and why.
+    offline: OfflineExport = OfflineExport.NONE
+    offline_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +126,14 @@ def disk_health(
     target: str,
     untrusted: Mapping[str, str],
     filled: Mapping[str, str] | None = None,
+    *,
+    top_united: bool = False,
 ) -> tuple[CheckpointHealth, ...]:
     """Every checkpoint of disk ``target``, and every bitmap of its ``chain`` (top first) that no
-    checkpoint names, classified.  ``untrusted``: bitmap -> why its bits cannot be proven (what
-    virt-bitmapd remembers, with ``lost_bits.lost_layers`` added); ``filled``: bitmap -> why
-    virt-bitmapd set its every bit."""
+    checkpoint names, classified, for libvirt's backup and for an offline export.
+    ``untrusted``: bitmap -> why its bits cannot be proven (what virt-bitmapd remembers, with
+    ``lost_bits.lost_layers`` added); ``filled``: bitmap -> why virt-bitmapd set its every bit;
+    ``top_united``: the top's copies hold the copies below them (``top_union``)."""
     images = tuple(chain)
     found: list[CheckpointHealth] = []
     named: set[str] = set()
@@ -143,6 +150,7 @@ def disk_health(
                 checkpoint.name,
                 untrusted=untrusted,
                 filled=filled or {},
+                top_united=top_united,
             )
         )
     orphans: dict[str, str] = {}
@@ -176,7 +184,18 @@ def _one(
     *,
     untrusted: Mapping[str, str],
     filled: Mapping[str, str],
+    top_united: bool,
 ) -> CheckpointHealth:
+    problem = bitmap_chain_problem(images, bitmap)
+    offline, offline_reason = offline_export(
+        images,
+        bitmap,
+        untrusted=bitmap in untrusted,
+        filled=bitmap in filled,
+        valid=problem is None,
+        top_united=top_united,
+    )
+
     def health(
         state: State, next_backup: NextBackup, reason: str, layer: str | None = None
     ) -> CheckpointHealth:
@@ -188,11 +207,12 @@ def _one(
             next_backup=next_backup,
             reason=reason,
             layer=layer,
+            offline=offline,
+            offline_reason=offline_reason,
         )
 
     if not any(image.bitmap(bitmap) for image in images):
         return health(State.MISSING, NextBackup.REFUSED, "no layer of the chain holds its bitmap")
-    problem = bitmap_chain_problem(images, bitmap)
     if bitmap in untrusted:
         if problem is None:
             return health(State.UNTRUSTED, NextBackup.MISSES_DATA, untrusted[bitmap])
@@ -219,6 +239,8 @@ def while_busy(health: Iterable[CheckpointHealth], job: str) -> tuple[Checkpoint
             next_backup=NextBackup.AFTER_JOB,
             reason=f"a {job} job is running on the disk",
             layer=None,
+            offline=OfflineExport.AFTER_JOB,
+            offline_reason="",
         )
         for entry in health
     )

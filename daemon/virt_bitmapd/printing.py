@@ -8,6 +8,7 @@ from .errors import VirtBitmapdError
 from .healing import HealPlan
 from .health import CheckpointHealth
 from .model import Bitmap, Chain, Image, Outcome, Plan
+from .offline_export import OfflineExport
 from .planner import chain_problems
 from .qmp import JSON
 
@@ -166,6 +167,8 @@ def _health_json(entry: CheckpointHealth) -> JSON:
         "next_backup": entry.next_backup.value,
         "reason": entry.reason,
         "layer": entry.layer,
+        "offline_backup": entry.offline.value,
+        "offline_reason": entry.offline_reason,
     }
 
 
@@ -221,6 +224,11 @@ def status_text(host: HostStatus) -> str:
                 name = entry.checkpoint or f"(bitmap {entry.bitmap})"
                 line = f"    {name:<20} {entry.state.value:<14} {entry.next_backup.value:<19}"
                 lines.append((line + " " + entry.reason).rstrip())
+                if entry.offline not in (OfflineExport.NONE, OfflineExport.AFTER_JOB) and (
+                    entry.offline.value != entry.next_backup.value or entry.offline_reason
+                ):
+                    offline = f"{'':<35} offline export: {entry.offline.value}"
+                    lines.append(f"    {offline} {entry.offline_reason}".rstrip())
         for target, why in domain.skipped:
             lines.append(f"  {target}: skipped: {why}")
     return "\n".join(lines) if lines else "no domains"

@@ -113,6 +113,7 @@ class StateStore:
         merged_into: Mapping[str, str] | None = None,
         births: Mapping[str, tuple[int, str]] | None = None,
         filled: Mapping[str, Filled] | None = None,
+        united: tuple[str, ...] | None = None,
         fingerprint: Fingerprint | None = None,
         marks: Marks | None = None,
     ) -> bool:
@@ -134,6 +135,8 @@ class StateStore:
                 state.births[disk] = dict(births)
             if filled is not None:
                 state.filled[disk] = dict(filled)
+            if united is not None:
+                state.united[disk] = united
             if looked_at is not None:
                 state.looked_at[disk] = looked_at
             if fingerprint is None:

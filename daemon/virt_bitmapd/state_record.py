@@ -42,6 +42,9 @@ class DomainState:
     untrusted: dict[str, dict[str, Distrust]] = field(default_factory=dict)
     #: disk target -> bitmap -> what virt-bitmapd filled it for, and where (see filling)
     filled: dict[str, dict[str, Filled]] = field(default_factory=dict)
+    #: disk target -> the chain whose top's copies were last made to hold the copies below
+    #: (see top_union): a chain other than this one needs the union again
+    united: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: disk target -> layer path -> its bitmaps when last seen (what a base held before a commit)
     bitmaps: dict[str, dict[str, tuple[Bitmap, ...]]] = field(default_factory=dict)
     #: disk target -> when (time.time()) the look that saw that chain began
@@ -104,6 +107,7 @@ _DISK_FIELDS = (
         lambda fills: {name: fill.to_json() for name, fill in sorted(fills.items())},
         omit_empty=True,
     ),
+    _DiskField("united", "united", strings_from_json, list, omit_empty=True),
     _DiskField(
         "bitmaps",
         "bitmaps",

@@ -139,7 +139,13 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
             DiskStatus(
                 disk=disk.target,
                 chain=tuple(image.path for image in chain),
-                checkpoints=judge(chain, evidence, untrusted, job=now.job),
+                checkpoints=judge(
+                    chain,
+                    evidence,
+                    untrusted,
+                    job=now.job,
+                    united=state is not None and state.united.get(disk.target) == now.paths,
+                ),
             )
         )
     return DomainStatus(

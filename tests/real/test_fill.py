@@ -8,6 +8,7 @@ disabled is filled and records again; where filling fails, it is disabled (libvi
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,53 @@ def test_where_filling_fails_the_bitmap_is_disabled_and_libvirt_refuses_it(
     daemon.start()  # the real tool again: the next look fills it
     daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
     assert recording(base)["cp1"] and dirty_extents(base, "cp1") == WHOLE_DISK
+
+
+def test_an_overlay_made_without_the_bitmaps_gets_them_filled_for_single_copy_readers(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """An overlay made with qemu-img (no bitmaps) under a shut-off domain: libvirt refuses cp1,
+    but qemu-nbd exports the base's copy, which misses the overlay's writes.  The daemon fills
+    cp1 in the overlay: the offline export and libvirt's backup copy the whole disk."""
+    base = new_images(tmp_path)
+    overlay = tmp_path / "images" / "o.qcow2"
+    dom = domains.define(base, start=True)
+    daemon = daemon_factory(roots=[tmp_path / "images"]).start()
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    stop_gracefully(dom)
+    create(overlay, backing=base)
+    run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x22 5M 64k", str(overlay))
+    dom = redefine_on(domains, dom, overlay)
+    daemon.signal(signal.SIGHUP)
+    filled = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
+    assert filled["bitmaps"] == ["cp1"] and filled["image"] == str(overlay), filled
+    assert "holds no copy" in filled["reasons"]["cp1"], filled
+    assert dirty_extents(overlay, "cp1") == WHOLE_DISK
+    dom.create()
+    assert backup_extents(dom, tmp_path / "backup", "cp1") == WHOLE_DISK
+    stop_gracefully(dom)
+
+
+def test_with_healing_on_an_overlay_made_without_the_bitmaps_is_healed_not_filled(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """The same overlay at rest with `--heal`: healing is provable, so cp1 is rebuilt from what
+    the overlay allocates (a few blocks more than written, never fewer), not the whole disk."""
+    base = new_images(tmp_path)
+    overlay = tmp_path / "images" / "o.qcow2"
+    dom = domains.define(base, start=True)
+    daemon = daemon_factory(roots=[tmp_path / "images"]).start("--heal")
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    stop_gracefully(dom)
+    create(overlay, backing=base)
+    run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x22 5M 64k", str(overlay))
+    dom = redefine_on(domains, dom, overlay)
+    daemon.signal(signal.SIGHUP)
+    healed = daemon.wait_for(is_for(dom, "checkpoint_healed"), what="the heal")
+    assert healed["bitmaps"] == ["cp1"], healed
+    assert dirty_extents(overlay, "cp1") == expected([(1 * MiB, K64), (5 * MiB, K64)])
+    assert not [e for e in daemon.entries() if e.get("event") == "checkpoint_filled"]

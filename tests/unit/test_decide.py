@@ -21,6 +21,7 @@ from virt_bitmapd.look.decide import (
     is_clean,
     keeps_old_chain,
     merged_into_after,
+    united_after,
 )
 from virt_bitmapd.look.findings import NO_SUCH_DISK, CommitReport, LookResult
 from virt_bitmapd.look.gather import Gathered
@@ -250,17 +251,32 @@ def test_a_running_disk_with_distrusted_bitmaps_is_read_at_every_rescan() -> Non
     assert fingerprint_to_keep(replace(base, running=True, distrust=distrust)) is None
 
 
-def test_the_top_is_united_when_the_chain_changed_or_it_gained_a_bitmap() -> None:
+def test_the_top_is_united_when_its_chain_is_not_the_one_last_united_or_it_gained_a_bitmap() -> (
+    None
+):
     """A reader exporting the top's copy alone needs the copies below merged into it after a
-    snapshot, a commit, or a bitmap made in the top at rest (``virt-bitmapd heal``)."""
+    snapshot, a commit, a chain that changed while a job ran (no union then), or a bitmap made
+    in the top at rest (``virt-bitmapd heal``)."""
     cp1 = Bitmap(name="cp1", granularity=K64, recording=True)
     now = chain_now("/top", "/base", bitmaps={"/top": (cp1,), "/base": (cp1,)})
 
-    def unites(old: tuple[str, ...], top_before: tuple[Bitmap, ...], **more: Any) -> bool:
-        look = gathered(old, now, **more)
+    def unites(united: tuple[str, ...] | None, top_before: tuple[Bitmap, ...]) -> bool:
+        look = gathered(("/top", "/base"), now)
         look.record.bitmaps["vda"] = {"/top": top_before, "/base": (cp1,)}
+        if united is not None:
+            look.record.united["vda"] = united
         return decide(look, copied=False, safeguard=Safeguard.FILL, heal=False).may_unite
 
-    assert unites(("/base",), ())  # a snapshot
+    assert unites(("/base",), ())  # a snapshot since the last union
+    assert unites(None, (cp1,))  # never united (a state file of an earlier version)
     assert unites(("/top", "/base"), ())  # cp1 made in the top since (healed)
     assert not unites(("/top", "/base"), (cp1,))  # nothing changed: nothing to do
+
+
+def test_a_look_leaves_its_chain_united_unless_a_union_failed_a_job_ran_or_it_moved() -> None:
+    now = chain_now("/top", "/base")
+    assert united_after(("/top", "/base"), now, union_failed=False) == ("/top", "/base")
+    assert united_after(("/top", "/base"), now, union_failed=True) is None
+    assert united_after(("/base",), now, union_failed=False) is None  # a snapshot meanwhile
+    busy = ChainNow(disk=now.disk, paths=now.paths, images=now.images, job="backup")
+    assert united_after(("/top", "/base"), busy, union_failed=False) is None

@@ -11,7 +11,7 @@ from virt_bitmapd.births import chain_then
 from virt_bitmapd.checkpoint_xml import Checkpoint, CheckpointDisk
 from virt_bitmapd.filling import Filled, FillStep, fills_now, plan_fill
 from virt_bitmapd.health import NextBackup, State, disk_health
-from virt_bitmapd.look.judge import Evidence, disabled_in_top, distrust, judge
+from virt_bitmapd.look.judge import Evidence, disabled_in_top, distrust, judge, missing_in_top
 from virt_bitmapd.lost_bits import lost_layers
 from virt_bitmapd.model import Bitmap, Image
 from virt_bitmapd.qmp_marking import fill_transaction
@@ -173,3 +173,12 @@ def test_fills_are_kept_in_the_state_directory() -> None:
     assert state_from_json("u", state_to_json(state)).filled == state.filled
     state.filled["vda"] = {}
     assert state_to_json(state)["filled"] == {}  # a disk with none: nothing written
+
+
+def test_a_checkpoint_the_top_lacks_is_found_for_filling() -> None:
+    """libvirt refuses it, but an offline reader exports the copy below, short."""
+    cp1, cp2 = checkpoint("cp1", 100, "/base"), checkpoint("cp2", 200, "/top")
+    chain = [image("/top", bm("cp2")), image("/mid"), image("/base", bm("cp1"))]
+    found = missing_in_top(chain, [cp1, cp2], "vda")
+    assert list(found) == ["cp1"] and "/base" in found["cp1"]
+    assert missing_in_top([image("/top"), image("/base")], [cp1], "vda") == {}  # nowhere

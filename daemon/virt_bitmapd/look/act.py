@@ -29,7 +29,7 @@ from .commits import CommitActor
 from .decide import Decision, Safeguard, chain_after, merged_into_after
 from .findings import CommitReport, untrusted_after
 from .gather import Gathered
-from .judge import Evidence, distrust, healing_plan
+from .judge import Evidence, distrust, healing_plan, missing_in_top
 
 __all__ = ["Acted", "Actor"]
 
@@ -106,12 +106,12 @@ class Actor:
             changed=changed,
             touched=touched,
         )
+        if decision.may_heal and healing_plan(now.images, evidence, set(untrusted)).steps:
+            acted = self._heal(gathered, acted)  # a few blocks more, before a whole disk
         if decision.safeguard is Safeguard.FILL:
             acted = self._fill(gathered, acted)
         if decision.safeguard is not None:
             acted = self._quarantine(gathered, acted)  # what filling could not make complete
-        if decision.may_heal and healing_plan(now.images, evidence, set(untrusted)).steps:
-            acted = self._heal(gathered, acted)
         if acted.healed or (decision.may_unite and not plan_union(now.images).is_empty):
             acted = self._unite(gathered, acted)  # a healed copy holds its own layer's only
         return acted
@@ -136,9 +136,12 @@ class Actor:
         )
 
     def _fill(self, gathered: Gathered, acted: Acted) -> Acted:
-        """Every bit set in the top's copy of each untrusted bitmap (``fill``): complete from
-        then on, so its distrust is settled and the fill is where its bits begin."""
-        steps = plan_fill(acted.now.images, acted.untrusted)
+        """Every bit set in the top's copy of each untrusted bitmap, and of each checkpoint
+        bitmap the top lacks (``fill``): complete from then on, so its distrust is settled and
+        the fill is where its bits begin."""
+        missing = missing_in_top(acted.now.images, gathered.checkpoints, gathered.target)
+        reasons = missing | {name: distrust.why for name, distrust in acted.untrusted.items()}
+        steps = plan_fill(acted.now.images, reasons)
         if not steps:
             return acted
         error: VirtBitmapdError | None = None
@@ -155,7 +158,7 @@ class Actor:
         except VirtBitmapdError as failed:
             return replace(acted, fill_error=failed, changed=True, touched=True)
         names = {step.bitmap for step in steps}
-        why = {name: acted.untrusted[name].why for name in sorted(names)}
+        why = {name: reasons[name] for name in sorted(names)}
         created = {
             disk.bitmap: checkpoint.created
             for checkpoint in gathered.checkpoints
@@ -214,7 +217,9 @@ class Actor:
         except VirtBitmapdError as error:
             return replace(acted, heal_error=error, changed=True, touched=True)
         healed = done.plan.steps if done.result is HealResult.HEALED else ()
-        return replace(acted, healed=healed, changed=True, touched=True)
+        return replace(
+            acted, now=_with_healed(acted.now, healed), healed=healed, changed=True, touched=True
+        )
 
 
 def _with_filled(now: ChainNow, steps: tuple[FillStep, ...]) -> ChainNow:
@@ -227,3 +232,19 @@ def _with_filled(now: ChainNow, steps: tuple[FillStep, ...]) -> ChainNow:
         Bitmap(name=step.bitmap, granularity=step.granularity, recording=True) for step in steps
     )
     return replace(now, images=(replace(top, bitmaps=kept + added), *now.images[1:]))
+
+
+def _with_healed(now: ChainNow, steps: tuple[HealStep, ...]) -> ChainNow:
+    """The chain once ``steps`` are done: each bitmap in its layer, recording (the heal checked
+    that before it ended well)."""
+    added: dict[str, list[Bitmap]] = {}
+    for step in steps:
+        copy = Bitmap(name=step.bitmap, granularity=step.granularity, recording=True)
+        added.setdefault(step.image, []).append(copy)
+    images = tuple(
+        replace(image, bitmaps=image.bitmaps + tuple(added[image.path]))
+        if image.path in added
+        else image
+        for image in now.images
+    )
+    return replace(now, images=images)

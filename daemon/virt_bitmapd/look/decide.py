@@ -38,6 +38,7 @@ __all__ = [
     "decide",
     "is_clean",
     "merged_into_after",
+    "united_after",
 ]
 
 
@@ -73,9 +74,10 @@ class Decision:
     births: Births = field(default_factory=dict)
     #: The fills of earlier looks that still stand (``filling``).
     filled: Mapping[str, Filled] = field(default_factory=dict)
-    #: The chain has layers below the top, and changed (or is seen first) or its top holds a
-    #: bitmap it did not: the copies below are merged into the top's, for readers that export
-    #: one copy (``top_union``).
+    #: The chain has layers below the top, and is not the one the top's union was last
+    #: established for (a snapshot, a commit, a chain first seen or changed while a job ran),
+    #: or its top holds a bitmap it did not: the copies below are merged into the top's, for
+    #: readers that export one copy (``top_union``).
     may_unite: bool = False
 
 
@@ -136,15 +138,25 @@ def decide(
 
 
 def _top_may_lack_union(gathered: Gathered) -> bool:
-    """Whether the top's copies may not hold the copies below them: the chain changed since
-    the last look (or is seen first), or the top holds a bitmap it did not then (made by
-    ``virt-bitmapd heal``, say)."""
+    """Whether the top's copies may not hold the copies below them: the union was last
+    established for another chain (or never), or the top holds a bitmap it did not at the last
+    look (made by ``virt-bitmapd heal``, say)."""
     now = gathered.now
     assert now is not None
-    if now.paths != gathered.old_chain:
+    if now.paths != gathered.record.united.get(gathered.target):
         return True
     before = {b.name for b in gathered.last_bitmaps.get(now.paths[0], ())}
     return any(b.name not in before for b in now.images[0].bitmaps)
+
+
+def united_after(
+    acted_on: tuple[str, ...], now: ChainNow, *, union_failed: bool
+) -> tuple[str, ...] | None:
+    """The chain the look leaves with its top holding the copies below it: the one it acted on,
+    when a union it needed did not fail, no block job ran and the chain did not move since."""
+    if union_failed or now.job_running or now.paths != acted_on:
+        return None
+    return now.paths
 
 
 def merged_into_after(

@@ -108,6 +108,9 @@ class LookResult:
     merged_into: Mapping[str, str] = field(default_factory=dict)
     births: Births = field(default_factory=dict)
     fills: Mapping[str, Filled] = field(default_factory=dict)
+    #: The chain the look left with its top holding the union of the copies below it (None
+    #: when it did not: a union failed, a job ran, the chain moved meanwhile).
+    united_chain: tuple[str, ...] | None = None
     #: When (time.time()) the look began: files changed after it are news to the next one.
     started_at: float = 0.0
     #: The stages the look ran, in order (``look.run``): what a reader of the logs can follow.

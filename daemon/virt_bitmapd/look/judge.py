@@ -22,7 +22,7 @@ from ..health import CheckpointHealth, Distrust, disk_health, untrusted_now, whi
 from ..lost_bits import lost_layers
 from ..model import Image
 
-__all__ = ["Evidence", "disabled_in_top", "distrust", "healing_plan", "judge"]
+__all__ = ["Evidence", "disabled_in_top", "distrust", "healing_plan", "judge", "missing_in_top"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +83,29 @@ def disabled_in_top(
     }
 
 
+def missing_in_top(
+    chain: Sequence[Image], checkpoints: Sequence[Checkpoint], target: str
+) -> dict[str, str]:
+    """Checkpoint bitmaps the top layer holds no copy of while a layer below does: libvirt
+    refuses them, but ``qemu-nbd --bitmap`` exports the copy below, which misses every write
+    made above it (an overlay made by a tool that copies no bitmap)."""
+    if not chain:
+        return {}
+    top = chain[0]
+    names = {disk.bitmap for c in checkpoints if (disk := c.disk(target)) is not None}
+    found = {}
+    for name in sorted(names):
+        if top.bitmap(name) is not None:
+            continue
+        below = next((image.path for image in chain[1:] if image.bitmap(name)), None)
+        if below is not None:
+            found[name] = (
+                f"{top.path} holds no copy of it: an offline reader exports the copy in "
+                f"{below}, which misses what was written above it"
+            )
+    return found
+
+
 def healing_plan(chain: Sequence[Image], evidence: Evidence, untrusted: Set[str]) -> HealPlan:
     return plan_healing(
         tuple(chain),
@@ -101,11 +124,15 @@ def judge(
     untrusted: Mapping[str, Distrust],
     *,
     job: str | None = None,
+    united: bool = False,
 ) -> tuple[CheckpointHealth, ...]:
-    """``job``: the block job running on the disk, if one is: then every checkpoint is busy."""
+    """``job``: the block job running on the disk, if one is: then every checkpoint is busy;
+    ``united``: the top's copies are known to hold the copies below them (``top_union``)."""
     why = {name: reason.why for name, reason in untrusted.items()}
     filled = {name: fill.why for name, fill in evidence.filled.items()}
-    health = disk_health(chain, evidence.checkpoints, evidence.target, why, filled)
+    health = disk_health(
+        chain, evidence.checkpoints, evidence.target, why, filled, top_united=united
+    )
     if job is not None:
         return while_busy(health, job)
     plan = healing_plan(chain, evidence, set(untrusted))

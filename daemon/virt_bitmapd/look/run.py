@@ -22,7 +22,7 @@ from ..health import CheckpointHealth
 from ..readers.chain import ChainNow, current_chain
 from ..state import StateStore
 from .act import Acted, Actor
-from .decide import SAFEGUARDS, bitmaps_to_remember, decide, is_clean
+from .decide import SAFEGUARDS, bitmaps_to_remember, decide, is_clean, united_after
 from .findings import LookResult, bitmap_states
 from .gather import Gathered, gather
 from .judge import judge
@@ -98,9 +98,12 @@ class Look:
         ran.append("act")
         now, stats, left = _reread(gathered, acted)
         ran.append("reread")
+        united = united_after(acted.now.paths, now, union_failed=acted.union_error is not None)
         health: tuple[CheckpointHealth, ...] = ()
         if gathered.checkpoint_error is None:
-            health = judge(now.images, acted.evidence, acted.untrusted, job=now.job)
+            health = judge(
+                now.images, acted.evidence, acted.untrusted, job=now.job, united=united is not None
+            )
             ran.append("judge")
         states, invalid = bitmap_states(now.images)
         clean = is_clean(
@@ -141,6 +144,7 @@ class Look:
             merged_into=acted.evidence.merged_into,
             births=acted.evidence.births,
             fills=acted.evidence.filled,
+            united_chain=united,
             stages=tuple(ran),
         )
 

@@ -98,6 +98,7 @@ class Applier:
                 merged_into=result.merged_into,
                 births=result.births,
                 filled=result.fills,
+                united=result.united_chain,
                 fingerprint=result.fingerprint,
                 marks=result.marks,
             )

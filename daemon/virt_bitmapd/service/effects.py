@@ -203,6 +203,7 @@ def health_lines(
             "bitmap": entry.bitmap,
             "state": entry.state.value,
             "next_backup": entry.next_backup.value,
+            "offline_backup": entry.offline.value,
         }
         if old is not None:
             fields["previous_state"] = old

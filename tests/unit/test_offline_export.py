@@ -1,0 +1,67 @@
+"""What `qemu-nbd --bitmap` gives an offline reader, against a table of chains; and `status`
+saying it beside libvirt's answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from virt_bitmapd.checkpoint_xml import Checkpoint, CheckpointDisk
+from virt_bitmapd.health import NextBackup, State, disk_health
+from virt_bitmapd.model import Bitmap, Image
+from virt_bitmapd.offline_export import OfflineExport, offline_export
+
+K64 = 65536
+
+
+def image(path: str, *copies: tuple[str, bool, bool]) -> Image:
+    """Copies as (name, recording, inconsistent)."""
+    bitmaps = tuple(
+        Bitmap(name=name, granularity=K64, recording=rec, inconsistent=inc)
+        for name, rec, inc in copies
+    )
+    return Image(path=path, format="qcow2", bitmaps=bitmaps)
+
+
+OK = ("cp1", True, False)
+OFF = ("cp1", False, False)
+BAD = ("cp1", True, True)
+
+
+@pytest.mark.parametrize(
+    ("top", "base", "flags", "verdict"),
+    [
+        ((), (), {}, OfflineExport.REFUSED),  # "not found"
+        ((BAD,), (OK,), {}, OfflineExport.REFUSED),  # inconsistent: refused
+        ((), (OK,), {"top_united": True}, OfflineExport.MISSES_DATA),  # a backing file's copy
+        ((OFF,), (), {}, OfflineExport.MISSES_DATA),  # disabled, exported all the same
+        ((OK,), (), {"untrusted": True}, OfflineExport.MISSES_DATA),
+        ((OK,), (OK,), {"filled": True}, OfflineExport.WHOLE_DISK),
+        ((OK,), (OK,), {}, OfflineExport.MISSES_DATA),  # the union not known to be there
+        ((OK,), (OK,), {"top_united": True}, OfflineExport.SAFE),
+        ((OK,), (OK,), {"top_united": True, "valid": False}, OfflineExport.MISSES_DATA),
+        ((OK,), (), {}, OfflineExport.SAFE),  # one copy: nothing below to miss
+    ],
+)
+def test_what_an_offline_export_gives(
+    top: tuple[Any, ...], base: tuple[Any, ...], flags: dict[str, bool], verdict: OfflineExport
+) -> None:
+    options = {"untrusted": False, "filled": False, "valid": True, "top_united": False} | flags
+    got, why = offline_export((image("/top", *top), image("/base", *base)), "cp1", **options)
+    assert got is verdict, why
+    assert bool(why) == (verdict not in (OfflineExport.SAFE, OfflineExport.WHOLE_DISK))
+
+
+def test_status_says_what_each_reader_does() -> None:
+    """libvirt refuses a checkpoint the top lacks; qemu-nbd exports the base's copy, short."""
+    cp1 = Checkpoint(
+        name="cp1", created=1, disks=(CheckpointDisk(target="vda", bitmap="cp1", chain_then=()),)
+    )
+    (health,) = disk_health([image("/top"), image("/base", OK)], [cp1], "vda", {})
+    assert (health.state, health.next_backup) == (State.BROKEN, NextBackup.REFUSED)
+    assert health.offline is OfflineExport.MISSES_DATA and "/base" in health.offline_reason
+    (united,) = disk_health(
+        [image("/top", OK), image("/base", OK)], [cp1], "vda", {}, top_united=True
+    )
+    assert (united.next_backup, united.offline) == (NextBackup.SAFE, OfflineExport.SAFE)
