@@ -227,8 +227,8 @@ def status_text(host: HostStatus) -> str:
                 if entry.offline not in (OfflineExport.NONE, OfflineExport.AFTER_JOB) and (
                     entry.offline.value != entry.next_backup.value or entry.offline_reason
                 ):
-                    offline = f"{'':<35} offline export: {entry.offline.value}"
-                    lines.append(f"    {offline} {entry.offline_reason}".rstrip())
+                    why = f" ({entry.offline_reason})" if entry.offline_reason else ""
+                    lines.append(f"    {'':<35} offline export: {entry.offline.value}{why}")
         for target, why in domain.skipped:
             lines.append(f"  {target}: skipped: {why}")
     return "\n".join(lines) if lines else "no domains"

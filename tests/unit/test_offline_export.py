@@ -11,6 +11,8 @@ from virt_bitmapd.checkpoint_xml import Checkpoint, CheckpointDisk
 from virt_bitmapd.health import NextBackup, State, disk_health
 from virt_bitmapd.model import Bitmap, Image
 from virt_bitmapd.offline_export import OfflineExport, offline_export
+from virt_bitmapd.printing import status_json, status_text
+from virt_bitmapd.status import DiskStatus, DomainStatus, HostStatus
 
 K64 = 65536
 
@@ -65,3 +67,26 @@ def test_status_says_what_each_reader_does() -> None:
         [image("/top", OK), image("/base", OK)], [cp1], "vda", {}, top_united=True
     )
     assert (united.next_backup, united.offline) == (NextBackup.SAFE, OfflineExport.SAFE)
+
+
+def test_status_prints_the_offline_answer_where_it_differs_from_libvirts() -> None:
+    cp1 = Checkpoint(
+        name="cp1", created=1, disks=(CheckpointDisk(target="vda", bitmap="cp1", chain_then=()),)
+    )
+    cp2 = Checkpoint(
+        name="cp2", created=2, disks=(CheckpointDisk(target="vda", bitmap="cp2", chain_then=()),)
+    )
+    chain = [image("/top", ("cp2", True, False)), image("/base", OK, ("cp2", True, False))]
+    health = disk_health(chain, [cp1, cp2], "vda", {}, top_united=True)
+    disk = DiskStatus(disk="vda", chain=("/top", "/base"), checkpoints=health)
+    host = HostStatus(domains=(DomainStatus(name="vm1", uuid="u", running=False, disks=(disk,)),))
+    text = status_text(host).splitlines()
+    at = next(i for i, line in enumerate(text) if line.strip().startswith("cp1"))
+    assert "refused by libvirt" in text[at]
+    assert "offline export: would miss data" in text[at + 1] and "/base" in text[at + 1]
+    assert "offline export" not in "".join(text[at + 2 :])  # cp2: safe for both
+    entries = status_json(host)["domains"][0]["disks"][0]["checkpoints"]
+    assert {e["checkpoint"]: e["offline_backup"] for e in entries} == {
+        "cp1": "would miss data",
+        "cp2": "safe",
+    }
