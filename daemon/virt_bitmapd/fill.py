@@ -22,10 +22,9 @@ from .model import Bitmap
 from .monitor_steps import Monitor, Undo
 from .qmp import blockdev_del
 from .qmp_marking import (
-    copy_everything,
+    copy_job,
     fill_transaction,
-    null_sink,
-    null_source,
+    null_node,
     recording_bitmap,
 )
 from .qmp_nodes import find_node, node_bitmaps, query_nodes
@@ -85,13 +84,13 @@ def fill_node(monitor: Monitor, node: str, steps: Sequence[FillStep], path: str)
     _check_still_fits(steps, node_bitmaps(nodes, node).bitmaps, path)
     undo = Undo(monitor)
     try:
-        monitor.execute(null_source(SOURCE_NODE, size))
+        monitor.execute(null_node(SOURCE_NODE, size))
         undo.push("delete the fill's source", blockdev_del(SOURCE_NODE))
-        monitor.execute(null_sink(SINK_NODE, size))
+        monitor.execute(null_node(SINK_NODE, size))
         undo.push("delete the fill's sink", blockdev_del(SINK_NODE))
         granularity = min(step.granularity for step in steps)
         monitor.execute(recording_bitmap(SINK_NODE, EVERY_BIT, granularity))
-        monitor.execute(copy_everything(FILL_JOB, SOURCE_NODE, SINK_NODE))
+        monitor.execute(copy_job(FILL_JOB, SOURCE_NODE, SINK_NODE, only_allocated=False))
         wait_for_job(
             monitor.execute, FILL_JOB, path, timeout=FILL_TIMEOUT, what="marking every cluster"
         )

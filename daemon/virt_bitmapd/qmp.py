@@ -17,10 +17,12 @@ __all__ = [
     "JSON",
     "OWN_PREFIX",
     "PROBE_PREFIX",
+    "add_action",
     "blockdev_add",
     "blockdev_del",
     "blockdev_reopen",
     "disable_bitmaps",
+    "merge_action",
     "probe_transaction",
     "remove_bitmaps",
     "transaction",
@@ -41,32 +43,34 @@ def transaction(plan: Plan, *, base_node: str, source_nodes: Mapping[str, str]) 
     actions: list[JSON] = []
     for merge in plan.merges:
         if merge.create_in_base:
-            actions.append(
-                {
-                    "type": "block-dirty-bitmap-add",
-                    "data": {
-                        "node": base_node,
-                        "name": merge.bitmap,
-                        "granularity": merge.granularity,
-                        "persistent": True,
-                        "disabled": False,
-                    },
-                }
-            )
-        actions.append(
-            {
-                "type": "block-dirty-bitmap-merge",
-                "data": {
-                    "node": base_node,
-                    "target": merge.bitmap,
-                    "bitmaps": [
-                        {"node": source_nodes[source], "name": merge.bitmap}
-                        for source in merge.sources
-                    ],
-                },
-            }
-        )
+            actions.append(add_action(base_node, merge.bitmap, merge.granularity))
+        sources = [(source_nodes[source], merge.bitmap) for source in merge.sources]
+        actions.append(merge_action(base_node, merge.bitmap, sources))
     return {"execute": "transaction", "arguments": {"actions": actions}}
+
+
+def add_action(node: str, name: str, granularity: int) -> JSON:
+    """A transaction action adding a persistent, recording bitmap ``name`` to ``node``."""
+    return {
+        "type": "block-dirty-bitmap-add",
+        "data": {
+            "node": node,
+            "name": name,
+            "granularity": granularity,
+            "persistent": True,
+            "disabled": False,
+        },
+    }
+
+
+def merge_action(node: str, target: str, sources: Sequence[tuple[str, str]]) -> JSON:
+    """A transaction action ORing the bitmaps ``sources`` ((node, name) each) into ``target``
+    on ``node``."""
+    bitmaps = [{"node": source_node, "name": name} for source_node, name in sources]
+    return {
+        "type": "block-dirty-bitmap-merge",
+        "data": {"node": node, "target": target, "bitmaps": bitmaps},
+    }
 
 
 def probe_transaction(

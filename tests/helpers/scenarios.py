@@ -20,7 +20,7 @@ from helpers.images import (
     expected,
     run,
 )
-from helpers.libvirt_env import Domains, virsh
+from helpers.libvirt_env import Domains, stop_gracefully, virsh
 
 
 def build(folder: Path) -> ChainBuilder:
@@ -184,3 +184,29 @@ def running_on_new_image(
     )
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
     return folder, image, dom, daemon
+
+
+def cp1_lost_at_rest(
+    tmp_path: Path, domains: Domains, daemon: Any, options: tuple[str, ...] = ()
+) -> tuple[Any, Path]:
+    """cp1 taken on a new base, written into base and into an overlay s1, seen by the daemon
+    (started with ``options``); then, the domain shut off and the daemon stopped, s1 committed
+    into base by a tool that carries no bitmap, and deleted: nothing holds what was written in
+    s1 since cp1.  Returns the shut-off domain (on base again) and base."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    base, s1 = create(folder / "base.qcow2"), folder / "s1.qcow2"
+    dom = domains.define(base, start=True)
+    daemon.start(*options)
+    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
+    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
+    guest_write(dom, 1 * MiB, K64, 0x11)
+    snapshot(dom, s1)
+    daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
+    guest_write(dom, 3 * MiB, K64, 0x22)  # into s1: recorded by cp1's copy there only
+    stop_gracefully(dom)
+    assert daemon.stop() == 0  # its state holds [s1, base]
+    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
+    dom = redefine_on(domains, dom, base)
+    s1.unlink()
+    return dom, base

@@ -39,6 +39,7 @@ from helpers.scenarios import (
     checkpoint_status as status,
 )
 from helpers.scenarios import (
+    cp1_lost_at_rest,
     entry_after,
     guest_write,
     is_for,
@@ -79,11 +80,6 @@ def test_committed_layers_deleted_quarantine_the_checkpoint_and_libvirt_refuses_
     transaction).  libvirt then refuses an incremental backup from cp1, while a full backup and
     a checkpoint taken later still work, and the later one's backup holds every block written
     since."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    base, s1 = folder / "base.qcow2", folder / "s1.qcow2"
-    create(base)
-    dom = domains.define(base, start=True)
     port = free_port()
     options = (
         "--snapshot-watch-interval",
@@ -92,19 +88,9 @@ def test_committed_layers_deleted_quarantine_the_checkpoint_and_libvirt_refuses_
         "--untrusted",
         "disable",
     )
-    daemon = daemon_factory(roots=[folder]).start(*options)
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
-    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
-    guest_write(dom, 1 * MiB, K64, 0x11)
-    snapshot(dom, s1)
-    daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
-    guest_write(dom, 3 * MiB, K64, 0x22)  # into s1: recorded by cp1's copy there only
-    stop_gracefully(dom)
-    assert daemon.stop() == 0  # its state holds [s1, base]
-    # A tool commits s1 into base (qemu-img carries no bitmap) and deletes it at once.
-    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
-    dom = redefine_on(domains, dom, base)
-    s1.unlink()
+    daemon = daemon_factory(roots=[tmp_path / "images"])
+    dom, base = cp1_lost_at_rest(tmp_path, domains, daemon, options)
+    s1 = tmp_path / "images" / "s1.qcow2"
     daemon.start(*options)
 
     entry = daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")

@@ -18,7 +18,7 @@ from helpers.backups import backup_extents, backup_refusal
 from helpers.images import K64, MiB, bitmaps, create, dirty_extents, expected, run
 from helpers.libvirt_env import DaemonProcess, Domains, stop_gracefully, virsh
 from helpers.scenarios import checkpoint_status as status
-from helpers.scenarios import entry_after, guest_write, is_for, redefine_on, snapshot
+from helpers.scenarios import cp1_lost_at_rest, entry_after, guest_write, is_for, redefine_on
 from helpers.stand_ins import crashing_path
 
 pytestmark = pytest.mark.real
@@ -32,28 +32,6 @@ def recording(path: Path) -> dict[str, bool]:
     return {str(b["name"]): "auto" in b["flags"] for b in bitmaps(path)}  # type: ignore[operator]
 
 
-def lose_cp1(tmp_path: Path, domains: Domains, daemon: DaemonProcess, **start: Any) -> Any:
-    """cp1 taken on base, written into base and into an overlay s1; s1 committed into base by
-    a tool that carries no bitmap and deleted while the daemon was down: nothing holds what
-    was written in s1 since cp1.  Returns the shut-off domain, on base again."""
-    folder = tmp_path / "images"
-    base, s1 = folder / "base.qcow2", folder / "s1.qcow2"
-    dom = domains.define(base, start=True)
-    daemon.start(*start.get("options", ()))
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
-    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
-    guest_write(dom, 1 * MiB, K64, 0x11)
-    snapshot(dom, s1)
-    daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
-    guest_write(dom, 3 * MiB, K64, 0x22)  # into s1: recorded by cp1's copy there only
-    stop_gracefully(dom)
-    assert daemon.stop() == 0
-    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
-    dom = redefine_on(domains, dom, base)
-    s1.unlink()
-    return dom
-
-
 def new_images(tmp_path: Path) -> Path:
     folder = tmp_path / "images"
     folder.mkdir()
@@ -63,9 +41,8 @@ def new_images(tmp_path: Path) -> Path:
 def test_a_checkpoint_that_cannot_be_proved_is_filled_at_rest_and_every_reader_gets_it_all(
     tmp_path: Path, domains: Domains, daemon_factory: Any
 ) -> None:
-    base = new_images(tmp_path)
     daemon = daemon_factory(roots=[tmp_path / "images"])
-    dom = lose_cp1(tmp_path, domains, daemon)
+    dom, base = cp1_lost_at_rest(tmp_path, domains, daemon)
     daemon.start()
     filled = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
     assert filled["bitmaps"] == ["cp1"] and filled["image"] == str(base), filled
@@ -100,9 +77,8 @@ def test_a_bitmap_an_earlier_version_disabled_is_filled_live_and_records_again(
     """Quarantined the old way (disabled: libvirt refuses it, qemu-nbd exports it short), then
     the domain runs and a daemon that fills starts: the bitmap is filled through the domain's
     QEMU and records again, and libvirt's backup from it holds the whole disk."""
-    base = new_images(tmp_path)
     daemon = daemon_factory(roots=[tmp_path / "images"])
-    dom = lose_cp1(tmp_path, domains, daemon, options=("--untrusted", "disable"))
+    dom, base = cp1_lost_at_rest(tmp_path, domains, daemon, ("--untrusted", "disable"))
     daemon.start("--untrusted", "disable")
     daemon.wait_for(is_for(dom, "checkpoint_quarantined"), what="the quarantine")
     daemon.stop()
@@ -133,9 +109,8 @@ def test_where_filling_fails_the_bitmap_is_disabled_and_libvirt_refuses_it(
     """qemu-storage-daemon refuses the fill's copy job: nothing is half-filled, the bitmap is
     disabled instead (libvirt refuses it; an offline export of it would be short, and the error
     says so), and a later look fills it once the tool works."""
-    base = new_images(tmp_path)
     daemon = daemon_factory(roots=[tmp_path / "images"])
-    dom = lose_cp1(tmp_path, domains, daemon)
+    dom, base = cp1_lost_at_rest(tmp_path, domains, daemon)
     daemon.start(env=crashing_path(tmp_path, "refuse:blockdev-backup", "KILL"))
     failed = daemon.wait_for(is_for(dom, "fill_failed"), what="the failed fill")
     assert failed["error_kind"] == "fill_failed" and str(base) in failed["error"], failed
@@ -152,16 +127,16 @@ def test_where_filling_fails_the_bitmap_is_disabled_and_libvirt_refuses_it(
     assert recording(base)["cp1"] and dirty_extents(base, "cp1") == WHOLE_DISK
 
 
-def test_an_overlay_made_without_the_bitmaps_gets_them_filled_for_single_copy_readers(
-    tmp_path: Path, domains: Domains, daemon_factory: Any
-) -> None:
-    """An overlay made with qemu-img (no bitmaps) under a shut-off domain: libvirt refuses cp1,
-    but qemu-nbd exports the base's copy, which misses the overlay's writes.  The daemon fills
-    cp1 in the overlay: the offline export and libvirt's backup copy the whole disk."""
+def overlay_without_bitmaps(
+    tmp_path: Path, domains: Domains, daemon: DaemonProcess, *options: str
+) -> tuple[Any, Path]:
+    """cp1 taken on base and written after; the domain shut off, an overlay made with qemu-img
+    (no bitmaps), written to and made the disk's top; the daemon (started with ``options``)
+    asked to look.  Returns the domain and the overlay."""
     base = new_images(tmp_path)
     overlay = tmp_path / "images" / "o.qcow2"
     dom = domains.define(base, start=True)
-    daemon = daemon_factory(roots=[tmp_path / "images"]).start()
+    daemon.start(*options)
     daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
     virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
     guest_write(dom, 1 * MiB, K64, 0x11)
@@ -170,6 +145,17 @@ def test_an_overlay_made_without_the_bitmaps_gets_them_filled_for_single_copy_re
     run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x22 5M 64k", str(overlay))
     dom = redefine_on(domains, dom, overlay)
     daemon.signal(signal.SIGHUP)
+    return dom, overlay
+
+
+def test_an_overlay_made_without_the_bitmaps_gets_them_filled_for_single_copy_readers(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """An overlay made with qemu-img (no bitmaps) under a shut-off domain: libvirt refuses cp1,
+    but qemu-nbd exports the base's copy, which misses the overlay's writes.  The daemon fills
+    cp1 in the overlay: the offline export and libvirt's backup copy the whole disk."""
+    daemon = daemon_factory(roots=[tmp_path / "images"])
+    dom, overlay = overlay_without_bitmaps(tmp_path, domains, daemon)
     filled = daemon.wait_for(is_for(dom, "checkpoint_filled"), what="the fill")
     assert filled["bitmaps"] == ["cp1"] and filled["image"] == str(overlay), filled
     assert "holds no copy" in filled["reasons"]["cp1"], filled
@@ -184,18 +170,8 @@ def test_with_healing_on_an_overlay_made_without_the_bitmaps_is_healed_not_fille
 ) -> None:
     """The same overlay at rest with `--heal`: healing is provable, so cp1 is rebuilt from what
     the overlay allocates (a few blocks more than written, never fewer), not the whole disk."""
-    base = new_images(tmp_path)
-    overlay = tmp_path / "images" / "o.qcow2"
-    dom = domains.define(base, start=True)
-    daemon = daemon_factory(roots=[tmp_path / "images"]).start("--heal")
-    daemon.wait_for(is_for(dom, "disk_tracked"), what="disk tracked")
-    virsh("checkpoint-create-as", dom.name(), "cp1", "--diskspec", "vda")
-    guest_write(dom, 1 * MiB, K64, 0x11)
-    stop_gracefully(dom)
-    create(overlay, backing=base)
-    run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x22 5M 64k", str(overlay))
-    dom = redefine_on(domains, dom, overlay)
-    daemon.signal(signal.SIGHUP)
+    daemon = daemon_factory(roots=[tmp_path / "images"])
+    dom, overlay = overlay_without_bitmaps(tmp_path, domains, daemon, "--heal")
     healed = daemon.wait_for(is_for(dom, "checkpoint_healed"), what="the heal")
     assert healed["bitmaps"] == ["cp1"], healed
     assert dirty_extents(overlay, "cp1") == expected([(1 * MiB, K64), (5 * MiB, K64)])

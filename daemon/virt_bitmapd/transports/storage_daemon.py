@@ -28,7 +28,7 @@ from ..healing import HealStep
 from ..model import Outcome, Plan
 from ..qemu_messages import describe_exit, image_error_from_qemu
 from ..qmp import blockdev_add, blockdev_del, disable_bitmaps, transaction
-from ..qmp_marking import copy_allocated, heal_transaction, null_sink
+from ..qmp_marking import copy_job, heal_transaction, null_node, recording_bitmap
 from ..qmp_nodes import NodeBitmaps, find_node, node_bitmaps, query_nodes
 from . import children
 from .job_wait import wait_for_job
@@ -148,19 +148,9 @@ def heal_at_rest(
         appeared = sorted(present & {step.bitmap for step in steps})
         if appeared:
             raise BaseChanged(path, appeared[0], "appeared")
-        session.add(null_sink(SINK_NODE, size), SINK_NODE)
-        qmp.execute(
-            {
-                "execute": "block-dirty-bitmap-add",
-                "arguments": {
-                    "node": SINK_NODE,
-                    "name": ALLOCATION_BITMAP,
-                    "granularity": granularity,
-                    "persistent": False,
-                },
-            }
-        )
-        qmp.execute(copy_allocated(HEAL_JOB, TOP_NODE, SINK_NODE))
+        session.add(null_node(SINK_NODE, size), SINK_NODE)
+        qmp.execute(recording_bitmap(SINK_NODE, ALLOCATION_BITMAP, granularity))
+        qmp.execute(copy_job(HEAL_JOB, TOP_NODE, SINK_NODE, only_allocated=True))
         wait_for_job(
             qmp.execute, HEAL_JOB, path, timeout=JOB_TIMEOUT, what="reading its allocation"
         )
