@@ -9,8 +9,10 @@ With the daemon, every restore equals the disk; without it, the same maintenance
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +26,37 @@ from helpers.scenarios import entry_after, guest_write, is_for, redefine_on, res
 pytestmark = pytest.mark.real
 
 
+def tool(name: str, folder: Path, *args: str) -> None:
+    """Debian's virtnbdbackup or virtnbdrestore, its sockets, qemu-nbd pid files and logs kept
+    in ``folder`` (by default they are left in /var/tmp and /tmp)."""
+    binary = shutil.which(name)
+    assert binary is not None, f"{name} is not installed (scripts/setup.sh installs it)"
+    scratch = folder / "tool"
+    scratch.mkdir(exist_ok=True)
+    # a socket of its own each time: a qemu-nbd of the call before may still be going away
+    socket = scratch / f"{name}-{uuid.uuid4().hex[:8]}.sock"
+    command = [binary, *args, "-n", "-f", str(socket)]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    assert result.returncode == 0, f"{command} failed ({result.returncode}): {result.stderr}"
+
+
 def virtnbdbackup(dom: Any, level: str, output: Path) -> None:
     """``virtnbdbackup -l LEVEL`` of ``dom`` into ``output``: through libvirt's backup API when
     it runs, with qemu-nbd when it is shut off."""
-    tool = shutil.which("virtnbdbackup")
-    assert tool is not None, "virtnbdbackup is not installed (scripts/setup.sh installs it)"
-    run(tool, "-d", dom.name(), "-l", level, "-o", str(output), "-n")
+    tool("virtnbdbackup", output.parent, "-d", dom.name(), "-l", level, "-o", str(output))
 
 
 def restored_equals(output: Path, disk: Path, folder: Path) -> bool:
     """Whether virtnbdrestore's image from ``output`` reads as ``disk`` (its whole chain)."""
     target = folder / "restored"
     shutil.rmtree(target, ignore_errors=True)
-    run("virtnbdrestore", "-i", str(output), "-o", str(target), "-n")
+    tool("virtnbdrestore", folder, "-i", str(output), "-o", str(target))
     (image,) = target.glob("*.qcow2")
     # -U: virtnbdrestore may return before its qemu-nbd has let the image go
     compared = subprocess.run(
