@@ -78,5 +78,15 @@ def sorted_names(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def bitmap_created(checkpoints: Iterable[Checkpoint], target: str) -> dict[str, int]:
+    """Each bitmap a checkpoint names for disk ``target`` -> that checkpoint's creationTime:
+    which checkpoint of that name it is (one taken again under the name is another)."""
+    return {
+        disk.bitmap: checkpoint.created
+        for checkpoint in checkpoints
+        if (disk := checkpoint.disk(target)) is not None
+    }
+
+
 def names_of(checkpoints: Iterable[Checkpoint]) -> tuple[str, ...]:
     return sorted_names(checkpoint.name for checkpoint in checkpoints)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .checkpoint_xml import Checkpoint
+from .checkpoint_xml import Checkpoint, bitmap_created
 from .model import QCOW2, Image
 
 __all__ = ["FillStep", "Filled", "fills_now", "plan_fill"]
@@ -102,11 +102,7 @@ def fills_now(
     creation time names it (one taken again under the same name starts afresh; one libvirt
     does not list for now, as between a transient VM's start and the redefinition of its
     checkpoints, is kept)."""
-    created = {
-        disk.bitmap: checkpoint.created
-        for checkpoint in checkpoints
-        if (disk := checkpoint.disk(target)) is not None
-    }
+    created = bitmap_created(checkpoints, target)
     present = {bitmap.name for image in chain for bitmap in image.bitmaps}
     return {
         name: filled

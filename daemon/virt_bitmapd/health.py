@@ -17,7 +17,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .checkpoint_xml import Checkpoint
+from .checkpoint_xml import Checkpoint, bitmap_created
 from .model import Image, SkipReason
 from .offline_export import OfflineExport, offline_export
 from .planner import bitmap_chain_problem
@@ -93,11 +93,7 @@ def untrusted_now(
     """What was untrusted and still is, then what a look ``found`` (bitmap -> why).  A bitmap is
     forgiven when it is gone from ``chain`` (deleted with its checkpoint, or by a new full
     backup) or when its checkpoint was taken again under the same name."""
-    created = {
-        disk.bitmap: checkpoint.created
-        for checkpoint in checkpoints
-        if (disk := checkpoint.disk(target)) is not None
-    }
+    created = bitmap_created(checkpoints, target)
     present = {bitmap.name for image in chain for bitmap in image.bitmaps}
 
     def retaken(name: str, distrust: Distrust) -> bool:

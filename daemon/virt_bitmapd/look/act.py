@@ -9,9 +9,10 @@ rules (``decide``, ``judge``) with what each action proved; nothing is re-read i
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from ..checkpoint_xml import bitmap_created
 from ..errors import CleanupFailed, VirtBitmapdError
 from ..fill import fill
 from ..filling import Filled, FillStep, plan_fill
@@ -26,7 +27,7 @@ from ..readers.chain import ChainNow
 from ..top_union import unite_at_rest, unite_live
 from ..transports.libvirt_monitor import LibvirtMonitor
 from .commits import CommitActor
-from .decide import Decision, Safeguard, chain_after, merged_into_after
+from .decide import Decision, Safeguard, chain_after, merged_into_after, with_bitmaps
 from .findings import CommitReport, untrusted_after
 from .gather import Gathered
 from .judge import Evidence, distrust, healing_plan, missing_in_top
@@ -159,11 +160,7 @@ class Actor:
             return replace(acted, fill_error=failed, changed=True, touched=True)
         names = {step.bitmap for step in steps}
         why = {name: reasons[name] for name in sorted(names)}
-        created = {
-            disk.bitmap: checkpoint.created
-            for checkpoint in gathered.checkpoints
-            if (disk := checkpoint.disk(gathered.target)) is not None
-        }
+        created = bitmap_created(gathered.checkpoints, gathered.target)
         fills = {
             name: Filled(
                 why=reason,
@@ -175,7 +172,7 @@ class Actor:
         }
         return replace(
             acted,
-            now=_with_filled(acted.now, steps),
+            now=with_bitmaps(acted.now, {acted.now.paths[0]: _recording(steps)}),
             evidence=replace(acted.evidence, filled={**acted.evidence.filled, **fills}),
             untrusted={k: v for k, v in acted.untrusted.items() if k not in names},
             filled=why,
@@ -217,34 +214,17 @@ class Actor:
         except VirtBitmapdError as error:
             return replace(acted, heal_error=error, changed=True, touched=True)
         healed = done.plan.steps if done.result is HealResult.HEALED else ()
-        return replace(
-            acted, now=_with_healed(acted.now, healed), healed=healed, changed=True, touched=True
-        )
+        added: dict[str, list[HealStep]] = {}
+        for step in healed:
+            added.setdefault(step.image, []).append(step)
+        now = with_bitmaps(acted.now, {path: _recording(steps) for path, steps in added.items()})
+        return replace(acted, now=now, healed=healed, changed=True, touched=True)
 
 
-def _with_filled(now: ChainNow, steps: tuple[FillStep, ...]) -> ChainNow:
-    """The chain once ``steps`` are done: each bitmap in the top, recording and consistent
-    (the fill checked that before it ended well)."""
-    top = now.images[0]
-    filled = {step.bitmap: step for step in steps}
-    kept = tuple(b for b in top.bitmaps if b.name not in filled)
-    added = tuple(
-        Bitmap(name=step.bitmap, granularity=step.granularity, recording=True) for step in steps
-    )
-    return replace(now, images=(replace(top, bitmaps=kept + added), *now.images[1:]))
-
-
-def _with_healed(now: ChainNow, steps: tuple[HealStep, ...]) -> ChainNow:
-    """The chain once ``steps`` are done: each bitmap in its layer, recording (the heal checked
-    that before it ended well)."""
-    added: dict[str, list[Bitmap]] = {}
-    for step in steps:
-        copy = Bitmap(name=step.bitmap, granularity=step.granularity, recording=True)
-        added.setdefault(step.image, []).append(copy)
-    images = tuple(
-        replace(image, bitmaps=image.bitmaps + tuple(added[image.path]))
-        if image.path in added
-        else image
-        for image in now.images
-    )
-    return replace(now, images=images)
+def _recording(steps: Sequence[FillStep | HealStep]) -> dict[str, Bitmap]:
+    """The bitmaps ``steps`` made, recording and consistent (each action checked that before
+    it ended well)."""
+    return {
+        step.bitmap: Bitmap(name=step.bitmap, granularity=step.granularity, recording=True)
+        for step in steps
+    }

@@ -39,6 +39,7 @@ __all__ = [
     "is_clean",
     "merged_into_after",
     "united_after",
+    "with_bitmaps",
 ]
 
 
@@ -191,6 +192,12 @@ def chain_after(now: ChainNow, reports: Sequence[CommitReport]) -> ChainNow:
                 added.setdefault(plan.base, {})[merge.bitmap] = Bitmap(
                     name=merge.bitmap, granularity=merge.granularity, recording=True
                 )
+    return with_bitmaps(now, added)
+
+
+def with_bitmaps(now: ChainNow, added: Mapping[str, Mapping[str, Bitmap]]) -> ChainNow:
+    """The chain with ``added`` (layer -> bitmap name -> the copy an action made there): a
+    copy that was unusable there is replaced, a usable one kept."""
     if not added:
         return now
     return replace(now, images=tuple(_with_bitmaps(image, added) for image in now.images))

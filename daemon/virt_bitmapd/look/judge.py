@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 from ..births import Births
-from ..checkpoint_xml import Checkpoint
+from ..checkpoint_xml import Checkpoint, bitmap_created
 from ..filling import Filled
 from ..healing import HealPlan, annotate, plan_healing
 from ..health import CheckpointHealth, Distrust, disk_health, untrusted_now, while_busy
@@ -75,7 +75,7 @@ def disabled_in_top(
     if not chain:
         return {}
     top = chain[0]
-    names = {disk.bitmap for c in checkpoints if (disk := c.disk(target)) is not None}
+    names = bitmap_created(checkpoints, target)
     return {
         name: f"its copy in {top.path} does not record: the writes since it stopped are in no copy"
         for name in sorted(names)
@@ -92,7 +92,7 @@ def missing_in_top(
     if not chain:
         return {}
     top = chain[0]
-    names = {disk.bitmap for c in checkpoints if (disk := c.disk(target)) is not None}
+    names = bitmap_created(checkpoints, target)
     found = {}
     for name in sorted(names):
         if top.bitmap(name) is not None:
