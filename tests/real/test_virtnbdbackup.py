@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,11 @@ def restored_equals(output: Path, disk: Path, folder: Path) -> bool:
     shutil.rmtree(target, ignore_errors=True)
     tool("virtnbdrestore", folder, "-i", str(output), "-o", str(target))
     (image,) = target.glob("*.qcow2")
-    # -U: virtnbdrestore may return before its qemu-nbd has let the image go
+    # virtnbdrestore may return before its qemu-nbd has written the image out and let it go
+    deadline = time.monotonic() + 30
+    while held_for_writing(image):
+        assert time.monotonic() < deadline, f"{image} still held after the restore"
+        time.sleep(0.1)
     compared = subprocess.run(
         ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", str(image), str(disk)],
         capture_output=True,
@@ -67,6 +72,15 @@ def restored_equals(output: Path, disk: Path, folder: Path) -> bool:
     )
     assert compared.returncode in (0, 1), compared.stderr
     return compared.returncode == 0
+
+
+def held_for_writing(image: Path) -> bool:
+    """Whether a process holds ``image`` open for writing: asked of QEMU, which refuses to
+    open it while a writer holds its lock (nobody else opens the restored image)."""
+    info = subprocess.run(
+        ["qemu-img", "info", "-f", "qcow2", str(image)], capture_output=True, check=False
+    )
+    return info.returncode != 0
 
 
 def maintained_chain(
