@@ -17,6 +17,11 @@ libvirt judges validity on the chain as it is *before* the commit.  Looking afte
 does), the base may already carry bitmaps that libvirt created there, which would read as gaps;
 so the caller can pass the base as it was before (``base_before``) for the validity walk, while
 what the base needs is still decided on the base as it is now.
+
+``unite`` adds the copies *below* BASE to each merge's sources, so that BASE's copy also holds
+every bit of the chain under it (the union libvirt's backup computes).  After a top commit BASE
+is the disk's top, and a reader that exports one copy (``qemu-nbd --bitmap``) then reads them
+all; bits are only added, so libvirt's answer does not change (see ``plan_union``).
 """
 
 from __future__ import annotations
@@ -79,10 +84,13 @@ def _locate(chain: Chain, top: str, base: str) -> tuple[int, int]:
     return top_index, base_index
 
 
-def plan(chain: Chain, top: str, base: str, *, base_before: Image | None = None) -> Plan:
+def plan(
+    chain: Chain, top: str, base: str, *, base_before: Image | None = None, unite: bool = False
+) -> Plan:
     """The bitmap changes that BASE needs after TOP .. the image above BASE are committed into it.
 
     ``base_before``: BASE as it was before the commit, when ``chain`` holds it as it is after.
+    ``unite``: also merge each bitmap's copies below BASE into BASE.
     Raises ChainError when BASE is not below TOP in ``chain``, and BaseCannotHoldBitmaps when
     BASE is not qcow2 but valid bitmaps would have to go there.
     """
@@ -95,6 +103,7 @@ def plan(chain: Chain, top: str, base: str, *, base_before: Image | None = None)
         before[base_index - top_index] = base_before
     from_top = tuple(before)
     subchain = chain.images[top_index:base_index]
+    below_base = chain.images[base_index + 1 :] if unite else ()
 
     merges: list[BitmapMerge] = []
     skipped: list[Skip] = []
@@ -109,6 +118,8 @@ def plan(chain: Chain, top: str, base: str, *, base_before: Image | None = None)
             if image.bitmap(bitmap.name) is None:
                 break
             sources.append(image.path)
+        # a valid chain is one unbroken run from TOP: the holders below BASE continue it
+        sources += [image.path for image in below_base if image.bitmap(bitmap.name) is not None]
         merges.append(
             BitmapMerge(
                 bitmap=bitmap.name,

@@ -35,14 +35,17 @@ def reconcile_at_rest(
     dry_run: bool = False,
     base_before: Image | None = None,
 ) -> Reconciliation:
-    """Carry TOP's valid checkpoint bitmaps into BASE.  ``storage_roots`` None means unrestricted
-    (an administrator naming the images by hand); otherwise BASE must lie under one of them.
+    """Carry TOP's valid checkpoint bitmaps into BASE, with their copies below BASE.
+    ``storage_roots`` None means unrestricted (an administrator naming the images by hand);
+    otherwise BASE must lie under one of them.
     ``base_before``: BASE's bitmaps as seen before the commit (see ``planner.plan``)."""
     real_base = os.path.realpath(base)
     if storage_roots is not None:
         require_inside(real_base, storage_roots)
     chain = images.read_chain(top)
-    plan = make_plan(chain, chain.top.path, real_base, base_before=base_before)
+    # BASE also takes the copies below it: after a top commit it is the disk's top, whose one
+    # copy is all an offline reader exports (planner, ``unite``)
+    plan = make_plan(chain, chain.top.path, real_base, base_before=base_before, unite=True)
     committed = tuple(image.path for image in chain.images[: chain.index_of(real_base)])
     if plan.is_empty:
         return Reconciliation(plan=plan, result=Result.NOTHING_TO_DO, committed=committed)

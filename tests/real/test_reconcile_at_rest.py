@@ -91,6 +91,22 @@ def test_subchain_of_several_layers(tmp_path: Path) -> None:
         assert flags[name] == ["auto"]
 
 
+def test_base_above_older_layers_takes_their_copies_too(tmp_path: Path) -> None:
+    # after a top commit the base is the disk's top: its one copy is what qemu-nbd exports
+    c = three_layer_chain(tmp_path)
+    oldest, s1, s2 = c.layers[0], c.layers[1], c.layers[2]
+    commit(s2, s1)
+    report = reconcile(s2, s1)
+    merges = {m["bitmap"]: m for m in report["plan"]["merges"]}  # type: ignore[index]
+    assert merges["cp1"]["sources"] == [str(s2), str(oldest)]
+    assert merges["cp2"]["sources"] == [str(s2)] and merges["cp3"]["sources"] == [str(s2)]
+    for name in ("cp1", "cp2", "cp3"):
+        assert dirty_extents(s1, name) == expected(c.recorded[name]), name
+    before = state(s1)
+    assert reconcile(s2, s1)["result"] == "already consistent"
+    assert state(s1) == before
+
+
 def test_one_layer_commit_keeps_base_bits_and_second_run_is_already_consistent(
     tmp_path: Path,
 ) -> None:

@@ -334,3 +334,51 @@ def test_union_properties(case: tuple[Chain, int, int], seed: int) -> None:
         else:
             assert bitmap.name not in {m.bitmap for m in p.merges}
     assert apply_to_model(after, plan_union(after.images), after_contents)[1] == after_contents
+
+
+# ---------------------------------------------------------------- a commit that also unites
+
+
+def test_uniting_commit_adds_the_copies_below_the_base() -> None:
+    c = chain(
+        img("top", bm("cp1"), bm("cp2")),
+        img("base", bm("cp1")),
+        img("older", bm("cp1")),
+        img("oldest", bm("cp1")),
+    )
+    assert plan(c, "top", "base", unite=True).merges == (
+        BitmapMerge(
+            bitmap="cp1", granularity=K64, create_in_base=False, sources=("top", "older", "oldest")
+        ),
+        BitmapMerge(bitmap="cp2", granularity=K64, create_in_base=True, sources=("top",)),
+    )
+
+
+@settings(max_examples=600, deadline=None)
+@given(chains(), st.integers(0, 1000))
+def test_uniting_commit_leaves_the_base_holding_the_whole_chain(
+    case: tuple[Chain, int, int], seed: int
+) -> None:
+    c, top_index, base_index = case
+    c = Chain(tuple(replace(i, format="qcow2") for i in c.images))
+    if top_index == base_index:
+        return
+    top, base = c.images[top_index], c.images[base_index]
+    committing = plan(c, top.path, base.path)
+    uniting = plan(c, top.path, base.path, unite=True)
+    # the same bitmaps, created alike; only sources below the base are added
+    assert [(m.bitmap, m.create_in_base) for m in uniting.merges] == [
+        (m.bitmap, m.create_in_base) for m in committing.merges
+    ]
+    assert uniting.skipped == committing.skipped
+    contents = contents_for(c, seed)
+    _, after = apply_to_model(c, uniting, contents)
+    from_top = c.images[top_index:]
+    for merge in uniting.merges:
+        # BASE's one copy holds what libvirt merges over the chain from TOP
+        union = frozenset().union(
+            *(contents.get((i.path, merge.bitmap), frozenset()) for i in from_top)
+        )
+        assert after[(base.path, merge.bitmap)] == union
+    for key, bits in contents.items():
+        assert bits <= after[key] and (key[0] == base.path or after[key] == bits)
