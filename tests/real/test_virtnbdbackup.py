@@ -84,11 +84,17 @@ def held_for_writing(image: Path) -> bool:
 
 
 def maintained_chain(
-    tmp_path: Path, domains: Domains, daemon: DaemonProcess | None, *, down_for_merge: bool
+    tmp_path: Path,
+    domains: Domains,
+    daemon: DaemonProcess | None,
+    *,
+    down_for_merge: bool,
+    merge_top: bool = False,
 ) -> tuple[Any, Path, Path]:
     """A full backup of a running domain on base (checkpoint virtnbdbackup.0), then writes,
     two snapshots with writes after each, the domain shut off, and an oVirt-style cold merge
-    of the middle layer (qemu-img commit, rebase, delete), with the daemon running (the layer
+    of the middle layer (qemu-img commit, rebase, delete) or of the top one (``merge_top``:
+    qemu-img commit, the domain moved down to s1, delete), with the daemon running (the layer
     deleted once it reconciled the merge) or stopped for it (``down_for_merge``: deleted at
     once).  Returns the shut-off domain, its top layer and the backup folder."""
     folder = tmp_path / "images"
@@ -112,27 +118,33 @@ def maintained_chain(
         rescan_now(daemon, "the shut-off chain seen")
         if down_for_merge:
             assert daemon.stop() == 0
-    run("qemu-img", "commit", "-q", str(s1))
-    run("qemu-img", "rebase", "-u", "-b", str(base), "-F", "qcow2", str(s2))
-    dom = redefine_on(domains, dom, s2)
+    merged, top = (s2, s1) if merge_top else (s1, s2)
+    run("qemu-img", "commit", "-q", str(merged))
+    if not merge_top:
+        run("qemu-img", "rebase", "-u", "-b", str(base), "-F", "qcow2", str(s2))
+    dom = redefine_on(domains, dom, top)
     if daemon is not None and not down_for_merge:
         mark = len(daemon.entries())
         rescan_now(daemon, "the cold merge")
         done = entry_after(daemon, mark, is_for(dom, "reconciliation"), "the merge reconciled")
         # qemu-img commit wrote through the base's recording bitmaps: they may hold it all
         assert done["result"] in ("reconciled", "already_consistent"), done
-    s1.unlink()
-    return dom, s2, output
+    merged.unlink()
+    return dom, top, output
 
 
+@pytest.mark.parametrize("merge_top", [False, True], ids=["middle", "top"])
 @pytest.mark.parametrize("with_daemon", [True, False], ids=["daemon", "no-daemon"])
 def test_an_offline_incremental_after_snapshots_and_a_cold_merge_restores_the_disk(
-    tmp_path: Path, domains: Domains, daemon_factory: Any, with_daemon: bool
+    tmp_path: Path, domains: Domains, daemon_factory: Any, with_daemon: bool, merge_top: bool
 ) -> None:
-    """Without the daemon the top's copy holds only what was written since the last snapshot,
-    and the offline incremental misses the rest; with it, the restore equals the disk."""
+    """Without the daemon the top's copy holds only what was written since the last snapshot
+    (and, after a top merge, what qemu-img commit wrote through it), and the offline
+    incremental misses the rest; with it, the restore equals the disk."""
     daemon = daemon_factory(roots=[tmp_path / "images"]) if with_daemon else None
-    dom, top, output = maintained_chain(tmp_path, domains, daemon, down_for_merge=False)
+    dom, top, output = maintained_chain(
+        tmp_path, domains, daemon, down_for_merge=False, merge_top=merge_top
+    )
     if daemon is not None:
         seen = status(daemon, dom.name())["virtnbdbackup.0"]
         assert (seen["state"], seen["next_backup"]) == ("usable", "safe"), seen
