@@ -1,4 +1,5 @@
-"""Command line: ``virt-bitmapd run | status | inspect | reconcile | heal | check-config``.
+"""Command line: ``virt-bitmapd run | status | check | inspect | reconcile | heal |
+check-config``.
 
 This module only parses.  Each command lives in ``commands/`` and is imported when it runs, so
 a one-shot command loads nothing of the service (``virt-bitmapd reconcile``, which a cold-merge
@@ -13,22 +14,36 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from . import __version__
-from .commands import EXIT_FAILED, EXIT_USAGE
+from .commands import EXIT_FAILED, EXIT_UNKNOWN, EXIT_USAGE
 from .config import DEFAULT_PATH, ConfigError
 from .errors import VirtBitmapdError
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Exits ``usage_status`` on a mistake in the arguments (``check``'s 2 means something else:
+    a monitoring plugin's usage error is 3, unknown)."""
+
+    usage_status = EXIT_USAGE
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_status, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="virt-bitmapd",
         description="Keep qcow2 checkpoint dirty bitmaps whole across block commits.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     inspect = commands.add_parser(
         "inspect",
@@ -124,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--concurrency", type=int, help="disks handled at once (default 4)")
     run.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="where 'virt-bitmapd check' asks for a look (default /run/virt-bitmapd/control.sock; "
+        "empty string: off)",
+    )
+    run.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="Prometheus endpoint (default 127.0.0.1:9411; empty string: off)",
@@ -168,6 +189,8 @@ def _parser() -> argparse.ArgumentParser:
         help=f"config file whose URI and state directory apply (default {DEFAULT_PATH})",
     )
 
+    _add_check(commands)
+
     check = commands.add_parser(
         "check-config",
         help="validate a config file without starting",
@@ -175,6 +198,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("path", nargs="?", default=DEFAULT_PATH, metavar="PATH")
     return parser
+
+
+def _add_check(commands: Any) -> None:
+    gate = commands.add_parser(
+        "check",
+        help="before a backup: is an incremental backup from the checkpoint complete? "
+        "(exit 0 yes, 1 take a full, 2 it would miss data, 3 unknown)",
+        description="Judge one checkpoint of DOMAIN (the latest by default) on every disk it "
+        "covers, for libvirt's backup API and for an offline export of its bitmap "
+        "(qemu-nbd --bitmap, as virtnbdbackup runs it for a shut-off domain). The running "
+        "daemon is asked to look at the domain first, and the answer comes from what that "
+        "look left; without a daemon, it judges read-only and says so. Exit status, as "
+        "monitoring plugins have it: 0 an incremental backup is complete for both readers; "
+        "1 take a full backup (a reader refuses it: broken, quarantined, missing, no "
+        "checkpoint); 2 an incremental would miss data (untrusted under a report-only "
+        "policy); 3 unknown (a block job runs, a disk or the daemon's memory cannot be read, "
+        "the daemon's look did not end in time).",
+    )
+    gate.usage_status = EXIT_UNKNOWN
+    gate.add_argument("domain", metavar="DOMAIN")
+    chosen = gate.add_mutually_exclusive_group()
+    chosen.add_argument("--checkpoint", metavar="NAME", help="the checkpoint to judge")
+    chosen.add_argument(
+        "--latest", action="store_true", help="the last created checkpoint (the default)"
+    )
+    gate.add_argument("--disk", metavar="TARGET", help="judge this disk only (e.g. vda)")
+    gate.add_argument("--json", action="store_true", help="print JSON")
+    gate.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for a block job on the domain's disks to end and for the "
+        "daemon's look (without it: a running job answers 3 at once, and the look is given "
+        "30 s)",
+    )
+    gate.add_argument("--uri", help="libvirt URI (default: the config file's, qemu:///system)")
+    gate.add_argument(
+        "--config",
+        help="config file whose URI, state directory and control socket apply "
+        f"(default {DEFAULT_PATH})",
+    )
 
 
 def _add_root_arguments(command: argparse.ArgumentParser, what: str) -> None:

@@ -39,6 +39,8 @@ class Settings:
     #: Watch the directories of the known layers and the storage roots (inotify).
     watch: bool = True
     concurrency: int = 4
+    #: Where ``virt-bitmapd check`` asks the daemon for a look ("": nowhere).
+    control_socket: str = "/run/virt-bitmapd/control.sock"
     metrics_listen: str = "127.0.0.1:9411"
     log_format: str = "auto"
     log_level: str = "info"
@@ -87,6 +89,16 @@ def _absolute(value: Any) -> str:
     if not os.path.isabs(text):
         raise ValueError(f"{text!r} is not an absolute path")
     return os.path.normpath(text)
+
+
+def _socket_path(value: Any) -> str:
+    text = _text(value)
+    if not text:
+        return text
+    path = _absolute(text)
+    if len(path.encode()) > 107:  # sun_path holds 108 bytes with the final NUL
+        raise ValueError(f"{text!r} is longer than a Unix socket path may be (107 bytes)")
+    return path
 
 
 def _roots(value: Any) -> tuple[str, ...]:
@@ -156,6 +168,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
         "snapshot_watch_interval": ("snapshot_watch_interval", _watch_interval),
         "watch": ("watch", _flag),
         "concurrency": ("concurrency", _concurrency),
+        "control_socket": ("control_socket", _socket_path),
     },
     "metrics": {"listen": ("metrics_listen", _listen)},
     "log": {

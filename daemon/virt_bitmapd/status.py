@@ -40,6 +40,8 @@ class DomainStatus:
     uuid: str
     running: bool
     disks: tuple[DiskStatus, ...] = ()
+    #: The checkpoints' names, oldest first (by creation time).
+    checkpoints: tuple[str, ...] = ()
     #: Disks that hold no checkpoints (raw, network), with the reason.
     skipped: tuple[tuple[str, str], ...] = ()
     error: str | None = None
@@ -153,5 +155,6 @@ def _domain_status(domain: libvirt.virDomain, store: StateStore) -> DomainStatus
         uuid=uuid,
         running=running,
         disks=tuple(judged),
+        checkpoints=tuple(checkpoint.name for checkpoint in checkpoints),
         skipped=tuple((skip.target, skip.reason) for skip in disks.skipped),
     )

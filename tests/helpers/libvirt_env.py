@@ -155,6 +155,7 @@ class DaemonProcess:
             f"[storage]\nroots = [{roots_toml}]\n"
             f"[daemon]\nstate_dir = {json.dumps(str(self.state_dir))}\n"
             f"rescan_interval = {rescan_interval}\n"
+            f"control_socket = {json.dumps(str(folder / 'control.sock'))}\n"
             '[metrics]\nlisten = ""\n'
             '[log]\nformat = "json"\nlevel = "debug"\n'
         )

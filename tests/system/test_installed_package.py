@@ -10,6 +10,7 @@ last. Never skipped: if the machine cannot be built or booted, the tests fail an
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -180,6 +181,11 @@ def test_a_live_commit_is_verified(system: System) -> None:
     m.run("virsh", "blockcommit", name, "vda", "--top", s1, "--base", base, "--wait")
     entry = wait_for_entry(m, "EVENT=reconciliation", f"DOMAIN={name}")
     assert entry["RESULT"] == "already_consistent" and entry["TRIGGER"] == "event", entry
+    # the gate asks the service for a look through its socket in /run/virt-bitmapd
+    gate = m.run("virt-bitmapd", "check", name, "--json", check=False)
+    answer = json.loads(gate.stdout)
+    assert gate.returncode == 0 and answer["looked"] == "the daemon looked just now", gate
+    assert m.run("stat", "-c", "%a", "/run/virt-bitmapd").stdout.strip() == "700"
     m.run("virsh", "-q", "destroy", name)
     assert_base_holds_the_data(chain)
 

@@ -58,6 +58,11 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("[log]\nformat = 'xml'\n", "log.format: 'xml' is not one of"),
         ("[policy]\nuntrusted = 'delete'\n", "policy.untrusted: 'delete' is not one of"),
         ("[policy]\nheal = 'yes'\n", "policy.heal: must be true or false"),
+        ("[daemon]\ncontrol_socket = 'run/x.sock'\n", "daemon.control_socket: 'run/x.sock' is not"),
+        (
+            f"[daemon]\ncontrol_socket = '/{'x' * 110}'\n",
+            "daemon.control_socket: '/xxx",
+        ),
         ("daemon = 3\n", "daemon: must be a table"),
     ],
 )

@@ -160,3 +160,28 @@ def test_transition_table_names_state_and_event() -> None:
 )
 def test_what_a_block_job_event_asks_for(job_type: str, status: str, action: Action) -> None:
     assert block_job_action(job_type, status) is action
+
+
+def test_settled_waits_for_the_run_asked_for_after_the_running_one() -> None:
+    finished: list[str] = []
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def job(key: str, request: LookRequest) -> None:
+            await gate.wait()
+            finished.append(request.trigger)
+
+        scheduler = Scheduler(job, concurrency=2)
+        await scheduler.settled("vda")  # idle: at once
+        scheduler.submit("vda", LookRequest.because("event"))
+        await asyncio.sleep(0)
+        scheduler.submit("vda", LookRequest.because("check"))  # while the event's look runs
+        waiting = asyncio.ensure_future(scheduler.settled("vda"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        gate.set()
+        await waiting
+        assert finished == ["event", "check"]
+
+    run(main())

@@ -13,7 +13,7 @@ from .disk_states import BITMAP_STATES, CHECKPOINT_STATES, DiskStates
 
 __all__ = ["BITMAP_STATES", "CHECKPOINT_STATES", "RESULTS", "TRIGGERS", "Metrics"]
 
-TRIGGERS = ("event", "watch", "rescan", "startup", "manual")
+TRIGGERS = ("event", "watch", "rescan", "startup", "manual", "check")
 RESULTS = (
     "reconciled",
     "already_consistent",

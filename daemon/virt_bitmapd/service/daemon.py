@@ -6,7 +6,9 @@ only routes.  Sources ask for looks with a ``LookRequest`` carrying their reason
 
 * libvirt's events (``EventIntake``): block jobs and lifecycle changes;
 * the directory watch and the snapshot safety net (``ChainWatch``);
-* rescans at startup, after every reconnect, on SIGHUP and periodically (``Rescans``).
+* rescans at startup, after every reconnect, on SIGHUP and periodically (``Rescans``);
+* ``virt-bitmapd check``, through the control socket (``ControlServer``), which is answered
+  once the looks it asked for have ended.
 
 The scheduler runs one look per disk at a time, coalescing requests.  A look (``look.run``) is
 gather, decide, act, reread, judge; what it found goes through ``effects`` (pure) to ``apply``,
@@ -25,6 +27,7 @@ import structlog
 
 from ..block_jobs import LAYERS_CARRIED
 from ..config import Settings, parse_listen
+from ..control_client import LookFailed
 from ..errors import LibvirtFailed, VirtBitmapdError
 from ..fingerprints import left_as_they_were
 from ..handover import Handover
@@ -37,6 +40,7 @@ from ..transports import children
 from .apply import Applier
 from .chain_watch import ChainWatch, may_be_own_write
 from .connection import BACKOFF_MAX, Connection, EventHandlers
+from .control import ControlServer
 from .disk_memory import DiskKey, DiskMemory
 from .event_intake import EventIntake
 from .leftovers import remove_leftovers
@@ -116,6 +120,7 @@ class Daemon:
             connection=lambda: self._connection.conn,
             count_unread=self.metrics.rescan_unread.inc,
         )
+        self._control = ControlServer(settings.control_socket, self._look_now)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,6 +133,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_rescan, "manual")
         self._serve_metrics()
+        if self.settings.control_socket:
+            await self._control.start()
         await self._end_leftover_tools()
         self._watch.start()
         log.info(
@@ -156,6 +163,7 @@ class Daemon:
             self.notifier.stopping()
             log.info("daemon_stopping")
             self._tasks.cancel_all()
+            await self._control.close()
             self._watch.close()
             if not await self._scheduler.close(STOP_TIMEOUT):
                 log.error("daemon_stop_timeout", detail="looks still running were abandoned")
@@ -213,6 +221,25 @@ class Daemon:
 
     async def _rescan_domain(self, dom: libvirt.virDomain) -> None:
         await self._rescans.domain(dom, "rescan")
+
+    async def _look_now(self, name: str, timeout: float) -> list[str]:
+        """Look at each disk of domain ``name`` now (``check``); the targets, once every look
+        asked for until now has ended."""
+        conn = self._connection.conn
+        if conn is None:
+            raise LookFailed("libvirt is not connected")
+        try:
+            dom = await asyncio.to_thread(conn.lookupByName, name)
+        except libvirt.libvirtError as error:
+            raise LookFailed(f"{name}: {error}") from error
+        keys = await self._rescans.domain(dom, "check")
+        try:
+            async with asyncio.timeout(timeout):
+                for key in keys:
+                    await self._scheduler.settled(key)
+        except TimeoutError:
+            raise LookFailed(f"{name}: the look did not end within {timeout:g} s") from None
+        return [target for _uuid, target in keys]
 
     def _background_failed(self, task: str) -> None:
         self.metrics.background_errors.labels(task).inc()

@@ -31,7 +31,7 @@ from ..readers.checkpoints import checkpoint_names
 from ..retention import RETENTION
 from ..state import StateStore
 from .apply import Applier
-from .disk_memory import DiskMemory
+from .disk_memory import DiskKey, DiskMemory
 from .heap import give_back_memory
 from .scheduler import LookRequest, Scheduler
 from .tasks import TaskSupervisor
@@ -124,7 +124,7 @@ class Rescans:
             self._count_unread(unread)
             for dom, changed in plan:
                 if changed is None:
-                    disks += await self.domain(dom, trigger)
+                    disks += len(await self.domain(dom, trigger))
                 else:
                     disks += len(changed)
                     for target in changed:
@@ -133,7 +133,7 @@ class Rescans:
                         )
         else:
             for dom in domains:
-                disks += await self.domain(dom, trigger)
+                disks += len(await self.domain(dom, trigger))
         for uuid in self._store.known():
             if uuid not in present:
                 self._absent(uuid)
@@ -173,19 +173,20 @@ class Rescans:
         seconds = round(time.monotonic() - started, 3)
         log.info("rescan_finished", trigger=trigger, domains=domains, disks=disks, seconds=seconds)
 
-    async def domain(self, dom: Any, trigger: str) -> int:
-        """Ask for a look at each of the domain's disks; how many."""
+    async def domain(self, dom: Any, trigger: str) -> list[DiskKey]:
+        """Ask for a look at each of the domain's disks; their keys."""
         try:
             targets, skipped = await asyncio.to_thread(disk_targets, dom, self._store)
         except VirtBitmapdError as error:
             log.warning("domain_unreadable", domain=dom.name(), error=str(error))
-            return 0
+            return []
         uuid = dom.UUIDString()
         self._memory.absent_logged.discard(uuid)
         self._applier.disks_skipped(uuid, dom.name(), skipped)
-        for target in targets:
-            self._scheduler.submit((uuid, target), LookRequest.because(trigger))
-        return len(targets)
+        keys = [(uuid, target) for target in targets]
+        for key in keys:
+            self._scheduler.submit(key, LookRequest.because(trigger))
+        return keys
 
     def _absent(self, uuid: str) -> None:
         """A known domain libvirt does not list: its metrics and memory go now, its chains

@@ -94,6 +94,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._limit = asyncio.Semaphore(concurrency)
         self._closed = False
+        self._settling: dict[Hashable, list[asyncio.Future[None]]] = {}
 
     def state(self, key: Hashable) -> Slot:
         return self._slots.get(key, Slot.IDLE)
@@ -105,6 +106,9 @@ class Scheduler:
             raise TransitionError(key, current, event)
         if new is Slot.IDLE:
             self._slots.pop(key, None)
+            for waiter in self._settling.pop(key, []):
+                if not waiter.done():
+                    waiter.set_result(None)
         else:
             self._slots[key] = new
         return new
@@ -123,12 +127,23 @@ class Scheduler:
             task.add_done_callback(self._tasks.discard)
         return True
 
+    async def settled(self, key: Hashable) -> None:
+        """Return once ``key`` has nothing queued or running: every run asked for before this
+        call has ended (a run asked for while one runs is waited for too)."""
+        if self.state(key) is Slot.IDLE:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._settling.setdefault(key, []).append(waiter)
+        await waiter
+
     async def _drive(self, key: Hashable) -> None:
         while True:
             async with self._limit:
                 if self._closed:
                     self._slots.pop(key, None)
                     self._requests.pop(key, None)
+                    for waiter in self._settling.pop(key, []):
+                        waiter.cancel()
                     return
                 self._move(key, "start")
                 request = self._requests.pop(key)
