@@ -8,6 +8,7 @@ SHAREDIR   ?= $(PREFIX)/share/virt-bitmapd
 DOCDIR     ?= $(PREFIX)/share/doc/virt-bitmapd
 UNITDIR    ?= /etc/systemd/system
 CONFDIR    ?= /etc/virt-bitmapd
+CATALOGDIR ?= /usr/local/lib/systemd/catalog
 PYTHON     ?= python3
 
 .PHONY: install uninstall demo test soak idle-cost deb
@@ -24,6 +25,9 @@ install:
 	chmod 0644 $(DESTDIR)$(UNITDIR)/virt-bitmapd.service
 	[ -e $(DESTDIR)$(CONFDIR)/config.toml ] || install -m 0644 config/config.toml $(DESTDIR)$(CONFDIR)/config.toml
 	install -m 0644 dashboards/virt-bitmapd.json dashboards/alerts.yml $(DESTDIR)$(SHAREDIR)/
+	install -d $(DESTDIR)$(CATALOGDIR)
+	sed 's#/usr/share/doc/virt-bitmapd#$(DOCDIR)#' systemd/virt-bitmapd.catalog > $(DESTDIR)$(CATALOGDIR)/virt-bitmapd.catalog
+	if [ -z "$(DESTDIR)" ]; then journalctl --update-catalog || true; fi
 	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/
 	install -d $(DESTDIR)$(DOCDIR)/docs
 	install -m 0644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
@@ -32,7 +36,9 @@ install:
 uninstall:
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemctl disable --now virt-bitmapd.service || true; fi
-	rm -f $(DESTDIR)$(UNITDIR)/virt-bitmapd.service $(DESTDIR)$(BINDIR)/virt-bitmapd
+	rm -f $(DESTDIR)$(UNITDIR)/virt-bitmapd.service $(DESTDIR)$(BINDIR)/virt-bitmapd \
+		$(DESTDIR)$(CATALOGDIR)/virt-bitmapd.catalog
+	if [ -z "$(DESTDIR)" ]; then journalctl --update-catalog || true; fi
 	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR)
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "kept $(CONFDIR)/config.toml and /var/lib/virt-bitmapd: remove them by hand if wanted"

@@ -182,12 +182,54 @@ def test_a_live_commit_is_verified(system: System) -> None:
     entry = wait_for_entry(m, "EVENT=reconciliation", f"DOMAIN={name}")
     assert entry["RESULT"] == "already_consistent" and entry["TRIGGER"] == "event", entry
     # the gate asks the service for a look through its socket in /run/virt-bitmapd
+    m.run("virsh", "-q", "checkpoint-create-as", name, "gate", "--diskspec", "vda")
     gate = m.run("virt-bitmapd", "check", name, "--json", check=False)
     answer = json.loads(gate.stdout)
     assert gate.returncode == 0 and answer["looked"] == "the daemon looked just now", gate
     assert m.run("stat", "-c", "%a", "/run/virt-bitmapd").stdout.strip() == "700"
     m.run("virsh", "-q", "destroy", name)
     assert_base_holds_the_data(chain)
+
+
+def restart_with(machine: Container, *flags: str) -> None:
+    """The service restarted with ``flags`` added to its command line (a drop-in), or as
+    packaged when there are none."""
+    dropin = machine.path("/etc/systemd/system/virt-bitmapd.service.d/test-flags.conf")
+    if flags:
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(
+            f"[Service]\nExecStart=\nExecStart=/usr/bin/virt-bitmapd run {' '.join(flags)}\n"
+        )
+    else:
+        dropin.unlink(missing_ok=True)
+    machine.run("systemctl", "daemon-reload")
+    machine.run("systemctl", "restart", "virt-bitmapd")
+    wait_until(lambda: active(machine), "the service to be active again")
+
+
+def test_journalctl_x_explains_a_quarantine(system: System) -> None:
+    """A cold merge while the service was stopped, the merged layer deleted: its bits are lost.
+    Under untrusted = "disable" the bitmaps are quarantined, and journalctl -x shows what that
+    means from the catalog the package installed."""
+    m = system.machine
+    name = "vbd-sys-lost"
+    chain = tracked_in_machine(m, name, start=False)
+    base, s1, active_layer = (inside(m, layer) for layer in chain.layers)
+    m.run("systemctl", "stop", "virt-bitmapd")
+    m.run("qemu-img", "commit", "-q", s1)
+    m.run("qemu-img", "rebase", "-u", "-b", base, "-F", "qcow2", active_layer)
+    m.run("rm", s1)
+    restart_with(m, "--untrusted", "disable")
+    try:
+        wait_for_entry(m, "EVENT=checkpoint_quarantined", f"DOMAIN={name}", timeout=30)
+        explained = m.run(
+            "journalctl", "-x", "--no-pager", "-u", "virt-bitmapd", "EVENT=checkpoint_quarantined"
+        ).stdout
+        assert f"Subject: Checkpoints of {name} vda were quarantined" in explained, explained
+        assert "libvirt now refuses an incremental backup from these checkpoints" in explained
+    finally:
+        restart_with(m)
+    m.run("virsh", "-q", "undefine", name)
 
 
 def test_the_readmes_service_commands_work_as_written(system: System) -> None:

@@ -149,7 +149,12 @@ def test_a_look_begun_before_a_forget_does_not_bring_the_domain_back(tmp_path: P
 def test_documented_message_ids_are_the_real_ones() -> None:
     readme = (Path(__file__).resolve().parents[2] / "docs" / "operating.md").read_text()
     rows = [line.split("|") for line in readme.splitlines() if line.count("|") == 3]
-    table = {cells[1].strip(): cells[2].strip() for cells in rows if len(cells[2].strip()) == 32}
+    # a kind the journal catalog explains is marked " *"
+    table = {
+        cells[1].strip().removesuffix(" *"): cells[2].strip()
+        for cells in rows
+        if len(cells[2].strip()) == 32
+    }
     assert len(table) >= 5
     for event, documented in table.items():
         assert message_id(event) == documented, event

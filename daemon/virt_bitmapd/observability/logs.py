@@ -11,14 +11,14 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
 
 from .journald import DEFAULT_SOCKET, JournalSender
 
-__all__ = ["JournalRenderer", "add_message_id", "configure", "message_id"]
+__all__ = ["JournalRenderer", "add_message_id", "configure", "message_id", "message_kind"]
 
 IDENTIFIER = "virt-bitmapd"
 # Message ids are derived from the event name, so they are stable across versions and hosts.
@@ -33,8 +33,27 @@ def message_id(event: str) -> str:
     return uuid.uuid5(_MESSAGE_ID_NAMESPACE, event).hex
 
 
+#: reconciliation errors behind which a QEMU tool died mid-work
+_CRASH_KINDS = frozenset({"tool_crashed", "crash_damaged_bitmaps"})
+
+
+def message_kind(event_dict: Mapping[str, Any]) -> str:
+    """The kind of event a MESSAGE_ID stands for: the event's name, but a reconciliation that
+    lost bits, could not prove a commit or met a crashed tool, and a checkpoint that became
+    untrusted, are kinds of their own (each with its own text in the journal catalog)."""
+    event = str(event_dict.get("event", ""))
+    if event == "reconciliation":
+        if event_dict.get("error_kind") in _CRASH_KINDS:
+            return "tool_crashed"
+        if event_dict.get("result") in ("unrecoverable", "unproven"):
+            return f"commit_{event_dict['result']}"
+    if event == "checkpoint_health" and event_dict.get("state") == "untrusted":
+        return "checkpoint_untrusted"
+    return event
+
+
 def add_message_id(_: Any, __: str, event_dict: EventDict) -> EventDict:
-    event_dict.setdefault("message_id", message_id(str(event_dict.get("event", ""))))
+    event_dict.setdefault("message_id", message_id(message_kind(event_dict)))
     return event_dict
 
 
