@@ -29,7 +29,7 @@ from .offline_export import OfflineExport
 if TYPE_CHECKING:  # a plain value; status itself reads libvirt
     from .status import DomainStatus
 
-__all__ = ["DiskAnswer", "GateAnswer", "Verdict", "gate"]
+__all__ = ["DiskAnswer", "GateAnswer", "Verdict", "gate", "verdict_of"]
 
 
 class Verdict(enum.IntEnum):
@@ -104,6 +104,11 @@ def _judge_health(entry: CheckpointHealth) -> tuple[Verdict, str]:
     if entry.offline not in (OfflineExport.SAFE, OfflineExport.WHOLE_DISK):
         return Verdict.FULL, why
     return Verdict.INCREMENTAL, why
+
+
+def verdict_of(entry: CheckpointHealth) -> Verdict:
+    """What ``check`` answers for one checkpoint on one disk."""
+    return _judge_health(entry)[0]
 
 
 def _disk_answer(entry: CheckpointHealth) -> DiskAnswer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import libvirt
 
 from helpers.images import (
     K64,
@@ -210,3 +213,18 @@ def cp1_lost_at_rest(
     dom = redefine_on(domains, dom, base)
     s1.unlink()
     return dom, base
+
+
+def redefine_checkpoint(dom: Any, folder: Path, name: str, created: int, domain: str = "") -> None:
+    """libvirt's checkpoint ``name`` of vda defined anew (metadata only), with ``domain`` (the
+    domain's XML as the checkpoint saw it) or, as oVirt redefines them, without it."""
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.checkpointLookupByName(name).delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    xml = (
+        f"<domaincheckpoint><name>{name}</name><creationTime>{created}</creationTime>"
+        f"<disks><disk name='vda' checkpoint='bitmap' bitmap='{name}'/></disks>"
+        f"{domain}</domaincheckpoint>"
+    )
+    path = folder / f"{name}.xml"
+    path.write_text(xml)
+    virsh("checkpoint-create", dom.name(), str(path), "--redefine")

@@ -9,7 +9,6 @@ backend, so the recording bitmaps mark them as they would a guest's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import socket
@@ -19,7 +18,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 
 from helpers.backups import backup_extents, backup_refusal, begin_backup
@@ -43,6 +41,7 @@ from helpers.scenarios import (
     entry_after,
     guest_write,
     is_for,
+    redefine_checkpoint,
     redefine_on,
     rescan_now,
     snapshot,
@@ -306,21 +305,6 @@ def test_a_block_copy_keeps_its_checkpoints_trusted(
         e for e in daemon.entries() if is_for(dom, e.get("event", ""))(e) and e["event"] in unwanted
     ]
     assert not [e for e in daemon.entries() if e.get("state") == "untrusted"]
-
-
-def redefine_checkpoint(dom: Any, folder: Path, name: str, created: int, domain: str = "") -> None:
-    """libvirt's checkpoint ``name`` of vda defined anew (metadata only), with ``domain`` (the
-    domain's XML as the checkpoint saw it) or, as oVirt redefines them, without it."""
-    with contextlib.suppress(libvirt.libvirtError):
-        dom.checkpointLookupByName(name).delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-    xml = (
-        f"<domaincheckpoint><name>{name}</name><creationTime>{created}</creationTime>"
-        f"<disks><disk name='vda' checkpoint='bitmap' bitmap='{name}'/></disks>"
-        f"{domain}</domaincheckpoint>"
-    )
-    path = folder / f"{name}.xml"
-    path.write_text(xml)
-    virsh("checkpoint-create", dom.name(), str(path), "--redefine")
 
 
 def lose_s1(t: Path, s1: Path, s2: Path) -> None:

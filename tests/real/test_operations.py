@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from helpers.libvirt_env import REPO, DaemonProcess, Domains, virsh
-from helpers.scenarios import build, commit_offline, is_for
+from helpers.scenarios import build, commit_offline, is_for, redefine_checkpoint
 from virt_bitmapd.observability.logs import message_id
 
 pytestmark = pytest.mark.real
@@ -134,10 +134,9 @@ def test_every_dashboard_query_and_alert_returns_data_from_a_real_prometheus(
     )
     # Daemon A sees a live commit, an offline one it reconciles, and one whose layers are gone.
     port_a, port_b = free_port(), free_port()
-    # quarantined, not filled: the lost checkpoint stays untrusted for the panels and alerts
-    daemon = daemon_factory().start(
-        f"--metrics-listen=127.0.0.1:{port_a}", "--untrusted", "disable"
-    )
+    # only reported, neither filled nor quarantined: the lost checkpoint stays untrusted (an
+    # incremental from it would miss data) for the panels and alerts
+    daemon = daemon_factory().start(f"--metrics-listen=127.0.0.1:{port_a}", "--untrusted", "report")
     live = build(tmp_path / "live")
     live_dom = domains.define(live.active, start=True)
     good = build(tmp_path / "good")
@@ -162,6 +161,11 @@ def test_every_dashboard_query_and_alert_returns_data_from_a_real_prometheus(
         commit_offline(good)
         commit_offline(lost)
         lost.layers[1].unlink()
+        # a checkpoint of each kind for the per-checkpoint series: complete (0), refused
+        # because its bitmap is nowhere (1), and lost with s1 (2)
+        virsh("checkpoint-create-as", live_dom.name(), "cp-live", "--diskspec", "vda")
+        redefine_checkpoint(good_dom, tmp_path, "ghost", int(time.time()))
+        redefine_checkpoint(lost_dom, tmp_path, "cp1", int(time.time()))
         daemon.signal(signal.SIGHUP)
         for dom in (live_dom, good_dom, lost_dom):
             daemon.wait_for(is_for(dom, "reconciliation"), what="reconciliation")
@@ -183,6 +187,14 @@ def test_every_dashboard_query_and_alert_returns_data_from_a_real_prometheus(
         assert not empty, f"no data for: {empty}"
         untrusted = promtool_query(url, "virt_bitmapd_untrusted_bitmaps")
         assert lost_dom.name() in untrusted
+        verdicts = promtool_query(url, "virt_bitmapd_checkpoint_verdict")
+        for dom, checkpoint, verdict in (
+            (live_dom, "cp-live", 0),
+            (good_dom, "ghost", 1),
+            (lost_dom, "cp1", 2),
+        ):
+            line = next(v for v in verdicts.splitlines() if f'domain="{dom.name()}"' in v)
+            assert f'checkpoint="{checkpoint}"' in line and f"=> {verdict} @" in line, line
     finally:
         unreachable.stop()
 

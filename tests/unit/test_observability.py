@@ -195,6 +195,25 @@ def test_disk_series_are_built_when_scraped() -> None:
     assert "vm1" not in generate_latest(metrics.registry).decode()
 
 
+def test_each_checkpoint_has_one_series_with_its_state_and_verdict() -> None:
+    metrics = Metrics()
+    verdicts = (("cp1", "usable", 0), ("cp2", "untrusted", 2))
+    metrics.set_disk_checkpoints("vm1", "vda", {"usable": 1, "untrusted": 1}, verdicts)
+    metrics.set_disk_checkpoints("vm1", "vdb", {"busy": 1}, (("cp2", "busy", 3),))
+    text = generate_latest(metrics.registry).decode()
+    name = "virt_bitmapd_checkpoint_verdict"
+    series = [line.removeprefix(name) for line in text.splitlines() if line.startswith(name + "{")]
+    assert series == [
+        '{checkpoint="cp1",disk="vda",domain="vm1",state="usable"} 0.0',
+        '{checkpoint="cp2",disk="vda",domain="vm1",state="untrusted"} 2.0',
+        '{checkpoint="cp2",disk="vdb",domain="vm1",state="busy"} 3.0',
+    ]
+    metrics.set_disk_checkpoints("vm1", "vda", {"usable": 1}, (("cp1", "usable", 0),))
+    metrics.forget_disk("vm1", "vdb")
+    text = generate_latest(metrics.registry).decode()
+    assert 'checkpoint="cp2"' not in text  # a checkpoint gone has no series left
+
+
 def test_disk_series_can_be_scraped_while_looks_change_them() -> None:
     metrics = Metrics()
     stop = threading.Event()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from virt_bitmapd.errors import (
@@ -23,9 +25,11 @@ from virt_bitmapd.look.findings import (
     untrusted_after,
 )
 from virt_bitmapd.model import Bitmap, Image, Plan, Result, Skip, SkipReason
+from virt_bitmapd.offline_export import OfflineExport
 from virt_bitmapd.service.effects import (
     chain_line,
     checkpoint_counts,
+    checkpoint_verdicts,
     commit_line,
     health_lines,
     health_memory,
@@ -228,3 +232,12 @@ def test_a_block_job_tells_nothing_and_its_end_only_a_real_change() -> None:
     during = health_memory(before, busy)
     assert during == before
     assert health_lines(during, [USABLE, UNTRUSTED]) == []
+
+
+def test_each_checkpoint_is_published_with_what_check_answers() -> None:
+    # orphan bitmaps are counted by state only: no checkpoint, no series of its own
+    usable = replace(USABLE, offline=OfflineExport.SAFE)
+    assert checkpoint_verdicts([usable, UNTRUSTED, ORPHAN]) == (
+        ("cp1", "usable", 0),
+        ("cp2", "untrusted", 2),
+    )

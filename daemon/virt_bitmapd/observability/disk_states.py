@@ -24,6 +24,13 @@ BITMAPS_HELP = "Checkpoint bitmaps on the host's disks at the last scan, by stat
 UNTRUSTED = "virt_bitmapd_untrusted_bitmaps"
 UNTRUSTED_HELP = "Bitmaps of a domain that cannot be trusted: its next backup must be full"
 CHECKPOINTS = "virt_bitmapd_checkpoints"
+VERDICT = "virt_bitmapd_checkpoint_verdict"
+VERDICT_HELP = (
+    "Each checkpoint of each disk at the last look, with its state: what 'virt-bitmapd check' "
+    "answers for it: 0 an incremental backup from it is complete (libvirt's backup and an "
+    "offline qemu-nbd export), 1 take a full backup (refused), 2 an incremental would miss "
+    "data, 3 unknown (a block job runs)"
+)
 CHECKPOINTS_HELP = (
     "A domain's checkpoints, one per disk each, by state at the last look: usable, broken "
     "(libvirt refuses a backup from it), untrusted (may miss data, or quarantined), missing "
@@ -31,22 +38,27 @@ CHECKPOINTS_HELP = (
 )
 
 Counts = tuple[int, ...]
+#: (checkpoint, state, verdict) of each checkpoint of a disk
+Verdicts = tuple[tuple[str, str, int], ...]
 SHARED_MAX = 4096
 
 
 class _Disk:
-    __slots__ = ("bitmaps", "checkpoints", "untrusted")
+    __slots__ = ("bitmaps", "checkpoints", "untrusted", "verdicts")
 
     def __init__(self) -> None:
         self.bitmaps: Counts | None = None  # BITMAP_STATES order; None: never looked at
         self.untrusted = 0
         self.checkpoints: Counts | None = None  # CHECKPOINT_STATES order
+        self.verdicts: Verdicts = ()
 
 
 class DiskStates(Collector):
     """``virt_bitmapd_bitmaps{state}`` (the host's totals, every state always present),
     ``virt_bitmapd_untrusted_bitmaps{domain}`` (each domain whose bitmaps were counted) and
-    ``virt_bitmapd_checkpoints{domain,state}`` (non-zero states only)."""
+    ``virt_bitmapd_checkpoints{domain,state}`` (non-zero states only) and
+    ``virt_bitmapd_checkpoint_verdict{domain,disk,checkpoint,state}`` (one series per checkpoint
+    that exists: their number is bounded by the checkpoints libvirt holds)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -61,10 +73,13 @@ class DiskStates(Collector):
             entry = self._domains.setdefault(domain, {}).setdefault(disk, _Disk())
             entry.bitmaps, entry.untrusted = counts, untrusted
 
-    def set_checkpoints(self, domain: str, disk: str, states: Mapping[str, int]) -> None:
+    def set_checkpoints(
+        self, domain: str, disk: str, states: Mapping[str, int], verdicts: Verdicts = ()
+    ) -> None:
         counts = self._counts(CHECKPOINT_STATES, states)
         with self._lock:
-            self._domains.setdefault(domain, {}).setdefault(disk, _Disk()).checkpoints = counts
+            entry = self._domains.setdefault(domain, {}).setdefault(disk, _Disk())
+            entry.checkpoints, entry.verdicts = counts, verdicts
 
     def forget_disk(self, domain: str, disk: str) -> None:
         with self._lock:
@@ -81,11 +96,15 @@ class DiskStates(Collector):
         yield from _families()
 
     def collect(self) -> Iterator[Metric]:
-        bitmaps, untrusted, checkpoints = _families()
+        bitmaps, untrusted, checkpoints, verdicts = _families()
         totals = [0] * len(BITMAP_STATES)
         with self._lock:
-            domains = [(domain, list(disks.values())) for domain, disks in self._domains.items()]
-        for domain, disks in sorted(domains, key=lambda item: item[0]):
+            domains = [(domain, dict(disks)) for domain, disks in self._domains.items()]
+        for domain, by_target in sorted(domains, key=lambda item: item[0]):
+            disks = list(by_target.values())
+            for target, disk in sorted(by_target.items()):
+                for checkpoint, state, verdict in disk.verdicts:
+                    verdicts.add_metric([domain, target, checkpoint, state], verdict)
             counted = [disk for disk in disks if disk.bitmaps is not None]
             for disk in counted:
                 totals = [t + n for t, n in zip(totals, disk.bitmaps or (), strict=True)]
@@ -97,7 +116,7 @@ class DiskStates(Collector):
                     checkpoints.add_metric([domain, state], count)
         for state, total in zip(BITMAP_STATES, totals, strict=True):
             bitmaps.add_metric([state], total)
-        yield from (bitmaps, untrusted, checkpoints)
+        yield from (bitmaps, untrusted, checkpoints, verdicts)
 
     def _counts(self, order: tuple[str, ...], states: Mapping[str, int]) -> Counts:
         counts = tuple(states.get(state, 0) for state in order)
@@ -107,9 +126,10 @@ class DiskStates(Collector):
             return self._shared.setdefault(counts, counts)
 
 
-def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+def _families() -> tuple[GaugeMetricFamily, ...]:
     return (
         GaugeMetricFamily(BITMAPS, BITMAPS_HELP, labels=["state"]),
         GaugeMetricFamily(UNTRUSTED, UNTRUSTED_HELP, labels=["domain"]),
         GaugeMetricFamily(CHECKPOINTS, CHECKPOINTS_HELP, labels=["domain", "state"]),
+        GaugeMetricFamily(VERDICT, VERDICT_HELP, labels=["domain", "disk", "checkpoint", "state"]),
     )

@@ -167,9 +167,16 @@ class Metrics:
         """What the last look at one disk found; totals are kept per host and per domain."""
         self.disk_states.set_bitmaps(domain, disk, states, untrusted)
 
-    def set_disk_checkpoints(self, domain: str, disk: str, states: Mapping[str, int]) -> None:
-        """How many of one disk's checkpoints are in each state; published per domain."""
-        self.disk_states.set_checkpoints(domain, disk, states)
+    def set_disk_checkpoints(
+        self,
+        domain: str,
+        disk: str,
+        states: Mapping[str, int],
+        verdicts: tuple[tuple[str, str, int], ...] = (),
+    ) -> None:
+        """How many of one disk's checkpoints are in each state (published per domain), and
+        each checkpoint's state and verdict (checkpoint, state, what ``check`` answers)."""
+        self.disk_states.set_checkpoints(domain, disk, states, verdicts)
 
     def forget_disk(self, domain: str, disk: str) -> None:
         self.disk_states.forget_disk(domain, disk)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import BitsUnrecoverable
 from ..fingerprints import Fingerprint
+from ..gate import verdict_of
 from ..health import CheckpointHealth, State
 from ..look.decide import keeps_old_chain
 from ..look.findings import NO_SUCH_DISK, CommitReport, LookResult
@@ -20,6 +21,7 @@ __all__ = [
     "LogLine",
     "chain_line",
     "checkpoint_counts",
+    "checkpoint_verdicts",
     "commit_line",
     "deferred_line",
     "drops_record",
@@ -176,6 +178,16 @@ def checkpoint_counts(health: Sequence[CheckpointHealth]) -> dict[str, int]:
     for entry in health:
         counts[entry.state.value] += 1
     return counts
+
+
+def checkpoint_verdicts(health: Sequence[CheckpointHealth]) -> tuple[tuple[str, str, int], ...]:
+    """Each checkpoint's (name, state, what ``check`` answers): the per-checkpoint series.
+    Bitmaps no checkpoint names are left out (counted in ``virt_bitmapd_checkpoints``)."""
+    return tuple(
+        (entry.checkpoint, entry.state.value, int(verdict_of(entry)))
+        for entry in health
+        if entry.checkpoint is not None
+    )
 
 
 def _health_key(entry: CheckpointHealth) -> str:

@@ -8,7 +8,13 @@ from typing import Any
 from ..look.findings import LookResult
 from ..observability.metrics import Metrics
 from .disk_memory import DiskKey, DiskMemory
-from .effects import LogLine, checkpoint_counts, health_lines, health_memory
+from .effects import (
+    LogLine,
+    checkpoint_counts,
+    checkpoint_verdicts,
+    health_lines,
+    health_memory,
+)
 
 __all__ = ["emit", "publish_checkpoints"]
 
@@ -88,7 +94,12 @@ def publish_checkpoints(
     for line in health_lines(before, report.health):
         emit(bound, line)
     memory.checkpoint_states[key] = health_memory(before, report.health)
-    metrics.set_disk_checkpoints(report.domain, report.disk, checkpoint_counts(report.health))
+    metrics.set_disk_checkpoints(
+        report.domain,
+        report.disk,
+        checkpoint_counts(report.health),
+        checkpoint_verdicts(report.health),
+    )
 
 
 def emit(bound: Any, line: LogLine) -> None:
