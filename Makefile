@@ -25,6 +25,7 @@ install:
 	chmod 0644 $(DESTDIR)$(UNITDIR)/virt-bitmapd.service
 	[ -e $(DESTDIR)$(CONFDIR)/config.toml ] || install -m 0644 config/config.toml $(DESTDIR)$(CONFDIR)/config.toml
 	install -m 0644 dashboards/virt-bitmapd.json dashboards/alerts.yml $(DESTDIR)$(SHAREDIR)/
+	install -m 0755 contrib/virtnbdbackup-checked $(DESTDIR)$(SHAREDIR)/
 	install -d $(DESTDIR)$(CATALOGDIR)
 	sed 's#/usr/share/doc/virt-bitmapd#$(DOCDIR)#' systemd/virt-bitmapd.catalog > $(DESTDIR)$(CATALOGDIR)/virt-bitmapd.catalog
 	if [ -z "$(DESTDIR)" ]; then journalctl --update-catalog || true; fi

@@ -345,6 +345,8 @@ def test_make_install_and_uninstall(tmp_path: Path) -> None:
         "etc/virt-bitmapd/config.toml",
         "usr/local/share/virt-bitmapd/virt-bitmapd.json",
         "usr/local/share/virt-bitmapd/alerts.yml",
+        "usr/local/share/virt-bitmapd/virtnbdbackup-checked",
+        "usr/local/lib/systemd/catalog/virt-bitmapd.catalog",
     ):
         assert (root / path).is_file(), path
     config = root / "etc/virt-bitmapd/config.toml"

@@ -139,6 +139,9 @@ def test_apt_installs_enables_and_starts_the_service(system: System) -> None:
     conffiles = m.run("dpkg-query", "-W", "-f=${Conffiles}", "virt-bitmapd").stdout
     assert CONFIG in conffiles
     assert m.path(STATE).is_dir() and oct(m.path(STATE).stat().st_mode & 0o777) == "0o700"
+    wrapper = m.path("/usr/share/virt-bitmapd/virtnbdbackup-checked")
+    assert wrapper.is_file() and wrapper.stat().st_mode & 0o111, "the wrapper is not executable"
+    assert "virt-bitmapd" in m.run("journalctl", "--list-catalog", "--no-pager").stdout
     # the installed unit is the one the package rewrote for /usr/bin, valid and confined
     unit = "/lib/systemd/system/virt-bitmapd.service"
     assert "ExecStart=/usr/bin/virt-bitmapd run" in m.path(unit).read_text()
