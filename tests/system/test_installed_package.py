@@ -194,15 +194,13 @@ def test_a_live_commit_is_verified(system: System) -> None:
     assert_base_holds_the_data(chain)
 
 
-def restart_with(machine: Container, *flags: str) -> None:
-    """The service restarted with ``flags`` added to its command line (a drop-in), or as
-    packaged when there are none."""
-    dropin = machine.path("/etc/systemd/system/virt-bitmapd.service.d/test-flags.conf")
-    if flags:
+def restart_with(machine: Container, service_section: str | None) -> None:
+    """The service restarted with ``service_section`` (lines of a [Service] section) as a
+    drop-in, or as packaged when None."""
+    dropin = machine.path("/etc/systemd/system/virt-bitmapd.service.d/test.conf")
+    if service_section is not None:
         dropin.parent.mkdir(parents=True, exist_ok=True)
-        dropin.write_text(
-            f"[Service]\nExecStart=\nExecStart=/usr/bin/virt-bitmapd run {' '.join(flags)}\n"
-        )
+        dropin.write_text(f"[Service]\n{service_section}")
     else:
         dropin.unlink(missing_ok=True)
     machine.run("systemctl", "daemon-reload")
@@ -222,7 +220,7 @@ def test_journalctl_x_explains_a_quarantine(system: System) -> None:
     m.run("qemu-img", "commit", "-q", s1)
     m.run("qemu-img", "rebase", "-u", "-b", base, "-F", "qcow2", active_layer)
     m.run("rm", s1)
-    restart_with(m, "--untrusted", "disable")
+    restart_with(m, "ExecStart=\nExecStart=/usr/bin/virt-bitmapd run --untrusted disable\n")
     try:
         wait_for_entry(m, "EVENT=checkpoint_quarantined", f"DOMAIN={name}", timeout=30)
         explained = m.run(
@@ -231,7 +229,7 @@ def test_journalctl_x_explains_a_quarantine(system: System) -> None:
         assert f"Subject: Checkpoints of {name} vda were quarantined" in explained, explained
         assert "libvirt now refuses an incremental backup from these checkpoints" in explained
     finally:
-        restart_with(m)
+        restart_with(m, None)
     m.run("virsh", "-q", "undefine", name)
 
 
@@ -320,13 +318,8 @@ def test_the_sandbox_is_applied_to_the_running_service(system: System) -> None:
 
 def test_a_stalled_daemon_is_killed_by_the_watchdog_and_restarted(system: System) -> None:
     m = system.machine
-    dropin = m.path("/etc/systemd/system/virt-bitmapd.service.d/test-watchdog.conf")
-    dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text("[Service]\nWatchdogSec=3s\nTimeoutAbortSec=3s\nRestartSec=1s\n")
+    restart_with(m, "WatchdogSec=3s\nTimeoutAbortSec=3s\nRestartSec=1s\n")
     try:
-        m.run("systemctl", "daemon-reload")
-        m.run("systemctl", "restart", "virt-bitmapd")
-        wait_until(lambda: active(m), "the service to be active")
         time.sleep(6)  # two watchdog periods: a healthy daemon pings and is left alone
         pid, restarts = m.unit_property("MainPID"), int(m.unit_property("NRestarts"))
         assert active(m)
@@ -340,10 +333,7 @@ def test_a_stalled_daemon_is_killed_by_the_watchdog_and_restarted(system: System
         assert any("Watchdog timeout" in line for line in said), said[-10:]
         assert any("Failed with result 'watchdog'" in line for line in said), said[-10:]
     finally:
-        dropin.unlink(missing_ok=True)
-        m.run("systemctl", "daemon-reload")
-        m.run("systemctl", "restart", "virt-bitmapd")
-    wait_until(lambda: active(m), "the service to be active again")
+        restart_with(m, None)
 
 
 def test_stop_is_quick_and_clean(system: System) -> None:
