@@ -65,6 +65,7 @@ class HostStatus:
 
 def host_status(uri: str, state_dir: str, only: str | None = None) -> HostStatus:
     """Raises LibvirtFailed when libvirt cannot be reached or ``only`` names no domain."""
+    libvirt.registerErrorHandler(_unprinted, None)
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as error:
@@ -85,6 +86,11 @@ def host_status(uri: str, state_dir: str, only: str | None = None) -> HostStatus
         )
     finally:
         conn.close()
+
+
+def _unprinted(_context: object, _error: object) -> None:
+    """libvirt-python prints every error to stderr by default; each also comes back as an
+    exception, which the command reports in its own words (once)."""
 
 
 def _memory_problem(state_dir: str) -> str | None:

@@ -84,9 +84,9 @@ def _print(args: argparse.Namespace, answer: GateAnswer, looked: str) -> None:
     if args.json:
         print(json.dumps(answer_json(answer, looked), indent=2))
         return
-    name = f"checkpoint {answer.checkpoint}" if answer.checkpoint else "no checkpoint"
+    subject = answer.domain + (f" checkpoint {answer.checkpoint}" if answer.checkpoint else "")
     print(
-        f"{answer.verdict.label}: {answer.domain} {name}: {answer.verdict.advice}"
+        f"{answer.verdict.label}: {subject}: {answer.verdict.advice}"
         + (f": {answer.reason}" if answer.verdict is not Verdict.INCREMENTAL else "")
     )
     for disk in answer.disks:
