@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,42 @@ def test_a_stale_socket_is_replaced_and_anything_else_is_left(tmp_path: Path) ->
 def test_no_daemon_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         ask_for_look(str(tmp_path / "none.sock"), "vm1", 1.0)
+
+
+CLIENT = """
+import socket, sys
+with socket.socket(socket.AF_UNIX) as sock:
+    sock.connect(sys.argv[1])
+    sock.sendall(b'{"look": "vm1"}\\n')
+    print(sock.makefile().readline())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_only_root_is_answered_even_through_a_socket_opened_to_all() -> None:
+    folder = tempfile.mkdtemp(prefix="vbd-control-")  # not under pytest's root-only folder
+    path = Path(folder) / "control.sock"
+    looked: list[str] = []
+
+    async def look_now(name: str, timeout: float) -> list[str]:
+        looked.append(name)
+        return ["vda"]
+
+    def client() -> str:
+        os.chmod(folder, 0o755)
+        os.chmod(path, 0o666)  # as if someone loosened the socket's mode
+        result = subprocess.run(
+            ["/usr/bin/python3", "-c", CLIENT, str(path)],  # the project's may be root's only
+            capture_output=True,
+            text=True,
+            check=True,
+            user=65534,
+            cwd=folder,
+        )
+        return result.stdout
+
+    try:
+        said = asyncio.run(serve(path, look_now, client))
+    finally:
+        shutil.rmtree(folder)
+    assert "only root may ask for a look" in str(said) and looked == []
