@@ -14,7 +14,7 @@ import sys
 import time
 
 from ..config import DEFAULT_PATH, ConfigError, Settings, load
-from ..control_client import LookFailed, ask_for_look
+from ..control_client import MAX_TIMEOUT, LookFailed, ask_for_look
 from ..errors import VirtBitmapdError
 from ..gate import GateAnswer, Verdict, gate
 from ..status import host_status
@@ -30,7 +30,9 @@ def main(args: argparse.Namespace) -> int:
         settings = load(args.config or DEFAULT_PATH, {"uri": args.uri})
     except ConfigError as error:
         return _unknown(args, f"the config file: {'; '.join(error.problems)}")
-    deadline = time.monotonic() + max(args.wait, 0.0)
+    if not 0 <= args.wait <= MAX_TIMEOUT:
+        return _unknown(args, f"--wait {args.wait:g}: not between 0 and {MAX_TIMEOUT:g} seconds")
+    deadline = time.monotonic() + args.wait
     while True:
         try:
             looked = _ask_the_daemon(settings, args.domain, args.wait or LOOK_TIMEOUT)
