@@ -31,6 +31,8 @@ __all__ = ["ControlServer"]
 
 log = structlog.get_logger()
 
+REQUEST_WAIT = 10.0  # seconds a caller has to send its request
+
 #: (domain name, timeout) -> the disk targets looked at
 LookNow = Callable[[str, float], Awaitable[list[str]]]
 
@@ -87,23 +89,30 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            uid = _peer_uid(writer)
-            if uid not in (0, os.geteuid()):
+            # the request is read first, whoever sends it: closing on unread bytes would
+            # break the caller's pipe before it could read why
+            try:
+                line: bytes | None = await asyncio.wait_for(reader.readline(), REQUEST_WAIT)
+            except (ValueError, TimeoutError):  # longer than a request may be, or none came
+                line = None
+            if _peer_uid(writer) not in (0, os.geteuid()):
                 answer: dict[str, object] = {"error": "only root may ask for a look"}
             else:
-                answer = await self._answer(reader)
+                answer = await self._answer(line)
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except OSError:
             pass  # the caller went away: nothing to answer
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, object]:
+    async def _answer(self, line: bytes | None) -> dict[str, object]:
         try:
-            request = json.loads(await reader.readline())
+            if line is None:
+                raise ValueError
+            request = json.loads(line)
             name = request["look"]
             timeout = float(request.get("timeout", 30.0))
             if not isinstance(name, str) or not 0 < timeout <= MAX_TIMEOUT:
