@@ -176,3 +176,31 @@ def test_with_healing_on_an_overlay_made_without_the_bitmaps_is_healed_not_fille
     assert healed["bitmaps"] == ["cp1"], healed
     assert dirty_extents(overlay, "cp1") == expected([(1 * MiB, K64), (5 * MiB, K64)])
     assert not [e for e in daemon.entries() if e.get("event") == "checkpoint_filled"]
+
+
+def test_a_fill_left_running_by_a_killed_daemon_is_ended_at_the_next_start(
+    tmp_path: Path, domains: Domains, daemon_factory: Any
+) -> None:
+    """What a daemon killed mid-fill leaves in the domain's QEMU: its null nodes and its copy
+    job between them (here slowed to a crawl, so it is still running).  The next daemon cancels
+    and dismisses the job and deletes the nodes before it looks at anything."""
+    dom = domains.define(new_images(tmp_path), start=True)
+
+    def qmp(command: dict[str, Any]) -> Any:
+        return json.loads(virsh("qemu-monitor-command", dom.name(), json.dumps(command)))["return"]
+
+    for node in ("vbd-null-dead01", "vbd-sink-dead01"):
+        null = {"driver": "null-co", "node-name": node, "size": DISK, "read-zeroes": False}
+        qmp({"execute": "blockdev-add", "arguments": null})
+    copy = {"job-id": "vbd-fill-dead01", "device": "vbd-null-dead01", "target": "vbd-sink-dead01"}
+    slowed = {"sync": "full", "auto-dismiss": False, "speed": 1}  # as the daemon starts it
+    qmp({"execute": "blockdev-backup", "arguments": {**copy, **slowed}})
+    assert [job["status"] for job in qmp({"execute": "query-jobs"})] == ["running"]
+    daemon = daemon_factory(roots=[tmp_path / "images"]).start()
+    entry = daemon.wait_for(is_for(dom, "leftovers_removed"), what="the leftovers removed")
+    assert entry["jobs"] == ["vbd-fill-dead01"] and entry["failures"] == [], entry
+    assert sorted(entry["nodes"]) == ["vbd-null-dead01", "vbd-sink-dead01"], entry
+    assert qmp({"execute": "query-jobs"}) == []
+    nodes = qmp({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+    assert not [n["node-name"] for n in nodes if n["node-name"].startswith("vbd-")]
+    stop_gracefully(dom)
