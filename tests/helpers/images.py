@@ -81,6 +81,9 @@ def leave_inconsistent(path: Path, name: str) -> None:
         time.sleep(0.05)
     writer.send_signal(signal.SIGKILL)
     writer.wait()
+    # what the crash left is checked, not assumed: the test after it depends on it
+    left = {str(b["name"]): b["flags"] for b in bitmaps(path)}
+    assert "in-use" in left.get(name, []), f"{path}: the crash left {left}"  # type: ignore[operator]
 
 
 def corrupt(path: Path) -> None:
