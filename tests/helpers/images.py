@@ -79,6 +79,9 @@ def leave_inconsistent(path: Path, name: str) -> None:
     while not any("in-use" in b["flags"] for b in bitmaps(path)):  # type: ignore[operator]
         assert time.monotonic() < deadline, "qemu-io never opened the image"
         time.sleep(0.05)
+    # the flag is set while QEMU still opens the image, which may write its header again:
+    # killed in the middle of that, the bitmap directory can be lost instead
+    time.sleep(0.5)
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     # what the crash left is checked, not assumed: the test after it depends on it
