@@ -127,7 +127,7 @@ def _disk_answer(entry: CheckpointHealth) -> DiskAnswer:
 def _not_judged(
     domain: DomainStatus, checkpoint: str | None, disk: str | None, memory_error: str | None
 ) -> tuple[Verdict, str] | None:
-    """Why the checkpoint cannot be judged at all, or needs no judging; None when it can."""
+    """Why the checkpoint cannot be judged at all, or is not there; None when it can be."""
     if domain.error:
         return Verdict.UNKNOWN, f"the domain cannot be read: {domain.error}"
     if memory_error:
@@ -136,9 +136,7 @@ def _not_judged(
         skipped = dict(domain.skipped)
         why = f"holds no checkpoints: {skipped[disk]}" if disk in skipped else "no such disk"
         return Verdict.UNKNOWN, f"{disk}: {why}"
-    if checkpoint is None:
-        return Verdict.FULL, "the domain has no checkpoint"
-    if checkpoint not in domain.checkpoints:
+    if checkpoint is not None and checkpoint not in domain.checkpoints:
         return Verdict.FULL, f"the domain has no checkpoint {checkpoint!r}"
     return None
 
@@ -177,9 +175,10 @@ def gate(
         )
 
     early = _not_judged(domain, checkpoint, disk, memory_error)
-    if early is not None or checkpoint is None:
-        verdict, reason = early or (Verdict.FULL, "the domain has no checkpoint")
-        return answer(verdict, reason)
+    if early is not None:
+        return answer(*early)
+    if checkpoint is None:
+        return answer(Verdict.FULL, "the domain has no checkpoint")
     answers = _disk_answers(domain, checkpoint, disk)
     if not answers:
         where = f"disk {disk}" if disk is not None else "any disk"

@@ -12,7 +12,7 @@ import pytest
 
 from helpers.images import K64, MiB, create, run
 from helpers.libvirt_env import DaemonProcess, Domains, stop_gracefully, virsh
-from helpers.scenarios import guest_write, is_for, redefine_on, snapshot
+from helpers.scenarios import guest_write, is_for, merged_while_down, redefine_on, snapshot
 from helpers.virtnbdbackup import checked_backup, current_set, restored_equals
 
 pytestmark = pytest.mark.real
@@ -65,11 +65,7 @@ def test_a_day_of_snapshots_merges_and_backups_restores_the_disk_every_time(
     snapshot(dom, s2)
     seen(daemon, dom, s2)
     guest_write(dom, 5 * MiB, K64, 0x14)
-    stop_gracefully(dom)
-    assert daemon.stop() == 0
-    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s2))
-    dom = redefine_on(domains, dom, base)
-    s2.unlink()
+    dom = merged_while_down(domains, dom, daemon, base, s2)
     daemon.start(*options)
     dom.create()
     backup()  # refused: a full one, a new set, virtnbdbackup.0 taken again

@@ -41,6 +41,7 @@ from helpers.scenarios import (
     entry_after,
     guest_write,
     is_for,
+    merged_while_down,
     redefine_checkpoint,
     redefine_on,
     rescan_now,
@@ -394,11 +395,7 @@ def untrusted_cp1(
     snapshot(dom, s1)
     daemon.wait_for(is_for(dom, "chain_changed"), what="the snapshot seen")
     guest_write(dom, 3 * MiB, K64, 0x22)  # only in s1, lost with it
-    stop_gracefully(dom)
-    assert daemon.stop() == 0
-    run("qemu-img", "commit", "-q", "-d", "-b", str(base), str(s1))
-    dom = redefine_on(domains, dom, base)
-    s1.unlink()
+    dom = merged_while_down(domains, dom, daemon, base, s1)
     daemon.start(*options)
     daemon.wait_for(is_for(dom, "checkpoint_health", state="untrusted"), what="distrust")
     dom.create()

@@ -17,6 +17,7 @@ from ..config import DEFAULT_PATH, ConfigError, Settings, load
 from ..control_client import MAX_TIMEOUT, LookFailed, ask_for_look
 from ..errors import VirtBitmapdError
 from ..gate import GateAnswer, Verdict, gate
+from ..health import State
 from ..status import host_status
 
 #: how long the daemon's look may take when --wait is not given
@@ -44,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
             return _unknown(args, str(error), looked)
         (domain,) = host.domains
         answer = gate(domain, args.checkpoint, disk=args.disk, memory_error=host.memory_error)
-        busy = any(disk.state == "busy" for disk in answer.disks)
+        busy = any(disk.state == State.BUSY.value for disk in answer.disks)
         remaining = deadline - time.monotonic()
         if not busy or remaining <= 0:
             break
